@@ -1,0 +1,296 @@
+"""Typed run configuration: YAML files, ``--set section.key=value`` overrides, validation.
+
+Everything is checked here, before any model loads; the rest of the code trusts the
+config it is handed. Unknown keys get a did-you-mean suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Hub name or local folder of an ``AutoModelForCausalLM``."""
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bfloat16 on a GPU that supports it, else float32."""
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    """e.g. ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers choose."""
+    gradient_checkpointing: bool = False
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = "all-linear"
+    load_in_4bit: bool = False
+    """QLoRA: 4-bit NF4 base weights (needs bitsandbytes and a GPU); implies ``lora``."""
+    eos_token: str | None = None
+    pad_token: str | None = None
+    """Padding token; when the tokenizer has none, EOS is used (pad positions are masked anyway)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """JSONL / JSON / CSV / Parquet file, or a hub dataset name."""
+    split: str = "train"
+    eval_path: str | None = None
+    eval_split: str = "test"
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    max_length: int | None = 1024
+    """Prompt + completion tokens; longer completions keep their start (as TRL)."""
+    max_prompt_length: int | None = None
+    """Longer prompts keep their end, the part next to the answer."""
+    overlong_prompt: Literal["drop", "error"] = "drop"
+    identical_pairs: Literal["warn", "drop", "error"] = "warn"
+    chat_template: str | None = None
+    """A Jinja chat template, or a path to a file holding one, for tokenizers without one."""
+
+
+@dataclass
+class ObjectiveConfig:
+    loss: list[str] = field(default_factory=lambda: ["sigmoid"])
+    """One objective or several (weighted sum), by registered name: ``sigmoid``/``dpo``, ``ipo``, ``dpop``, ..."""
+    weights: list[float] | None = None
+    beta: float | None = None
+    """None: the objective's own default (0.1 for the DPO family, 2.0 for SimPO)."""
+    label_smoothing: float = 0.0
+    dpop_lambda: float = 50.0
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+    cpo_alpha: float = 1.0
+    rpo_alpha: float = 1.0
+
+
+@dataclass
+class ReferenceConfig:
+    strategy: Literal["auto", "none", "copy", "adapter", "precomputed"] = "auto"
+    """``auto``: none for reference-free objectives, adapter with LoRA, else a frozen copy."""
+    path: str | None = None
+    """A different checkpoint to use as the reference (``copy`` and ``precomputed``)."""
+    batch_size: int = 8
+    """Pairs per forward when precomputing reference log-probs."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/preftune"
+    learning_rate: float = 1e-6
+    batch_size: int = 8
+    """Pairs per micro-batch per device."""
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Optimizer steps; overrides ``epochs``."""
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 42
+    shuffle: bool = True
+    log_every: int = 10
+    eval_every: int | None = None
+    save_every: int | None = None
+    save_total_limit: int | None = 2
+    resume: bool = False
+    logps_chunk_size: int = 1024
+    """Completion tokens per chunk of the lm_head + log-softmax; bounds the logits memory."""
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _suggest(name: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; strings from ``--set`` are parsed as YAML."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[-1] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{_suggest(str(value), map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
+            return value.lower() in {"true", "yes", "1"}
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown key '{prefix}{key}'{_suggest(key, names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key}: expected a section (mapping)")
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=value``; the value is read as YAML (so ``1e-6``, ``true``, ``[a, b]`` work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str | int | float | bool | list) or value is None:
+        return key.strip(), value
+    return key.strip(), raw
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: typing.Iterable[str] = (),
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from defaults, a YAML file, a dict and overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: malformed YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+        tree = loaded
+    for dotted, value in (base or {}).items():
+        _set_dotted(tree, dotted, value)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    config = _build(RunConfig, tree, "")
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Ranges and cross-field rules. Raises :class:`ConfigError` naming the key."""
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    t, d, r, m = config.train, config.data, config.reference, config.model
+    need(t.learning_rate > 0, "train.learning_rate", "must be > 0")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(t.epochs > 0, "train.epochs", "must be > 0")
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+    need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "must be > 0 (or null)")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(t.eval_every is None or t.eval_every >= 1, "train.eval_every", "must be >= 1")
+    need(t.save_every is None or t.save_every >= 1, "train.save_every", "must be >= 1")
+    need(t.logps_chunk_size >= 1, "train.logps_chunk_size", "must be >= 1")
+    need(0 <= t.weight_decay, "train.weight_decay", "must be >= 0")
+    need(d.max_length is None or d.max_length >= 2, "data.max_length", "must be >= 2")
+    need(d.max_prompt_length is None or d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+    if d.max_length is not None and d.max_prompt_length is not None:
+        need(d.max_prompt_length < d.max_length, "data.max_prompt_length", "must be < data.max_length")
+    need(r.batch_size >= 1, "reference.batch_size", "must be >= 1")
+    need(m.lora_r >= 1, "model.lora_r", "must be >= 1")
+    need(0 <= m.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)")
+    if r.strategy == "adapter":
+        need(m.lora or m.load_in_4bit, "reference.strategy", "'adapter' needs model.lora=true")
+    from .losses import build_objective  # validates names and parameters
+
+    build_objective(config.objective)
+    if d.chat_template and Path(d.chat_template).is_file():
+        d.chat_template = Path(d.chat_template).read_text(encoding="utf-8")
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

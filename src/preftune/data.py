@@ -1,0 +1,393 @@
+"""Preference records -> validated examples -> token ids.
+
+Three record shapes are accepted, with configurable field names:
+
+* standard:       {"prompt": str, "chosen": str, "rejected": str}
+* conversational: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+* implicit prompt (HH-RLHF style): only "chosen" and "rejected", each a full text or
+  conversation; their shared prefix is the prompt.
+
+Tokenization follows TRL 1.x exactly, so that the same records give the same ids:
+the prompt is tokenized with the tokenizer's special tokens, prompt + completion
+(+ EOS text for standard records) is tokenized as one string, and the completion is
+what follows the longest common prefix of the two. For conversational records the
+prompt is the chat template with ``add_generation_prompt=True`` and the completion
+is the rest of the templated full conversation.
+
+Every problem with the input is raised as :class:`DataError`, whose message starts
+with ``file:line`` (or ``dataset row N``) and names the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+Text = str | list[Message]
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the source, line (or row) and field."""
+
+
+@dataclass
+class PreferenceExample:
+    """One validated preference pair. ``where`` is ``file:line`` or ``dataset row N``."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    where: str
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.chosen, list)
+
+
+@dataclass
+class TokenizedPair:
+    """Token ids of one pair; ``index`` is its position in the dataset (stable across runs)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    index: int
+    where: str = ""
+
+
+@dataclass
+class DataReport:
+    """What happened to the records on their way to token ids."""
+
+    records: int = 0
+    kept: int = 0
+    dropped_overlong_prompt: int = 0
+    dropped_identical: int = 0
+    identical: int = 0
+    prompt_truncated: int = 0
+    completion_truncated: int = 0
+    prompt_lengths: list[int] = field(default_factory=list, repr=False)
+    completion_lengths: list[int] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        def stats(xs: list[int]) -> str:
+            if not xs:
+                return "-"
+            ordered = sorted(xs)
+            return f"mean {sum(xs) / len(xs):.1f}, p95 {ordered[int(0.95 * (len(xs) - 1))]}, max {ordered[-1]}"
+
+        lines = [
+            f"{self.kept}/{self.records} pairs kept",
+            f"prompt tokens: {stats(self.prompt_lengths)}; completion tokens: {stats(self.completion_lengths)}",
+        ]
+        if self.prompt_truncated or self.completion_truncated:
+            lines.append(
+                f"truncated: {self.prompt_truncated} prompts (kept their end), "
+                f"{self.completion_truncated} pairs' completions (kept their start)"
+            )
+        if self.dropped_overlong_prompt:
+            lines.append(f"dropped: {self.dropped_overlong_prompt} pairs whose prompt fills max_length")
+        if self.identical:
+            verb = "dropped" if self.dropped_identical else "kept"
+            lines.append(f"{self.identical} pairs have chosen identical to rejected ({verb})")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_records(source: Any, split: str = "train") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(where, record)`` from a file, an in-memory ``datasets.Dataset``, a list of dicts
+    or a hub dataset name (through ``datasets.load_dataset``)."""
+    if isinstance(source, list):
+        for i, record in enumerate(source):
+            yield f"record {i}", record
+        return
+    if not isinstance(source, str | Path):
+        # A datasets.Dataset (or anything indexable that yields dicts).
+        for i, record in enumerate(source):
+            yield f"dataset row {i}", dict(record)
+        return
+    path = Path(source)
+    if path.is_file():
+        yield from _read_file(path)
+        return
+    if path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"}:
+        raise DataError(f"{source}: no such file")
+    yield from _read_hub(str(source), split)
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                yield f"{path}:{line_no}", record
+    elif suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+        for i, record in enumerate(data):
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: item {i}: expected a JSON object, got {type(record).__name__}")
+            yield f"{path}: item {i}", record
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                yield f"{path}:{reader.line_num}", dict(row)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, record in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}: row {i}", record
+    else:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
+
+
+def _read_hub(name: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as err:  # the library raises many types; the user needs one message
+        raise DataError(f"{name}: could not load dataset (split '{split}'): {err}") from None
+    for i, record in enumerate(dataset):
+        yield f"{name}[{split}] row {i}", dict(record)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_text(value: Any, where: str, name: str) -> Text:
+    """A field is a non-empty string or a non-empty list of {"role", "content"} messages."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for i, message in enumerate(value):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise DataError(f"{where}: field '{name}' message {i} must be an object with 'role' and 'content'")
+            if not isinstance(message["content"], str):
+                raise DataError(f"{where}: field '{name}' message {i} 'content' must be a string")
+        return value
+    kind = "null" if value is None else type(value).__name__
+    raise DataError(f"{where}: field '{name}' must be a string or a list of messages, got {kind}")
+
+
+def _is_empty(value: Text) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return not value or all(not m["content"].strip() for m in value)
+
+
+def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """Shared prefix of chosen and rejected becomes the prompt (as TRL's ``extract_prompt``).
+
+    For strings a trailing space stays with the completions, so ``"Q: hi A: yes"`` /
+    ``"Q: hi A: no"`` gives prompt ``"Q: hi A:"`` and completions ``" yes"`` / ``" no"``.
+    """
+    shared = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        shared += 1
+    if isinstance(chosen, str) and 0 < shared < len(chosen) and chosen[shared - 1] == " ":
+        shared -= 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def parse_example(record: dict[str, Any], where: str, cfg: DataConfig) -> PreferenceExample:
+    """Validate one record and bring it to the :class:`PreferenceExample` shape."""
+    for name in (cfg.chosen_field, cfg.rejected_field):
+        if name not in record:
+            have = ", ".join(sorted(map(str, record))) or "none"
+            raise DataError(f"{where}: missing field '{name}' (fields present: {have})")
+    chosen = _check_text(record[cfg.chosen_field], where, cfg.chosen_field)
+    rejected = _check_text(record[cfg.rejected_field], where, cfg.rejected_field)
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise DataError(
+            f"{where}: fields '{cfg.chosen_field}' and '{cfg.rejected_field}' mix text and messages; use one format"
+        )
+    if cfg.prompt_field in record and record[cfg.prompt_field] is not None:
+        prompt = _check_text(record[cfg.prompt_field], where, cfg.prompt_field)
+        if isinstance(prompt, str) != isinstance(chosen, str):
+            raise DataError(
+                f"{where}: field '{cfg.prompt_field}' and field '{cfg.chosen_field}' mix text and messages; "
+                "use one format"
+            )
+    else:
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+        if _is_empty(prompt):
+            raise DataError(
+                f"{where}: no field '{cfg.prompt_field}' and fields '{cfg.chosen_field}'/'{cfg.rejected_field}' "
+                "share no prefix to use as the prompt"
+            )
+    for name, value in ((cfg.chosen_field, chosen), (cfg.rejected_field, rejected)):
+        if _is_empty(value):
+            raise DataError(f"{where}: field '{name}' is an empty completion")
+    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, where=where)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def check_tokenizer(tokenizer: Any, conversational: bool, where: str) -> None:
+    if tokenizer.eos_token is None:
+        raise DataError(
+            "tokenizer has no eos_token: completions must end with one; set model.eos_token in the config"
+        )
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{where}: conversational records need a chat template, and the tokenizer has none; "
+            "set data.chat_template to a Jinja template (or a file holding one)"
+        )
+
+
+def _common_prefix_length(ids: list[int], other: list[int]) -> int:
+    length = 0
+    for a, b in zip(ids, other, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def _encode(tokenizer: Any, text: Text, add_generation_prompt: bool = False) -> list[int]:
+    if isinstance(text, str):
+        return list(tokenizer(text)["input_ids"])
+    out = tokenizer.apply_chat_template(
+        text, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def tokenize_example(tokenizer: Any, example: PreferenceExample) -> tuple[list[int], list[int], list[int]]:
+    """Token ids ``(prompt, chosen, rejected)`` exactly as TRL 1.x's DPOTrainer makes them."""
+    if example.conversational:
+        assert isinstance(example.prompt, list) and isinstance(example.chosen, list)
+        assert isinstance(example.rejected, list)
+        prompt_ids = _encode(tokenizer, example.prompt, add_generation_prompt=True)
+        full_chosen = _encode(tokenizer, example.prompt + example.chosen)
+        full_rejected = _encode(tokenizer, example.prompt + example.rejected)
+    else:
+        eos = tokenizer.eos_token
+        chosen, rejected = str(example.chosen), str(example.rejected)
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        prompt_ids = _encode(tokenizer, example.prompt)
+        full_chosen = _encode(tokenizer, str(example.prompt) + chosen)
+        full_rejected = _encode(tokenizer, str(example.prompt) + rejected)
+    # Tokens can merge across the prompt/completion boundary, and some chat templates render
+    # the prompt alone differently: the completion starts where the sequences diverge.
+    prompt_len = min(
+        _common_prefix_length(prompt_ids, full_chosen), _common_prefix_length(prompt_ids, full_rejected)
+    )
+    return prompt_ids[:prompt_len], full_chosen[prompt_len:], full_rejected[prompt_len:]
+
+
+def truncate(
+    pair: TokenizedPair, cfg: DataConfig, report: DataReport
+) -> TokenizedPair | None:
+    """Apply the truncation policy; ``None`` means the pair is dropped.
+
+    1. A prompt over ``max_prompt_length`` keeps its *end* (the part next to the answer).
+    2. A prompt that alone fills ``max_length`` leaves no completion token: drop or error
+       (``data.overlong_prompt``), as TRL drops it.
+    3. ``prompt + completion`` over ``max_length`` keeps its *start* (TRL's ``keep_start``).
+    """
+    prompt = pair.prompt_ids
+    if cfg.max_prompt_length is not None and len(prompt) > cfg.max_prompt_length:
+        prompt = prompt[len(prompt) - cfg.max_prompt_length :]
+        report.prompt_truncated += 1
+    if cfg.max_length is None:
+        return TokenizedPair(prompt, pair.chosen_ids, pair.rejected_ids, pair.index, pair.where)
+    if len(prompt) >= cfg.max_length:
+        message = (
+            f"{pair.where}: field '{cfg.prompt_field}' is {len(prompt)} tokens, which fills "
+            f"data.max_length={cfg.max_length} and leaves no room for the completion"
+        )
+        if cfg.overlong_prompt == "error":
+            raise DataError(message + " (set data.overlong_prompt=drop to skip such pairs)")
+        if report.dropped_overlong_prompt < 3:
+            warnings.warn(message + "; pair dropped", stacklevel=2)
+        report.dropped_overlong_prompt += 1
+        return None
+    room = cfg.max_length - len(prompt)
+    chosen, rejected = pair.chosen_ids, pair.rejected_ids
+    if len(chosen) > room or len(rejected) > room:
+        chosen, rejected = chosen[:room], rejected[:room]
+        report.completion_truncated += 1
+    return TokenizedPair(prompt, chosen, rejected, pair.index, pair.where)
+
+
+def prepare_pairs(
+    source: Any, tokenizer: Any, cfg: DataConfig, split: str = "train", progress: bool = True
+) -> tuple[list[TokenizedPair], DataReport]:
+    """Read, validate, tokenize and truncate every record of ``source``."""
+    report = DataReport()
+    pairs: list[TokenizedPair] = []
+    checked_tokenizer = False
+    records = read_records(source, split)
+    for index, (where, record) in enumerate(
+        tqdm(records, desc="tokenizing", unit=" pairs", disable=not progress, leave=False)
+    ):
+        report.records += 1
+        example = parse_example(record, where, cfg)
+        if not checked_tokenizer:
+            check_tokenizer(tokenizer, example.conversational, where)
+            checked_tokenizer = True
+        if example.chosen == example.rejected:
+            report.identical += 1
+            if cfg.identical_pairs == "error":
+                raise DataError(
+                    f"{where}: field '{cfg.chosen_field}' is identical to field '{cfg.rejected_field}' "
+                    "(set data.identical_pairs=warn or drop)"
+                )
+            if cfg.identical_pairs == "drop":
+                report.dropped_identical += 1
+                continue
+        prompt_ids, chosen_ids, rejected_ids = tokenize_example(tokenizer, example)
+        if not chosen_ids or not rejected_ids:
+            name = cfg.chosen_field if not chosen_ids else cfg.rejected_field
+            raise DataError(f"{where}: field '{name}' tokenizes to no completion token")
+        pair = truncate(TokenizedPair(prompt_ids, chosen_ids, rejected_ids, index, where), cfg, report)
+        if pair is None:
+            continue
+        pairs.append(pair)
+        report.prompt_lengths.append(len(pair.prompt_ids))
+        report.completion_lengths.append(max(len(pair.chosen_ids), len(pair.rejected_ids)))
+    report.kept = len(pairs)
+    if report.records == 0:
+        raise DataError(f"{source}: no records")
+    if report.identical and cfg.identical_pairs == "warn":
+        warnings.warn(f"{report.identical} pairs have chosen identical to rejected", stacklevel=2)
+    if not pairs:
+        raise DataError(f"{source}: every pair was dropped\n{report.summary()}")
+    return pairs, report
