@@ -154,7 +154,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(errors[-1] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{_suggest(str(value), map(str, args))}")
+            raise ConfigError(
+                f"{key}: {value!r} is not one of {list(args)}{_suggest(str(value), map(str, args))}"
+            )
         return value
     if origin is list:
         if isinstance(value, str):
@@ -275,7 +277,7 @@ def validate(config: RunConfig) -> None:
     need(t.eval_every is None or t.eval_every >= 1, "train.eval_every", "must be >= 1")
     need(t.save_every is None or t.save_every >= 1, "train.save_every", "must be >= 1")
     need(t.logps_chunk_size >= 1, "train.logps_chunk_size", "must be >= 1")
-    need(0 <= t.weight_decay, "train.weight_decay", "must be >= 0")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(d.max_length is None or d.max_length >= 2, "data.max_length", "must be >= 2")
     need(d.max_prompt_length is None or d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
     if d.max_length is not None and d.max_prompt_length is not None:

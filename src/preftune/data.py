@@ -87,7 +87,9 @@ class DataReport:
             if not xs:
                 return "-"
             ordered = sorted(xs)
-            return f"mean {sum(xs) / len(xs):.1f}, p95 {ordered[int(0.95 * (len(xs) - 1))]}, max {ordered[-1]}"
+            return (
+                f"mean {sum(xs) / len(xs):.1f}, p95 {ordered[int(0.95 * (len(xs) - 1))]}, max {ordered[-1]}"
+            )
 
         lines = [
             f"{self.kept}/{self.records} pairs kept",
@@ -140,7 +142,9 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
+                    raise DataError(
+                        f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})"
+                    ) from None
                 if not isinstance(record, dict):
                     raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
                 yield f"{path}:{line_no}", record
@@ -149,7 +153,9 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+            raise DataError(
+                f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
+            ) from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -193,7 +199,9 @@ def _check_text(value: Any, where: str, name: str) -> Text:
     if isinstance(value, list):
         for i, message in enumerate(value):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise DataError(f"{where}: field '{name}' message {i} must be an object with 'role' and 'content'")
+                raise DataError(
+                    f"{where}: field '{name}' message {i} must be an object with 'role' and 'content'"
+                )
             if not isinstance(message["content"], str):
                 raise DataError(f"{where}: field '{name}' message {i} 'content' must be a string")
         return value
@@ -312,9 +320,7 @@ def tokenize_example(tokenizer: Any, example: PreferenceExample) -> tuple[list[i
     return prompt_ids[:prompt_len], full_chosen[prompt_len:], full_rejected[prompt_len:]
 
 
-def truncate(
-    pair: TokenizedPair, cfg: DataConfig, report: DataReport
-) -> TokenizedPair | None:
+def truncate(pair: TokenizedPair, cfg: DataConfig, report: DataReport) -> TokenizedPair | None:
     """Apply the truncation policy; ``None`` means the pair is dropped.
 
     1. A prompt over ``max_prompt_length`` keeps its *end* (the part next to the answer).

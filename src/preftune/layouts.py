@@ -41,7 +41,9 @@ class Batch:
         return Batch(**moved)
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None) -> Batch:
+def collate_pairs(
+    pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> Batch:
     rows = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
     completion = [[0] * len(p.prompt_ids) + [1] * len(p.chosen_ids) for p in pairs] + [
         [0] * len(p.prompt_ids) + [1] * len(p.rejected_ids) for p in pairs

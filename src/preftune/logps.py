@@ -11,6 +11,7 @@ the lm_head at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,9 @@ def label_logps(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def _head_chunk(head: nn.Module, hidden: Tensor, labels: Tensor, softcap: float | None) -> tuple[Tensor, Tensor]:
+def _head_chunk(
+    head: nn.Module, hidden: Tensor, labels: Tensor, softcap: float | None
+) -> tuple[Tensor, Tensor]:
     logits = head(hidden).float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
@@ -74,7 +77,7 @@ def chunked_label_logps(
     return torch.cat(logps), torch.cat(means)
 
 
-def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+def unwrap_causal_lm(model: nn.Module) -> Any:
     """The transformers ``*ForCausalLM`` inside a PEFT wrapper (adapters stay injected)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -111,7 +114,9 @@ def sequence_logps(
     )
 
 
-def full_logits_sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
+def full_logits_sequence_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> Tensor:
     """Plain reference implementation: full ``[R, T, V]`` logits, ``log_softmax``, gather. For tests."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     per_token = torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)

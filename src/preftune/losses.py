@@ -378,7 +378,9 @@ def _resolve(name: str) -> str:
         return ALIASES[name]
     close = difflib.get_close_matches(name, available(), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ConfigError(f"objective.loss: unknown objective '{name}'{hint}; available: {', '.join(available())}")
+    raise ConfigError(
+        f"objective.loss: unknown objective '{name}'{hint}; available: {', '.join(available())}"
+    )
 
 
 def build_objective(cfg: ObjectiveConfig) -> Objective:

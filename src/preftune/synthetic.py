@@ -25,7 +25,20 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|
 # The demo's words: the true reward counts positive minus negative words.
 POSITIVE = ["great", "calm", "bright", "kind", "warm", "clear", "brave", "fresh", "gentle", "lively"]
 NEGATIVE = ["awful", "dull", "harsh", "cold", "murky", "rude", "stale", "bleak", "noisy", "sour"]
-TOPICS = ["park", "movie", "book", "song", "meal", "trip", "city", "game", "class", "party", "river", "garden"]
+TOPICS = [
+    "park",
+    "movie",
+    "book",
+    "song",
+    "meal",
+    "trip",
+    "city",
+    "game",
+    "class",
+    "party",
+    "river",
+    "garden",
+]
 
 _BASE_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -41,7 +54,9 @@ def task_corpus() -> list[str]:
     return [*_BASE_CORPUS, words, *(f"review of the {t}: {words}" for t in TOPICS)]
 
 
-def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 320, chat_template: bool = True) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    corpus: list[str] | None = None, vocab_size: int = 320, chat_template: bool = True
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``corpus``, adding ``<s>`` in front of every text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 

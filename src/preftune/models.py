@@ -1,0 +1,117 @@
+"""Loading tokenizers and causal LMs (hub name or local folder), dtype, LoRA / QLoRA."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says which and why."""
+
+
+def resolve_dtype(cfg: ModelConfig) -> torch.dtype:
+    """``auto``: bfloat16 for a frozen LoRA base on a bf16-capable GPU, else float32 master weights
+    (mixed precision then runs the matmuls in bf16 through autocast)."""
+    if cfg.dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and (cfg.lora or cfg.load_in_4bit):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except Exception as err:  # OSError, ValueError, HF hub errors…: one message for the user
+        raise ModelLoadError(
+            f"model.name_or_path: could not load a tokenizer from '{cfg.name_or_path}': {err}"
+        ) from None
+    return prepare_tokenizer(tokenizer, cfg, chat_template)
+
+
+def prepare_tokenizer(tokenizer: Any, cfg: ModelConfig, chat_template: str | None = None) -> Any:
+    """Apply EOS / pad / chat-template overrides; fall back to EOS for padding (pads are masked)."""
+    if cfg.eos_token:
+        tokenizer.eos_token = cfg.eos_token
+    if cfg.pad_token:
+        tokenizer.pad_token = cfg.pad_token
+    elif tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Module:
+    """An ``AutoModelForCausalLM`` by hub name or local path (``name_or_path`` overrides the config's)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+        "dtype": resolve_dtype(cfg),
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    path = name_or_path or cfg.name_or_path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as err:
+        raise ModelLoadError(f"model.name_or_path: could not load a causal LM from '{path}': {err}") from None
+    return model
+
+
+def prepare_for_training(model: Any, cfg: ModelConfig) -> Any:
+    """Gradient checkpointing, dropout off (it makes the policy and reference disagree), LoRA."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+    if cfg.lora or cfg.load_in_4bit:
+        model = apply_lora(model, cfg)
+    return model
+
+
+def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    except ImportError:
+        raise ConfigError("model.lora: needs peft (pip install 'preftune[lora]')") from None
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)  # type: ignore[arg-type]
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

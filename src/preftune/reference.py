@@ -1,0 +1,186 @@
+"""Reference strategies: one small interface, ``logps(batch) -> (chosen [B], rejected [B])``.
+
+* :class:`ModelReference`      a frozen model: a copy of the starting policy or another checkpoint
+* :class:`AdapterOffReference` the policy's own weights with its LoRA adapters disabled
+* :class:`PrecomputedReference` log-probs computed in one pass before training and cached on
+  disk with a fingerprint of model + data + tokenization; reused when it matches, refused
+  when it does not
+* reference-free objectives get no reference at all (``None``): no forward is spent on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data import TokenizedPair
+from .layouts import Batch, collate_pairs
+from .logps import sequence_logps
+
+
+class ReferenceCacheError(RuntimeError):
+    """A cached reference does not match this run."""
+
+
+class Reference(Protocol):
+    def logps(self, batch: Batch) -> tuple[Tensor, Tensor]: ...
+
+
+def _halves(model: nn.Module, batch: Batch, chunk_size: int) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        seq = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask, chunk_size)
+    chosen, rejected = seq.halves()
+    return chosen.logps, rejected.logps
+
+
+class ModelReference:
+    """A frozen model in eval mode, never updated."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, freeze: bool = True):
+        self.model = model.eval().requires_grad_(False) if freeze else model
+        self.chunk_size = chunk_size
+
+    def logps(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        return _halves(self.model, batch, self.chunk_size)
+
+
+class AdapterOffReference:
+    """The policy's base weights: the PEFT model with adapters disabled. No second model in memory."""
+
+    def __init__(self, peft_model: nn.Module, chunk_size: int = 1024):
+        self.model = peft_model
+        self.chunk_size = chunk_size
+
+    def logps(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        with self.model.disable_adapter():  # type: ignore[operator]
+            return _halves(self.model, batch, self.chunk_size)
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by the pairs' dataset index."""
+
+    def __init__(self, chosen: Tensor, rejected: Tensor):
+        self.chosen = chosen
+        self.rejected = rejected
+
+    def logps(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        index = batch.indices.cpu()
+        device = batch.input_ids.device
+        return self.chosen[index].to(device), self.rejected[index].to(device)
+
+
+# --------------------------------------------------------------------------- precompute and cache
+
+
+def precompute(
+    reference: Reference,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: Any = contextlib.nullcontext,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One pass over ``pairs``; returns ``[max index + 1]`` tensors indexed by ``pair.index``."""
+    size = max(p.index for p in pairs) + 1
+    chosen = torch.full((size,), float("nan"))
+    rejected = torch.full((size,), float("nan"))
+    # Longest first: the first batch shows an out-of-memory at once, not at the end.
+    ordered = sorted(pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
+    starts = range(0, len(ordered), batch_size)
+    for start in tqdm(starts, desc="reference log-probs", disable=not progress, leave=False):
+        batch = collate_pairs(ordered[start : start + batch_size], pad_token_id).to(device)
+        with autocast():
+            c, r = reference.logps(batch)
+        chosen[batch.indices.cpu()] = c.float().cpu()
+        rejected[batch.indices.cpu()] = r.float().cpu()
+    return chosen, rejected
+
+
+def _param_digest(model: nn.Module) -> str:
+    """Names, shapes, dtypes and a strided sample of every parameter: cheap even at 70B,
+    and any fine-tune or different checkpoint changes it."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // 4096)
+        sample = flat[::stride][:4096].float().cpu()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(model: nn.Module, pairs: Sequence[TokenizedPair], extra: dict[str, Any]) -> str:
+    """A hash of the reference weights, every pair's token ids and the settings that change log-probs."""
+    digest = hashlib.sha256()
+    digest.update(_param_digest(model).encode())
+    for pair in pairs:
+        digest.update(json.dumps([pair.index, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def load_or_precompute(
+    cache_path: Path,
+    source: Reference,
+    source_model: nn.Module,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    extra: dict[str, Any],
+    autocast: Any = contextlib.nullcontext,
+    progress: bool = True,
+    is_main: bool = True,
+) -> PrecomputedReference:
+    """Reuse ``cache_path`` when its fingerprint matches; refuse it when it differs; else compute it."""
+    print_ = print if is_main else (lambda *a, **k: None)
+    key = fingerprint(source_model, pairs, extra)
+    if cache_path.exists():
+        cached = torch.load(cache_path, map_location="cpu")
+        if cached.get("fingerprint") != key:
+            raise ReferenceCacheError(
+                f"{cache_path}: reference log-probs were computed for another model, data or tokenization "
+                f"(fingerprint {cached.get('fingerprint')} != {key}); delete the file to recompute them, "
+                "or use another train.output_dir"
+            )
+        print_(f"reference log-probs: reusing {cache_path}")
+        return PrecomputedReference(cached["chosen"], cached["rejected"])
+    chosen, rejected = precompute(source, pairs, pad_token_id, batch_size, device, autocast, progress)
+    if is_main:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        torch.save({"fingerprint": key, "chosen": chosen, "rejected": rejected}, tmp)
+        os.replace(tmp, cache_path)  # atomic: a crash never leaves half a cache
+        print_(f"reference log-probs: computed for {len(pairs)} pairs, cached in {cache_path}")
+    return PrecomputedReference(chosen, rejected)
+
+
+def choose_strategy(cfg: RunConfig, needs_reference: bool, policy_is_peft: bool) -> str:
+    """``auto`` -> none (reference-free), adapter (LoRA, no other checkpoint), else copy."""
+    strategy = cfg.reference.strategy
+    if not needs_reference:
+        return "none"
+    if strategy == "none":
+        from .config import ConfigError
+
+        raise ConfigError("reference.strategy: 'none' but the objective needs a reference")
+    if strategy == "auto":
+        return "adapter" if policy_is_peft and not cfg.reference.path else "copy"
+    return strategy
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the (non-PEFT) policy, frozen."""
+    return copy.deepcopy(model).eval().requires_grad_(False)

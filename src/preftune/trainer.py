@@ -1,0 +1,364 @@
+"""The one training loop, shared by every objective. Read it top to bottom.
+
+    pairs -> batch -> policy log-probs (+ reference log-probs) -> objective -> backward
+    -> (after grad_accum micro-batches) clip -> AdamW step -> schedule -> log / eval / save
+
+It runs single-process or under ``accelerate launch`` unchanged. Loss normalization is
+exact: each micro-batch contributes ``sum(per-pair losses) / pairs per optimizer step``,
+so accumulating 4 micro-batches of 2 pairs equals one batch of 8. Metrics stay on the
+device as running sums and are read once per logging step (no host sync per micro-step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_final
+from .config import RunConfig, to_dict
+from .data import DataReport, TokenizedPair, prepare_pairs
+from .layouts import Batch, collate_pairs
+from .logps import PolicyLogps
+from .losses import Objective, PairStats, build_objective, reward_metrics
+from .models import is_peft, load_model, load_tokenizer, prepare_for_training, prepare_tokenizer
+from .reference import (
+    AdapterOffReference,
+    ModelReference,
+    Reference,
+    choose_strategy,
+    frozen_copy,
+    load_or_precompute,
+)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    final_dir: Path | None = None
+    data_report: DataReport | None = None
+
+
+def pair_stats(policy: nn.Module, reference: Reference | None, batch: Batch) -> tuple[PairStats, Tensor]:
+    """Policy (and reference) statistics of a batch, plus per-pair ``[2, B]`` mean logits for metrics."""
+    seq = policy(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    chosen, rejected = seq.halves()
+    ref_chosen = ref_rejected = None
+    if batch.ref_chosen_logps is not None:
+        ref_chosen, ref_rejected = batch.ref_chosen_logps, batch.ref_rejected_logps
+    elif reference is not None:
+        ref_chosen, ref_rejected = reference.logps(batch)
+    stats = PairStats(chosen.logps, rejected.logps, chosen.tokens, rejected.tokens, ref_chosen, ref_rejected)
+    logits = torch.stack(
+        [chosen.logits_sum / chosen.tokens.clamp(min=1), rejected.logits_sum / rejected.tokens.clamp(min=1)]
+    )
+    return stats, logits
+
+
+def batch_metrics(stats: PairStats, objective_out: Any, mean_logits: Tensor) -> dict[str, Tensor]:
+    """Per-pair metric values (``[B]`` each) under TRL's names."""
+    metrics = {"loss": objective_out.losses.detach(), **reward_metrics(stats, objective_out)}
+    metrics["logits/chosen"], metrics["logits/rejected"] = mean_logits[0], mean_logits[1]
+    return metrics
+
+
+def data_stream(num_pairs: int, seed: int, shuffle: bool) -> Iterator[int]:
+    """Endless pair indices: epoch after epoch, each a fresh seeded permutation.
+
+    Stateless given the seed, so resuming at step k means skipping k · pairs-per-step items.
+    """
+    epoch = 0
+    while True:
+        if shuffle:
+            order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        else:
+            order = list(range(num_pairs))
+        yield from order
+        epoch += 1
+
+
+def evaluate(
+    policy: nn.Module,
+    reference: Reference | None,
+    objective: Objective,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    batch_size: int,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """Mean of every metric over ``pairs`` (sharded across processes), prefixed ``eval_``."""
+    was_training = policy.training
+    policy.eval()
+    shard = list(pairs)[accelerator.process_index :: accelerator.num_processes]
+    sums: dict[str, Tensor] = {}
+    count = torch.zeros((), device=accelerator.device)
+    with torch.no_grad():
+        for start in range(0, len(shard), batch_size):
+            batch = collate_pairs(shard[start : start + batch_size], pad_token_id).to(accelerator.device)
+            with accelerator.autocast():
+                stats, logits = pair_stats(policy, reference, batch)
+                out = objective(stats)
+            for name, values in batch_metrics(stats, out, logits).items():
+                sums[name] = sums.get(name, 0) + values.float().sum()
+            count += batch.num_pairs
+    policy.train(was_training)
+    totals = accelerator.reduce(torch.stack([*sums.values(), count]), reduction="sum").tolist()
+    return {
+        f"eval_{name}": value / max(totals[-1], 1) for name, value in zip(sums, totals[:-1], strict=False)
+    }
+
+
+def train(
+    config: RunConfig,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    train_data: Any = None,
+    eval_data: Any = None,
+    reference_model: nn.Module | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``config.model`` on ``config.data`` (or the objects given) with ``config.objective``.
+
+    ``stop_after`` ends the run after that many optimizer steps as if interrupted (checkpoints
+    and resume are tested with it).
+    """
+    cfg = config.train
+    mixed = cfg.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mixed)
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    is_main = accelerator.is_main_process
+    say = print if is_main else (lambda *a, **k: None)
+
+    # ---- objective, tokenizer, data
+    objective = build_objective(config.objective)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model, config.data.chat_template)
+    else:
+        tokenizer = prepare_tokenizer(tokenizer, config.model, config.data.chat_template)
+    pairs, report = prepare_pairs(
+        train_data if train_data is not None else config.data.path,
+        tokenizer,
+        config.data,
+        config.data.split,
+        progress=cfg.progress and is_main,
+    )
+    say(f"data: {report.summary()}")
+    eval_pairs: list[TokenizedPair] = []
+    if eval_data is not None or config.data.eval_path:
+        eval_source = eval_data if eval_data is not None else config.data.eval_path
+        eval_pairs, _ = prepare_pairs(eval_source, tokenizer, config.data, config.data.eval_split, progress=False)
+        # Distinct cache keys for the precomputed reference.
+        eval_pairs = [
+            TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, len(pairs) + i, p.where)
+            for i, p in enumerate(eval_pairs)
+        ]
+    pad_id = tokenizer.pad_token_id
+
+    # ---- models and reference
+    if model is None:
+        model = load_model(config.model)
+    model = prepare_for_training(model, config.model)
+    strategy = choose_strategy(config, objective.needs_reference, is_peft(model))
+    device = accelerator.device
+    reference: Reference | None = None
+    if strategy in ("copy", "precomputed"):
+        if reference_model is None and config.reference.path:
+            reference_model = load_model(config.model, config.reference.path)
+        source_model = reference_model
+        if source_model is None:
+            source_model = model if strategy == "precomputed" else frozen_copy(model)
+        # Precomputing from the policy itself must not freeze it: only a separate model is frozen.
+        source: Reference = (
+            AdapterOffReference(source_model, cfg.logps_chunk_size)
+            if is_peft(source_model)
+            else ModelReference(
+                source_model.to(device), cfg.logps_chunk_size, freeze=source_model is not model
+            )
+        )
+        if strategy == "precomputed":
+            extra = {
+                "objective_independent": True,
+                "dtype": str(next(source_model.parameters()).dtype),
+                "mixed_precision": mixed,
+            }
+            reference = load_or_precompute(
+                output_dir / "reference_logps.pt",
+                source,
+                source_model,
+                pairs + eval_pairs,
+                pad_id,
+                config.reference.batch_size,
+                device,
+                extra,
+                accelerator.autocast,
+                cfg.progress and is_main,
+                is_main,
+            )
+            del source, source_model
+        else:
+            reference = source
+    elif strategy == "adapter":
+        reference = AdapterOffReference(model, cfg.logps_chunk_size)
+    say(f"objective: {objective.name} (beta={objective.params.beta}); reference: {strategy}")
+
+    # ---- optimizer and schedule
+    policy = PolicyLogps(model, cfg.logps_chunk_size)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+    pairs_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(pairs) / pairs_per_step))
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(policy).model
+
+    # ---- resume
+    start_step = 0
+    if cfg.resume and (found := list_checkpoints(output_dir)):
+        state = load_checkpoint(found[-1], unwrapped, optimizer, scheduler)
+        start_step = state["step"]
+        say(f"resumed from {found[-1]} at step {start_step}")
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    stream = data_stream(len(pairs), cfg.seed, cfg.shuffle)
+    for _ in range(start_step * pairs_per_step):
+        next(stream)
+
+    # ---- logging
+    metrics_file = (output_dir / "metrics.jsonl").open("a") if is_main else None
+    writer = None
+    if is_main and cfg.tensorboard:
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(output_dir / "tensorboard"))
+    history: list[dict[str, float]] = []
+    sums: dict[str, Tensor] = {}
+    window_pairs = torch.zeros((), device=device)
+    window_tokens = torch.zeros((), device=device)
+    grad_norms: list[Tensor] = []
+    window_start = time.perf_counter()
+
+    def log(step: int, values: dict[str, float]) -> None:
+        record = {"step": step, **values}
+        history.append(record)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if writer is not None:
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+
+    # ---- the loop
+    last_step = min(total_steps, stop_after) if stop_after else total_steps
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not (cfg.progress and is_main))
+    policy.train()
+    step = start_step
+    for step in range(start_step + 1, last_step + 1):
+        step_order = [next(stream) for _ in range(pairs_per_step)]
+        for micro in range(cfg.grad_accum):
+            offset = (micro * accelerator.num_processes + accelerator.process_index) * cfg.batch_size
+            batch = collate_pairs(
+                [pairs[i] for i in step_order[offset : offset + cfg.batch_size]], pad_id
+            ).to(device)
+            last_micro = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last_micro else accelerator.no_sync(policy):
+                with accelerator.autocast():
+                    stats, logits = pair_stats(policy, reference, batch)
+                    out = objective(stats)
+                # Exact normalization: every micro-batch divides by the pairs of the whole step.
+                accelerator.backward(out.losses.sum() / (cfg.batch_size * cfg.grad_accum))
+            for name, per_pair in batch_metrics(stats, out, logits).items():
+                sums[name] = sums.get(name, 0) + per_pair.float().sum()
+            window_pairs += batch.num_pairs
+            window_tokens += batch.attention_mask.sum()
+        if cfg.max_grad_norm is not None:
+            grad_norms.append(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm).detach())
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == last_step:
+            elapsed = time.perf_counter() - window_start
+            reduced = accelerator.reduce(
+                torch.stack([*sums.values(), window_pairs, window_tokens]), "sum"
+            ).tolist()
+            n_pairs, n_tokens = reduced[-2], reduced[-1]
+            values = {name: total / n_pairs for name, total in zip(sums, reduced[:-2], strict=False)}
+            if grad_norms:
+                values["grad_norm"] = torch.stack(grad_norms).mean().item()
+            values.update(
+                learning_rate=learning_rate,
+                pairs_per_second=n_pairs / elapsed,
+                tokens_per_second=n_tokens / elapsed,
+                epoch=step * pairs_per_step / len(pairs),
+            )
+            log(step, values)
+            bar.set_postfix(
+                loss=f"{values['loss']:.4f}",
+                acc=f"{values['rewards/accuracies']:.2f}",
+                pairs_s=f"{values['pairs_per_second']:.1f}",
+            )
+            sums, grad_norms = {}, []
+            window_pairs.zero_()
+            window_tokens.zero_()
+            window_start = time.perf_counter()
+        if eval_pairs and cfg.eval_every and step % cfg.eval_every == 0:
+            log(step, evaluate(policy, reference, objective, eval_pairs, pad_id, cfg.batch_size, accelerator))
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and is_main:
+            save_checkpoint(
+                output_dir,
+                step,
+                unwrapped,
+                tokenizer,
+                optimizer,
+                scheduler,
+                {"pairs_seen": step * pairs_per_step, "total_steps": total_steps},
+                cfg.save_total_limit,
+            )
+        if cfg.save_every and step % cfg.save_every == 0:
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    final_dir = None
+    if step == total_steps:
+        if eval_pairs:
+            log(step, evaluate(policy, reference, objective, eval_pairs, pad_id, cfg.batch_size, accelerator))
+        if is_main:
+            final_dir = save_final(output_dir, unwrapped, tokenizer)
+            say(f"saved {final_dir}")
+    if metrics_file is not None:
+        metrics_file.close()
+    if writer is not None:
+        writer.close()
+    accelerator.end_training()
+    return TrainResult(output_dir, step, history, final_dir, report)

@@ -1,0 +1,362 @@
+"""Conformance of preftune's objectives with TRL 1.16's own loss code.
+
+TRL is driven directly: ``DPOTrainer._compute_loss`` (the DPO family), ``CPOTrainer.cpo_loss``
+(SimPO, CPO) and ``ORPOTrainer.odds_ratio_loss`` (ORPO) are called unbound with a minimal fake
+``self`` that carries only the attributes those methods read. For the DPO family a fake model
+returns per-token log-probs laid out so that TRL's own sums over its completion mask give exactly
+the summed log-probs and token counts of the :class:`PairStats` handed to preftune.
+
+The DPO family is compared one pair per TRL call, so that TRL's returned loss is the per-pair
+loss and its logged ``rewards/chosen`` / ``rewards/rejected`` are the per-pair rewards. The AOT
+losses sort across the batch, so for them the batch mean is compared on several pairs.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import pytest
+import torch
+from trl.trainer.dpo_trainer import DPOTrainer
+
+with warnings.catch_warnings():  # "You are importing from 'trl.experimental'"
+    warnings.simplefilter("ignore")
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+from preftune.config import ObjectiveConfig
+from preftune.losses import PairStats, build_objective, reward_metrics
+
+DTYPE = torch.float64
+ATOL = 1e-6
+PAIRS = 8  # random pairs per configuration
+
+
+# --------------------------------------------------------------------------- data
+
+
+def random_stats(n: int, seed: int, *, spread: float = 8.0, max_tokens: int = 12) -> PairStats:
+    """``n`` random pairs: summed log-probs in [-60, -2], reference = policy + N(0, spread²),
+    integer token counts in [1, max_tokens]."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = -(2 + 58 * torch.rand(n, generator=g, dtype=DTYPE))
+    rejected = -(2 + 58 * torch.rand(n, generator=g, dtype=DTYPE))
+    ref_chosen = chosen + spread * torch.randn(n, generator=g, dtype=DTYPE)
+    ref_rejected = rejected + spread * torch.randn(n, generator=g, dtype=DTYPE)
+    return PairStats(
+        chosen_logps=chosen,
+        rejected_logps=rejected,
+        chosen_tokens=torch.randint(1, max_tokens + 1, (n,), generator=g),
+        rejected_tokens=torch.randint(1, max_tokens + 1, (n,), generator=g),
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
+    )
+
+
+def pair(stats: PairStats, i: int) -> PairStats:
+    """The i-th pair as a batch of one."""
+    pick = slice(i, i + 1)
+    assert stats.ref_chosen_logps is not None and stats.ref_rejected_logps is not None
+    return PairStats(
+        stats.chosen_logps[pick],
+        stats.rejected_logps[pick],
+        stats.chosen_tokens[pick],
+        stats.rejected_tokens[pick],
+        stats.ref_chosen_logps[pick],
+        stats.ref_rejected_logps[pick],
+    )
+
+
+# --------------------------------------------------------------------------- TRL's DPOTrainer
+
+
+class _FakeModel:
+    """Stands in for the policy: returns the per-token log-probs it was built with."""
+
+    training = True
+
+    def __init__(self, per_token_logps: torch.Tensor):
+        self.per_token_logps = per_token_logps
+
+    def __call__(self, **kwargs: Any) -> types.SimpleNamespace:
+        lp = self.per_token_logps
+        return types.SimpleNamespace(
+            log_probs=lp,
+            entropy=torch.ones_like(lp),
+            mean_logits=torch.zeros_like(lp),
+            is_top1=torch.zeros_like(lp, dtype=torch.bool),
+        )
+
+
+def _trl_dpo_inputs(stats: PairStats) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """TRL's batch layout for ``stats``: rows ``[chosen..., rejected...]``, one prompt token, then
+    exactly ``tokens`` completion tokens, then padding. Per-token log-probs (on the shifted grid)
+    split each summed log-prob evenly over the completion positions, zeros elsewhere."""
+    logps = torch.cat([stats.chosen_logps, stats.rejected_logps]).to(DTYPE)
+    tokens = torch.cat([stats.chosen_tokens, stats.rejected_tokens]).long()
+    rows, seq_len = len(logps), int(tokens.max()) + 2
+    positions = torch.arange(seq_len)
+    completion_mask = ((positions >= 1) & (positions <= tokens[:, None])).long()
+    attention_mask = (positions <= tokens[:, None]).long()
+    input_ids = torch.randint(3, 100, (rows, seq_len)) * attention_mask
+    shift_mask = completion_mask[:, 1:].to(DTYPE)
+    per_token_logps = shift_mask * (logps / tokens.to(DTYPE))[:, None]
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": stats.ref_chosen_logps,
+        "ref_rejected_logps": stats.ref_rejected_logps,
+    }
+    return inputs, per_token_logps
+
+
+def trl_dpo(
+    stats: PairStats,
+    loss_types: list[str],
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_weights: list[float] | None = None,
+    discopop_tau: float = 0.05,
+) -> tuple[float, dict[str, float]]:
+    """TRL 1.16's ``DPOTrainer._compute_loss`` on ``stats``: (batch-mean loss, logged metrics)."""
+    inputs, per_token_logps = _trl_dpo_inputs(stats)
+    model = _FakeModel(per_token_logps)
+    identity = lambda x: x  # noqa: E731
+    fake_self = types.SimpleNamespace(
+        model=model,
+        accelerator=types.SimpleNamespace(
+            device=torch.device("cpu"), gather=identity, gather_for_metrics=identity
+        ),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=loss_types,
+        loss_weights=loss_weights or [1.0] * len(loss_types),
+        beta=beta,
+        label_smoothing=label_smoothing,
+        args=types.SimpleNamespace(discopop_tau=discopop_tau),
+        use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    loss = DPOTrainer._compute_loss(fake_self, model, inputs, return_outputs=False)
+    metrics = {k: v[-1] for k, v in fake_self._metrics["train"].items()}
+    return float(loss), metrics
+
+
+def test_fake_trl_batch_reproduces_the_pair_statistics():
+    """Guard for the harness itself: TRL's view of the fake batch has our sums and counts."""
+    stats = random_stats(3, seed=0)
+    inputs, per_token_logps = _trl_dpo_inputs(stats)
+    shift_mask = inputs["completion_mask"][:, 1:]
+    assert torch.equal(per_token_logps * (1 - shift_mask), torch.zeros_like(per_token_logps))
+    torch.testing.assert_close(
+        per_token_logps.sum(1), torch.cat([stats.chosen_logps, stats.rejected_logps]), rtol=0, atol=1e-12
+    )
+    counts = torch.cat([stats.chosen_tokens, stats.rejected_tokens])
+    assert torch.equal(inputs["completion_mask"].sum(1), counts)
+    assert torch.equal(shift_mask.sum(1), counts)
+
+
+# Each case: objective name and the ObjectiveConfig values (beta, label_smoothing, discopop_tau).
+PER_PAIR_CASES = [
+    ("sigmoid", {"beta": 0.1}),
+    ("sigmoid", {"beta": 0.5}),
+    ("hinge", {"beta": 0.1}),
+    ("hinge", {"beta": 0.5}),
+    ("ipo", {"beta": 0.1}),
+    ("ipo", {"beta": 0.5}),
+    ("exo_pair", {"beta": 0.1, "label_smoothing": 0.1}),
+    ("exo_pair", {"beta": 0.5, "label_smoothing": 0.001}),
+    ("nca_pair", {"beta": 0.1}),
+    ("nca_pair", {"beta": 0.5}),
+    ("robust", {"beta": 0.1}),
+    ("robust", {"beta": 0.5, "label_smoothing": 0.2}),
+    ("bco_pair", {"beta": 0.1}),
+    ("bco_pair", {"beta": 0.5}),
+    ("sppo_hard", {"beta": 0.1}),
+    ("sppo_hard", {"beta": 0.5}),
+    ("apo_zero", {"beta": 0.1}),
+    ("apo_zero", {"beta": 0.5}),
+    ("apo_down", {"beta": 0.1}),
+    ("apo_down", {"beta": 0.5}),
+    ("discopop", {"beta": 0.1}),
+    ("discopop", {"beta": 0.3, "discopop_tau": 0.2}),
+    ("sft", {"beta": 0.1}),
+    ("sigmoid_norm", {"beta": 0.1}),
+    ("sigmoid_norm", {"beta": 2.0}),
+]
+
+
+def _case_id(case: tuple[str, dict[str, float]]) -> str:
+    name, kw = case
+    return name + "-" + "-".join(f"{k}={v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("name, kw", PER_PAIR_CASES, ids=[_case_id(c) for c in PER_PAIR_CASES])
+def test_per_pair_loss_and_rewards_match_trl_dpo_trainer(name, kw):
+    objective = build_objective(ObjectiveConfig(loss=[name], **kw))
+    stats = random_stats(PAIRS, seed=len(name) * 7 + int(kw["beta"] * 10))
+    out = objective(stats)
+    for i in range(PAIRS):
+        trl_loss, metrics = trl_dpo(
+            pair(stats, i),
+            [name],
+            beta=kw["beta"],
+            label_smoothing=kw.get("label_smoothing", 0.0),
+            discopop_tau=kw.get("discopop_tau", 0.05),
+        )
+        assert out.losses[i].item() == pytest.approx(trl_loss, rel=0, abs=ATOL), f"pair {i}"
+        assert out.chosen_rewards[i].item() == pytest.approx(metrics["rewards/chosen"], rel=0, abs=ATOL)
+        assert out.rejected_rewards[i].item() == pytest.approx(metrics["rewards/rejected"], rel=0, abs=ATOL)
+
+
+def test_random_pairs_cover_both_sides_of_the_hinge_and_of_zero_margin():
+    """Guard for the data: the comparisons above see both signs of h and both hinge branches."""
+    logits = 0.5 * random_stats(PAIRS, seed=len("hinge") * 7 + 5).margin
+    assert (logits > 1).any() and (logits < 1).any()
+    assert (logits > 0).any() and (logits < 0).any()
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+def test_batch_mean_loss_of_aot_matches_trl_dpo_trainer(name, label_smoothing):
+    stats = random_stats(PAIRS, seed=11)
+    out = build_objective(ObjectiveConfig(loss=[name], beta=0.2, label_smoothing=label_smoothing))(stats)
+    trl_loss, metrics = trl_dpo(stats, [name], beta=0.2, label_smoothing=label_smoothing)
+    assert out.losses.mean().item() == pytest.approx(trl_loss, rel=0, abs=ATOL)
+    assert out.chosen_rewards.mean().item() == pytest.approx(metrics["rewards/chosen"], rel=0, abs=ATOL)
+    assert out.rejected_rewards.mean().item() == pytest.approx(metrics["rewards/rejected"], rel=0, abs=ATOL)
+
+
+def test_aot_sorting_makes_the_batch_loss_differ_from_the_unsorted_dpo_loss():
+    """Guard: on this batch sorting matters, so the AOT comparison is not just DPO's."""
+    stats = random_stats(PAIRS, seed=11)
+    aot_loss, _ = trl_dpo(stats, ["aot"], beta=0.2)
+    dpo_loss, _ = trl_dpo(stats, ["sigmoid"], beta=0.2)
+    assert abs(aot_loss - dpo_loss) > 1e-3
+
+
+def test_weighted_mixture_of_sigmoid_and_sft_matches_trl_loss_weights():
+    objective = build_objective(ObjectiveConfig(loss=["sigmoid", "sft"], weights=[1.0, 0.5], beta=0.1))
+    stats = random_stats(PAIRS, seed=3)
+    out = objective(stats)
+    for i in range(PAIRS):
+        trl_loss, metrics = trl_dpo(pair(stats, i), ["sigmoid", "sft"], beta=0.1, loss_weights=[1.0, 0.5])
+        assert out.losses[i].item() == pytest.approx(trl_loss, rel=0, abs=ATOL)
+        assert out.chosen_rewards[i].item() == pytest.approx(metrics["rewards/chosen"], rel=0, abs=ATOL)
+        assert out.rejected_rewards[i].item() == pytest.approx(metrics["rewards/rejected"], rel=0, abs=ATOL)
+
+
+def test_reward_metrics_averaged_over_the_batch_equal_trl_logged_metrics():
+    stats = random_stats(PAIRS, seed=5)
+    out = build_objective(ObjectiveConfig(loss=["sigmoid"], beta=0.3))(stats)
+    ours = {k: v.mean().item() for k, v in reward_metrics(stats, out).items()}
+    _, trl_metrics = trl_dpo(stats, ["sigmoid"], beta=0.3)
+    assert set(ours) <= set(trl_metrics)
+    for key, value in ours.items():
+        assert value == pytest.approx(trl_metrics[key], rel=0, abs=ATOL), key
+
+
+# --------------------------------------------------------------------------- TRL's CPOTrainer
+
+
+def trl_cpo_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, *, loss_type: str, beta: float, **kw: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fake_self = types.SimpleNamespace(
+        alpha=0.0,
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=kw.get("label_smoothing", 0.0),
+        simpo_gamma=kw.get("simpo_gamma", 0.5),
+        accelerator=types.SimpleNamespace(device=torch.device("cpu")),
+    )
+    return CPOTrainer.cpo_loss(fake_self, chosen, rejected)
+
+
+def reference_free_stats(n: int, seed: int) -> PairStats:
+    """Pairs without reference log-probs; per-token means kept in [-3, -0.05]."""
+    g = torch.Generator().manual_seed(seed)
+    chosen_tokens = torch.randint(1, 13, (n,), generator=g)
+    rejected_tokens = torch.randint(1, 13, (n,), generator=g)
+    chosen_mean = -(0.05 + 2.95 * torch.rand(n, generator=g, dtype=DTYPE))
+    rejected_mean = -(0.05 + 2.95 * torch.rand(n, generator=g, dtype=DTYPE))
+    return PairStats(
+        chosen_logps=chosen_mean * chosen_tokens,
+        rejected_logps=rejected_mean * rejected_tokens,
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+    )
+
+
+SIMPO_CASES = [
+    {"beta": 2.0, "simpo_gamma": 0.5},
+    {"beta": 2.5, "simpo_gamma": 1.4},
+    {"beta": 2.0, "simpo_gamma": 0.5, "label_smoothing": 0.1},
+]
+
+
+@pytest.mark.parametrize("kw", SIMPO_CASES, ids=[str(c) for c in SIMPO_CASES])
+def test_simpo_loss_and_rewards_match_trl_cpo_trainer_on_length_averaged_logps(kw):
+    stats = reference_free_stats(PAIRS, seed=21)
+    out = build_objective(ObjectiveConfig(loss=["simpo"], **kw))(stats)
+    losses, chosen_rewards, rejected_rewards = trl_cpo_loss(
+        stats.chosen_logps / stats.chosen_tokens,
+        stats.rejected_logps / stats.rejected_tokens,
+        loss_type="simpo",
+        **kw,
+    )
+    torch.testing.assert_close(out.losses, losses, rtol=0, atol=ATOL)
+    torch.testing.assert_close(out.chosen_rewards, chosen_rewards, rtol=0, atol=ATOL)
+    torch.testing.assert_close(out.rejected_rewards, rejected_rewards, rtol=0, atol=ATOL)
+
+
+CPO_CASES = [
+    {"beta": 0.1, "cpo_alpha": 1.0},
+    {"beta": 0.5, "cpo_alpha": 0.3},
+    {"beta": 0.1, "cpo_alpha": 0.0, "label_smoothing": 0.2},
+]
+
+
+@pytest.mark.parametrize("kw", CPO_CASES, ids=[str(c) for c in CPO_CASES])
+def test_cpo_per_pair_loss_is_trl_sigmoid_cpo_loss_plus_alpha_times_chosen_nll(kw):
+    stats = reference_free_stats(PAIRS, seed=22)
+    out = build_objective(ObjectiveConfig(loss=["cpo"], **kw))(stats)
+    losses, chosen_rewards, rejected_rewards = trl_cpo_loss(
+        stats.chosen_logps, stats.rejected_logps, loss_type="sigmoid", **kw
+    )
+    # TRL's NLL is the token mean over the micro-batch's chosen completions: per pair, −π_w/|y_w|.
+    nll = -stats.chosen_logps / stats.chosen_tokens
+    torch.testing.assert_close(out.losses, losses + kw["cpo_alpha"] * nll, rtol=0, atol=ATOL)
+    torch.testing.assert_close(out.chosen_rewards, chosen_rewards, rtol=0, atol=ATOL)
+    torch.testing.assert_close(out.rejected_rewards, rejected_rewards, rtol=0, atol=ATOL)
+
+
+# --------------------------------------------------------------------------- TRL's ORPOTrainer
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_orpo_per_pair_loss_is_nll_minus_trl_odds_ratio_term(beta):
+    stats = reference_free_stats(PAIRS, seed=23)
+    out = build_objective(ObjectiveConfig(loss=["orpo"], beta=beta))(stats)
+    fake_self = types.SimpleNamespace(
+        beta=beta, accelerator=types.SimpleNamespace(device=torch.device("cpu"))
+    )
+    chosen_mean = stats.chosen_logps / stats.chosen_tokens
+    rejected_mean = stats.rejected_logps / stats.rejected_tokens
+    losses, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(
+        fake_self, chosen_mean, rejected_mean
+    )
+    # TRL: loss = nll − losses.mean(); per pair (batch of one) that is −π̄_w − β log σ(log odds).
+    expected = -chosen_mean - losses.to(DTYPE)
+    torch.testing.assert_close(out.losses, expected, rtol=0, atol=ATOL)
+    torch.testing.assert_close(out.chosen_rewards, chosen_rewards.to(DTYPE), rtol=0, atol=ATOL)
+    torch.testing.assert_close(out.rejected_rewards, rejected_rewards.to(DTYPE), rtol=0, atol=ATOL)
