@@ -30,7 +30,11 @@ ANSWER_GREEN = {"role": "assistant", "content": "It is green."}
 
 RECORDS = [
     {"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED},
-    {"prompt": "Hello there, how are you today?", "chosen": " I am fine, thank you.", "rejected": " Go away."},
+    {
+        "prompt": "Hello there, how are you today?",
+        "chosen": " I am fine, thank you.",
+        "rejected": " Go away.",
+    },
     {"prompt": "The quick brown fox", "chosen": " jumps over the lazy dog.", "rejected": " sleeps."},
 ]
 
@@ -93,8 +97,8 @@ def test_standard_prompt_ids_are_the_tokenized_prompt_starting_with_bos(tokenize
 def test_standard_completion_ids_are_the_completion_tokens_plus_one_eos_and_no_bos(tokenizer):
     (pair,), _ = prepare([GOOD], tokenizer)
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    assert pair.chosen_ids == ids(tokenizer, CHOSEN, special=False) + [eos]
-    assert pair.rejected_ids == ids(tokenizer, REJECTED, special=False) + [eos]
+    assert pair.chosen_ids == [*ids(tokenizer, CHOSEN, special=False), eos]
+    assert pair.rejected_ids == [*ids(tokenizer, REJECTED, special=False), eos]
     for completion in (pair.chosen_ids, pair.rejected_ids):
         assert completion[-1] == eos
         assert completion.count(eos) == 1
@@ -128,8 +132,8 @@ def test_a_trailing_space_in_the_prompt_merges_into_the_completion(tokenizer):
     assert full_chosen[: len(prompt_alone)] != prompt_alone
     (pair,), _ = prepare([{"prompt": prompt, "chosen": chosen, "rejected": rejected}], tokenizer)
     assert pair.prompt_ids == ids(tokenizer, prompt.rstrip())
-    assert pair.chosen_ids == ids(tokenizer, " " + chosen, special=False) + [tokenizer.eos_token_id]
-    assert pair.rejected_ids == ids(tokenizer, " " + rejected, special=False) + [tokenizer.eos_token_id]
+    assert pair.chosen_ids == [*ids(tokenizer, " " + chosen, special=False), tokenizer.eos_token_id]
+    assert pair.rejected_ids == [*ids(tokenizer, " " + rejected, special=False), tokenizer.eos_token_id]
 
 
 def test_eos_already_ending_a_standard_completion_is_not_doubled(tokenizer):
@@ -198,7 +202,9 @@ def test_implicit_prompt_conversations_shared_leading_messages_are_the_prompt(to
         [chosen_turn],
         [rejected_turn],
     )
-    (pair,), _ = prepare([{"chosen": [*shared, chosen_turn], "rejected": [*shared, rejected_turn]}], tokenizer)
+    (pair,), _ = prepare(
+        [{"chosen": [*shared, chosen_turn], "rejected": [*shared, rejected_turn]}], tokenizer
+    )
     prompt = chat_ids(tokenizer, shared, add_generation_prompt=True)
     assert pair.prompt_ids == prompt
     assert pair.chosen_ids == chat_ids(tokenizer, [*shared, chosen_turn])[len(prompt) :]
@@ -222,7 +228,9 @@ def test_configurable_field_names_appear_in_error_messages(tokenizer):
 
 
 def test_null_prompt_field_means_the_prompt_is_implicit(tokenizer):
-    (pair,), _ = prepare([{"prompt": None, "chosen": PROMPT + CHOSEN, "rejected": PROMPT + " no."}], tokenizer)
+    (pair,), _ = prepare(
+        [{"prompt": None, "chosen": PROMPT + CHOSEN, "rejected": PROMPT + " no."}], tokenizer
+    )
     assert pair.prompt_ids == ids(tokenizer, PROMPT)
 
 
@@ -303,7 +311,10 @@ SOURCES = {
 @pytest.mark.parametrize("make_source", SOURCES.values(), ids=SOURCES.keys())
 def test_every_source_kind_gives_the_same_pairs(make_source, tokenizer, tmp_path, monkeypatch):
     pairs, report = prepare(make_source(tmp_path, monkeypatch), tokenizer)
-    expected = [(*expected_standard(tokenizer, r["prompt"], r["chosen"], r["rejected"]), i) for i, r in enumerate(RECORDS)]
+    expected = [
+        (*expected_standard(tokenizer, r["prompt"], r["chosen"], r["rejected"]), i)
+        for i, r in enumerate(RECORDS)
+    ]
     assert as_tuples(pairs) == expected
     assert (report.records, report.kept) == (3, 3)
 
@@ -345,7 +356,9 @@ def test_hub_dataset_that_fails_to_load_raises_data_error_naming_it(tokenizer, m
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", failing_load_dataset)
-    with pytest.raises(DataError, match=r"^org/missing: could not load dataset \(split 'train'\): no network"):
+    with pytest.raises(
+        DataError, match=r"^org/missing: could not load dataset \(split 'train'\): no network"
+    ):
         prepare("org/missing", tokenizer)
 
 
@@ -411,7 +424,9 @@ def test_prompt_that_fills_max_length_is_dropped_counted_and_warned(tokenizer):
 
 def test_prompt_that_fills_max_length_raises_with_overlong_prompt_error(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [RECORDS[1], LONG])
-    with pytest.raises(DataError, match=loc(path, 2) + r" field 'prompt' is \d+ tokens, which fills data.max_length"):
+    with pytest.raises(
+        DataError, match=loc(path, 2) + r" field 'prompt' is \d+ tokens, which fills data.max_length"
+    ):
         prepare(path, tokenizer, max_length=len(ids(tokenizer, PROMPT)), overlong_prompt="error")
 
 
@@ -431,7 +446,11 @@ def test_every_pair_dropped_raises_data_error_with_the_summary(tokenizer):
 def test_report_summary_mentions_the_counts(tokenizer):
     records = [
         LONG,  # completion truncated
-        {"prompt": PROMPT + " " + PROMPT, "chosen": " yes", "rejected": " no"},  # prompt truncated, then dropped
+        {
+            "prompt": PROMPT + " " + PROMPT,
+            "chosen": " yes",
+            "rejected": " no",
+        },  # prompt truncated, then dropped
         {"prompt": "Q:", "chosen": " same", "rejected": " same"},  # identical, kept
         {"prompt": "Q:", "chosen": " yes", "rejected": " no"},
     ]
@@ -494,13 +513,28 @@ MSG_NO_CONTENT = [{"role": "assistant"}]
 MSG_INT_CONTENT = [{"role": "assistant", "content": 3}]
 
 BAD_RECORDS = {
-    "missing-rejected": ({"prompt": "Q:", "chosen": " a"}, r"missing field 'rejected' \(fields present: chosen, prompt\)"),
+    "missing-rejected": (
+        {"prompt": "Q:", "chosen": " a"},
+        r"missing field 'rejected' \(fields present: chosen, prompt\)",
+    ),
     "missing-chosen": ({"prompt": "Q:", "rejected": " a"}, r"missing field 'chosen'"),
-    "chosen-int": ({"prompt": "Q:", "chosen": 5, "rejected": " a"}, r"field 'chosen' must be a string .*got int"),
-    "chosen-null": ({"prompt": "Q:", "chosen": None, "rejected": " a"}, r"field 'chosen' must be a string .*got null"),
+    "chosen-int": (
+        {"prompt": "Q:", "chosen": 5, "rejected": " a"},
+        r"field 'chosen' must be a string .*got int",
+    ),
+    "chosen-null": (
+        {"prompt": "Q:", "chosen": None, "rejected": " a"},
+        r"field 'chosen' must be a string .*got null",
+    ),
     "rejected-dict": ({"prompt": "Q:", "chosen": " a", "rejected": {"x": 1}}, r"field 'rejected' .*got dict"),
-    "prompt-int": ({"prompt": 7, "chosen": " a", "rejected": " b"}, r"field 'prompt' must be a string .*got int"),
-    "chosen-empty": ({"prompt": "Q:", "chosen": "", "rejected": " a"}, r"field 'chosen' is an empty completion"),
+    "prompt-int": (
+        {"prompt": 7, "chosen": " a", "rejected": " b"},
+        r"field 'prompt' must be a string .*got int",
+    ),
+    "chosen-empty": (
+        {"prompt": "Q:", "chosen": "", "rejected": " a"},
+        r"field 'chosen' is an empty completion",
+    ),
     "rejected-whitespace": (
         {"prompt": "Q:", "chosen": " a", "rejected": " \n\t "},
         r"field 'rejected' is an empty completion",

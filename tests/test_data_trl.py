@@ -30,7 +30,11 @@ def assistant(text: str) -> dict:
 
 
 STANDARD = [
-    {"prompt": "Question: what colour is the sky? Answer:", "chosen": " it is blue.", "rejected": " it is green."},
+    {
+        "prompt": "Question: what colour is the sky? Answer:",
+        "chosen": " it is blue.",
+        "rejected": " it is green.",
+    },
     # "pa" + "rk" merges into "ar": the prompt's last token is not a prefix of prompt + completion.
     {"prompt": "review of the pa", "chosen": "rk: great calm", "rejected": "rk: awful"},
     # A trailing space merges with the completion's first word.
@@ -38,6 +42,7 @@ STANDARD = [
     # "th" + "ere" merges into "the"; the chosen completion already ends with EOS.
     {"prompt": "Hello th", "chosen": "ere, how are you?</s>", "rejected": "ank you."},
     {"prompt": "The quick brown fox", "chosen": " jumps over the lazy dog.", "rejected": " sleeps.</s>"},
+    {"prompt": "Q:", "chosen": " yes", "rejected": " no"},
 ]
 
 CONVERSATIONAL = [
@@ -55,8 +60,10 @@ IMPLICIT_TEXT = [
         "chosen": "\n\nHuman: what colour is the sky?\n\nAssistant: it is blue.",
         "rejected": "\n\nHuman: what colour is the sky?\n\nAssistant: it is green.",
     },
-    # Diverges mid-word: the prompt ends with "blu", which merges differently with "e." and "nt.".
-    {"chosen": "Question: the sky? Answer: it is blue.", "rejected": "Question: the sky? Answer: it is blunt."},
+    # Diverge mid-word: the shared prefix ends with "pa" / "th", whose last token merges with the
+    # chosen completion ("ar", "the").
+    {"chosen": "review of the park: great calm", "rejected": "review of the pace: dull"},
+    {"chosen": "Hello there, how are you?", "rejected": "Hello thank you."},
     {"chosen": "review of the park: great calm", "rejected": "review of the park: awful"},
 ]
 
@@ -126,21 +133,25 @@ def test_boundary_merging_records_are_exercised(records, tokenizer, tmp_path):
 # and leaves at least one pair whole, which the test checks before comparing.
 TRUNCATION_CASES = {
     "standard": (STANDARD, 16),
-    "conversational": (CONVERSATIONAL, 14),
-    "implicit-text": (IMPLICIT_TEXT, 24),
+    "conversational": (CONVERSATIONAL, 26),
+    "implicit-text": (IMPLICIT_TEXT, 19),
 }
 
 
 @pytest.mark.filterwarnings("ignore:.*pair dropped:UserWarning")
 @pytest.mark.parametrize("pad_to_multiple_of", [None, 8])
 @pytest.mark.parametrize(("records", "max_length"), TRUNCATION_CASES.values(), ids=TRUNCATION_CASES.keys())
-def test_truncated_batch_equals_trl_collator_keep_start(records, max_length, pad_to_multiple_of, tokenizer, tmp_path):
+def test_truncated_batch_equals_trl_collator_keep_start(
+    records, max_length, pad_to_multiple_of, tokenizer, tmp_path
+):
     theirs = trl_prepare(records, tokenizer, tmp_path, max_length=max_length)
     ours, report = preftune_prepare(records, tokenizer, max_length=max_length)
 
     untruncated, _ = preftune_prepare(records, tokenizer, max_length=None)
     whole = [
-        p for p in untruncated if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= max_length
+        p
+        for p in untruncated
+        if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= max_length
     ]
     assert report.dropped_overlong_prompt >= 1
     assert report.completion_truncated >= 1
@@ -151,11 +162,17 @@ def test_truncated_batch_equals_trl_collator_keep_start(records, max_length, pad
 
     pad = tokenizer.pad_token_id
     collator = DataCollatorForPreference(
-        pad_token_id=pad, max_length=max_length, truncation_mode="keep_start", pad_to_multiple_of=pad_to_multiple_of
+        pad_token_id=pad,
+        max_length=max_length,
+        truncation_mode="keep_start",
+        pad_to_multiple_of=pad_to_multiple_of,
     )
     # TRL truncates in the collator from the untruncated ids its dataset holds.
     expected = collator(
-        [{"prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in theirs]
+        [
+            {"prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]}
+            for r in theirs
+        ]
     )
     batch = collate_pairs(ours, pad_token_id=pad, pad_to_multiple_of=pad_to_multiple_of)
     for key in ("input_ids", "attention_mask", "completion_mask"):

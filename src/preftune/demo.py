@@ -32,9 +32,7 @@ from .trainer import train
 
 
 @torch.no_grad()
-def sample(
-    model: Any, tokenizer: Any, prompts: list[str], seed: int, max_new_tokens: int = 12
-) -> list[str]:
+def sample(model: Any, tokenizer: Any, prompts: list[str], seed: int, max_new_tokens: int = 12) -> list[str]:
     """One sampled completion per prompt (temperature 1), decoded without special tokens."""
     torch.manual_seed(seed)
     model.eval()

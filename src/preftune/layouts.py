@@ -25,8 +25,6 @@ class Batch:
     completion_mask: Tensor
     indices: Tensor
     """``[B]`` dataset index of each pair (keys of the precomputed reference cache)."""
-    ref_chosen_logps: Tensor | None = None
-    ref_rejected_logps: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:

@@ -54,26 +54,37 @@ class TrainResult:
 
 
 def pair_stats(policy: nn.Module, reference: Reference | None, batch: Batch) -> tuple[PairStats, Tensor]:
-    """Policy (and reference) statistics of a batch, plus per-pair ``[2, B]`` mean logits for metrics."""
+    """Policy (and reference) statistics of a batch, plus ``[2, B]`` summed vocab-mean logits for metrics."""
     seq = policy(batch.input_ids, batch.attention_mask, batch.completion_mask)
     chosen, rejected = seq.halves()
     ref_chosen = ref_rejected = None
-    if batch.ref_chosen_logps is not None:
-        ref_chosen, ref_rejected = batch.ref_chosen_logps, batch.ref_rejected_logps
-    elif reference is not None:
+    if reference is not None:
         ref_chosen, ref_rejected = reference.logps(batch)
     stats = PairStats(chosen.logps, rejected.logps, chosen.tokens, rejected.tokens, ref_chosen, ref_rejected)
-    logits = torch.stack(
-        [chosen.logits_sum / chosen.tokens.clamp(min=1), rejected.logits_sum / rejected.tokens.clamp(min=1)]
-    )
-    return stats, logits
+    return stats, torch.stack([chosen.logits_sum, rejected.logits_sum])
 
 
-def batch_metrics(stats: PairStats, objective_out: Any, mean_logits: Tensor) -> dict[str, Tensor]:
-    """Per-pair metric values (``[B]`` each) under TRL's names."""
-    metrics = {"loss": objective_out.losses.detach(), **reward_metrics(stats, objective_out)}
-    metrics["logits/chosen"], metrics["logits/rejected"] = mean_logits[0], mean_logits[1]
-    return metrics
+def batch_metrics(stats: PairStats, objective_out: Any, logits_sum: Tensor) -> dict[str, Tensor]:
+    """Per-pair values (``[B]`` each) to be summed; :func:`summarize` turns the sums into metrics."""
+    return {
+        "loss": objective_out.losses.detach(),
+        **reward_metrics(stats, objective_out),
+        "tokens/chosen": stats.chosen_tokens,
+        "tokens/rejected": stats.rejected_tokens,
+        "logits_sum/chosen": logits_sum[0],
+        "logits_sum/rejected": logits_sum[1],
+    }
+
+
+def summarize(names: Sequence[str], totals: Sequence[float], pairs: float) -> dict[str, float]:
+    """Means over pairs, except ``logits/*``: a mean over completion tokens, as TRL logs it."""
+    sums = dict(zip(names, totals, strict=True))
+    values = {
+        name: total / max(pairs, 1) for name, total in sums.items() if not name.startswith("logits_sum/")
+    }
+    for side in ("chosen", "rejected"):
+        values[f"logits/{side}"] = sums[f"logits_sum/{side}"] / max(sums[f"tokens/{side}"], 1)
+    return values
 
 
 def data_stream(num_pairs: int, seed: int, shuffle: bool) -> Iterator[int]:
@@ -117,9 +128,7 @@ def evaluate(
             count += batch.num_pairs
     policy.train(was_training)
     totals = accelerator.reduce(torch.stack([*sums.values(), count]), reduction="sum").tolist()
-    return {
-        f"eval_{name}": value / max(totals[-1], 1) for name, value in zip(sums, totals[:-1], strict=False)
-    }
+    return {f"eval_{name}": value for name, value in summarize(list(sums), totals[:-1], totals[-1]).items()}
 
 
 def train(
@@ -164,7 +173,9 @@ def train(
     eval_pairs: list[TokenizedPair] = []
     if eval_data is not None or config.data.eval_path:
         eval_source = eval_data if eval_data is not None else config.data.eval_path
-        eval_pairs, _ = prepare_pairs(eval_source, tokenizer, config.data, config.data.eval_split, progress=False)
+        eval_pairs, _ = prepare_pairs(
+            eval_source, tokenizer, config.data, config.data.eval_split, progress=False
+        )
         # Distinct cache keys for the precomputed reference.
         eval_pairs = [
             TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, len(pairs) + i, p.where)
@@ -313,7 +324,7 @@ def train(
                 torch.stack([*sums.values(), window_pairs, window_tokens]), "sum"
             ).tolist()
             n_pairs, n_tokens = reduced[-2], reduced[-1]
-            values = {name: total / n_pairs for name, total in zip(sums, reduced[:-2], strict=False)}
+            values = summarize(list(sums), reduced[:-2], n_pairs)
             if grad_norms:
                 values["grad_norm"] = torch.stack(grad_norms).mean().item()
             values.update(
