@@ -461,7 +461,7 @@ def test_report_summary_mentions_the_counts(tokenizer):
     assert "3/4 pairs kept" in summary
     assert "truncated: 1 prompts (kept their end), 1 pairs' completions (kept their start)" in summary
     assert "dropped: 1 pairs whose prompt fills max_length" in summary
-    assert "1 pairs have chosen identical to rejected (kept)" in summary
+    assert "1 pairs have chosen identical to rejected (0 dropped)" in summary
 
 
 def test_report_records_prompt_and_longest_completion_lengths(tokenizer):
@@ -494,11 +494,6 @@ def test_identical_pair_is_dropped_and_counted_with_identical_pairs_drop(tokeniz
     assert (report.identical, report.dropped_identical, report.kept) == (1, 1, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an implicit-prompt pair with chosen == rejected splits into empty completions and "
-    "raises 'empty completion' before identical_pairs is consulted",
-)
 def test_identical_implicit_prompt_pair_is_dropped_with_identical_pairs_drop(tokenizer):
     records = [GOOD, {"chosen": PROMPT + CHOSEN, "rejected": PROMPT + CHOSEN}]
     pairs, report = prepare(records, tokenizer, identical_pairs="drop")
@@ -642,11 +637,6 @@ def test_standard_records_need_no_chat_template():
     assert pair.prompt_ids == ids(no_template, PROMPT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the tokenizer is checked against the first record only, so a later conversational "
-    "record with no chat template raises transformers' ValueError instead of DataError",
-)
 def test_conversational_record_after_standard_ones_still_needs_a_chat_template(tmp_path):
     no_template = build_tokenizer(chat_template=False)
     record = {"prompt": [USER], "chosen": [ANSWER_BLUE], "rejected": [ANSWER_GREEN]}

@@ -44,7 +44,7 @@ def _losses(args: argparse.Namespace) -> None:
     from .losses import ALIASES, PRESETS, REGISTRY
 
     for name, spec in sorted(REGISTRY.items()):
-        summary = (spec.fn.__doc__ or "").strip().splitlines()[0]
+        summary = " ".join((spec.fn.__doc__ or "").strip().split("\n\n")[0].split())
         flags = ("reference" if spec.needs_reference else "reference-free") + (
             ", length-normalized" if spec.length_normalized else ""
         )

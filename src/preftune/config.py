@@ -138,20 +138,31 @@ def _suggest(name: str, choices: typing.Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+_NULLS = {"null", "none", "~"}
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``hint``; strings from ``--set`` are parsed as YAML."""
+    """Check ``value`` against the annotation ``hint``.
+
+    Values from YAML files arrive typed; values from ``--set`` arrive as raw text and are
+    parsed here by the type they are meant to have (so ``--set model.revision=0123`` stays text).
+    """
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        optional = type(None) in args
+        if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NULLS)):
             return None
+        members = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and ("," in value or value.lstrip().startswith("[")):
+            members.sort(key=lambda a: typing.get_origin(a) is not list)  # "a,b" means a list
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for member in members:
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, member, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[-1] if errors else f"{key}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(
@@ -160,19 +171,39 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if origin is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            if value.lstrip().startswith("["):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    raise ConfigError(f"{key}: malformed list {value!r}") from None
+            else:
+                value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
-            return value.lower() in {"true", "yes", "1"}
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in {
+            "true",
+            "false",
+            "yes",
+            "no",
+            "on",
+            "off",
+            "1",
+            "0",
+        }:
+            return value.strip().lower() in {"true", "yes", "on", "1"}
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint is int:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
@@ -186,6 +217,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # `revision: 20240101` in a YAML file
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -201,6 +234,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             raise ConfigError(f"unknown key '{prefix}{key}'{_suggest(key, names)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
+            if value is None:  # an empty section in YAML
+                value = {}
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{key}: expected a section (mapping)")
             kwargs[key] = _build(hint, value, f"{prefix}{key}.")  # type: ignore[arg-type]
@@ -219,15 +254,12 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """``section.key=value``; the value is read as YAML (so ``1e-6``, ``true``, ``[a, b]`` work)."""
+def parse_override(item: str) -> tuple[str, str]:
+    """``section.key=value``; the value stays text until :func:`_coerce` parses it by the key's type."""
     if "=" not in item:
         raise ConfigError(f"--set {item}: expected section.key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str | int | float | bool | list) or value is None:
-        return key.strip(), value
-    return key.strip(), raw
+    return key.strip(), raw.strip()
 
 
 def load_config(
@@ -242,6 +274,8 @@ def load_config(
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: malformed YAML: {err}") from None
         if not isinstance(loaded, dict):
@@ -290,8 +324,18 @@ def validate(config: RunConfig) -> None:
     from .losses import build_objective  # validates names and parameters
 
     build_objective(config.objective)
-    if d.chat_template and Path(d.chat_template).is_file():
-        d.chat_template = Path(d.chat_template).read_text(encoding="utf-8")
+    if d.chat_template:
+        d.chat_template = _read_template(d.chat_template)
+
+
+def _read_template(value: str) -> str:
+    """A chat template given inline, or as a path to a file holding one."""
+    if "{" in value or "\n" in value:
+        return value  # Jinja text
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"data.chat_template: {value}: no such file (give a file or the Jinja text)")
+    return path.read_text(encoding="utf-8")
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

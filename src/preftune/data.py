@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -87,9 +88,7 @@ class DataReport:
             if not xs:
                 return "-"
             ordered = sorted(xs)
-            return (
-                f"mean {sum(xs) / len(xs):.1f}, p95 {ordered[int(0.95 * (len(xs) - 1))]}, max {ordered[-1]}"
-            )
+            return f"mean {sum(xs) / len(xs):.1f}, p95 {ordered[math.ceil(0.95 * (len(xs) - 1))]}, max {ordered[-1]}"
 
         lines = [
             f"{self.kept}/{self.records} pairs kept",
@@ -103,8 +102,9 @@ class DataReport:
         if self.dropped_overlong_prompt:
             lines.append(f"dropped: {self.dropped_overlong_prompt} pairs whose prompt fills max_length")
         if self.identical:
-            verb = "dropped" if self.dropped_identical else "kept"
-            lines.append(f"{self.identical} pairs have chosen identical to rejected ({verb})")
+            lines.append(
+                f"{self.identical} pairs have chosen identical to rejected ({self.dropped_identical} dropped)"
+            )
         return "\n".join(lines)
 
 
@@ -125,9 +125,15 @@ def read_records(source: Any, split: str = "train") -> Iterator[tuple[str, dict[
         return
     path = Path(source)
     if path.is_file():
-        yield from _read_file(path)
+        try:
+            yield from _read_file(path)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         return
-    if path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"}:
+    looks_local = path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"} or (
+        path.suffix and "/" not in str(source)
+    )
+    if looks_local or path.is_dir() or str(source).startswith((".", "/", "~")):
         raise DataError(f"{source}: no such file")
     yield from _read_hub(str(source), split)
 
@@ -228,6 +234,10 @@ def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Tex
         shared += 1
     if isinstance(chosen, str) and 0 < shared < len(chosen) and chosen[shared - 1] == " ":
         shared -= 1
+    if isinstance(chosen, str) and shared in (len(chosen), len(rejected)):
+        # One text is a prefix of the other ("A: yes" / "A: yes, really"): TRL would leave an
+        # empty completion; back off to the last space so both keep a whole word.
+        shared = max(chosen.rfind(" ", 0, shared), 0)
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
@@ -359,26 +369,35 @@ def prepare_pairs(
     """Read, validate, tokenize and truncate every record of ``source``."""
     report = DataReport()
     pairs: list[TokenizedPair] = []
-    checked_tokenizer = False
+    checked_formats: set[bool] = set()
+    name = (
+        str(source)
+        if isinstance(source, str | Path)
+        else "records"
+        if isinstance(source, list)
+        else "dataset"
+    )
     records = read_records(source, split)
     for index, (where, record) in enumerate(
         tqdm(records, desc="tokenizing", unit=" pairs", disable=not progress, leave=False)
     ):
         report.records += 1
-        example = parse_example(record, where, cfg)
-        if not checked_tokenizer:
-            check_tokenizer(tokenizer, example.conversational, where)
-            checked_tokenizer = True
-        if example.chosen == example.rejected:
+        chosen = record.get(cfg.chosen_field)
+        if chosen is not None and chosen == record.get(cfg.rejected_field):
             report.identical += 1
             if cfg.identical_pairs == "error":
                 raise DataError(
                     f"{where}: field '{cfg.chosen_field}' is identical to field '{cfg.rejected_field}' "
                     "(set data.identical_pairs=warn or drop)"
                 )
-            if cfg.identical_pairs == "drop":
+            # With an implicit prompt, identical texts leave no completion to keep.
+            if cfg.identical_pairs == "drop" or record.get(cfg.prompt_field) is None:
                 report.dropped_identical += 1
                 continue
+        example = parse_example(record, where, cfg)
+        if example.conversational not in checked_formats:
+            check_tokenizer(tokenizer, example.conversational, where)
+            checked_formats.add(example.conversational)
         prompt_ids, chosen_ids, rejected_ids = tokenize_example(tokenizer, example)
         if not chosen_ids or not rejected_ids:
             name = cfg.chosen_field if not chosen_ids else cfg.rejected_field
@@ -391,9 +410,9 @@ def prepare_pairs(
         report.completion_lengths.append(max(len(pair.chosen_ids), len(pair.rejected_ids)))
     report.kept = len(pairs)
     if report.records == 0:
-        raise DataError(f"{source}: no records")
+        raise DataError(f"{name}: no records")
     if report.identical and cfg.identical_pairs == "warn":
         warnings.warn(f"{report.identical} pairs have chosen identical to rejected", stacklevel=2)
     if not pairs:
-        raise DataError(f"{source}: every pair was dropped\n{report.summary()}")
+        raise DataError(f"{name}: every pair was dropped\n{report.summary()}")
     return pairs, report

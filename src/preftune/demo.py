@@ -115,15 +115,15 @@ def plot_curves(metrics_file: Path, png: Path) -> bool:
         ("loss", "DPO loss"),
         ("rewards/accuracies", "reward accuracy"),
         ("rewards/margins", "reward margin"),
-        ("logps/chosen", "log p(chosen)"),
+        ("logps/chosen", "log p, training pairs"),
     ]
     for ax, (key, title) in zip(axes, panels, strict=True):
-        ax.plot(steps, [r[key] for r in rows])
+        ax.plot(steps, [r[key] for r in rows], label="chosen" if key == "logps/chosen" else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     if "logps/rejected" in rows[0]:
-        axes[3].plot(steps, [r["logps/rejected"] for r in rows], label="log p(rejected)")
+        axes[3].plot(steps, [r["logps/rejected"] for r in rows], label="rejected")
         axes[3].legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -168,6 +168,8 @@ def run_demo(output_dir: str = "demo-output", quick: bool = False, seed: int = 0
     held_out_prompts = task.prompts(256, seed + 100)
     held_out_records = preference_pairs(sft_model, tokenizer, task, held_out_prompts, seed + 3)
     print(f"    {len(train_records)} training pairs, {len(held_out_records)} held-out pairs")
+    for name, records in (("pairs.jsonl", train_records), ("heldout_pairs.jsonl", held_out_records)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in records))
 
     print("3/4 DPO from the SFT policy")
     beta = 0.1

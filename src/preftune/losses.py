@@ -280,9 +280,7 @@ def sigmoid_norm(s: PairStats, p: Params) -> LossOutput:
 
 @register("dpop")
 def dpop(s: PairStats, p: Params) -> LossOutput:
-    """DPO-Positive (Pal et al. 2024, "Smaug", arXiv 2402.13228, Eq. 3):
-
-        ``−log σ(β (h − λ · max(0, ρ_w − π_w)))``
+    """DPO-Positive (Pal et al. 2024, "Smaug", arXiv 2402.13228, Eq. 3): ``−log σ(β (h − λ · max(0, ρ_w − π_w)))``.
 
     λ sits *inside* β, as in the paper's Eq. 3 and its implicit reward
     ``β[(π_w − ρ_w) − λ·max(0, ρ_w − π_w)]``; some write ``−log σ(βh − λ·max(…))``,

@@ -345,7 +345,9 @@ def train(
             window_start = time.perf_counter()
         if eval_pairs and cfg.eval_every and step % cfg.eval_every == 0:
             log(step, evaluate(policy, reference, objective, eval_pairs, pad_id, cfg.batch_size, accelerator))
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and is_main:
+        # The last step is saved too: a finished run can be extended with more steps and --resume.
+        saving = bool(cfg.save_every) and (step % cfg.save_every == 0 or step == total_steps)
+        if saving and is_main:
             save_checkpoint(
                 output_dir,
                 step,
@@ -356,13 +358,13 @@ def train(
                 {"pairs_seen": step * pairs_per_step, "total_steps": total_steps},
                 cfg.save_total_limit,
             )
-        if cfg.save_every and step % cfg.save_every == 0:
+        if saving:
             accelerator.wait_for_everyone()
     bar.close()
 
     final_dir = None
     if step == total_steps:
-        if eval_pairs:
+        if eval_pairs and not (cfg.eval_every and step % cfg.eval_every == 0):
             log(step, evaluate(policy, reference, objective, eval_pairs, pad_id, cfg.batch_size, accelerator))
         if is_main:
             final_dir = save_final(output_dir, unwrapped, tokenizer)

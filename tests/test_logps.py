@@ -1,0 +1,69 @@
+"""Sequence log-probs: the chunked hidden-state path equals the plain full-logits path."""
+
+import torch
+
+from preftune.config import DataConfig
+from preftune.data import prepare_pairs
+from preftune.layouts import collate_pairs
+from preftune.logps import full_logits_sequence_logps, label_logps, sequence_logps
+from preftune.synthetic import tiny_llama
+
+RECORDS = [
+    {"prompt": "review of the park:", "chosen": " great calm", "rejected": " dull"},
+    {"prompt": "Hello there, how are you", "chosen": " today?", "rejected": " fine, thank you."},
+    {"prompt": "Question:", "chosen": " what colour is the sky? Answer: it is blue.", "rejected": " no"},
+]
+
+
+def _batch(tokenizer):
+    pairs, _ = prepare_pairs(RECORDS, tokenizer, DataConfig(), progress=False)
+    return collate_pairs(pairs, tokenizer.pad_token_id)
+
+
+def test_label_logps_equals_log_softmax_gather():
+    logits = torch.randn(5, 7, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (5, 7))
+    expected = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(label_logps(logits, labels), expected.float())
+
+
+def test_chunked_sequence_logps_match_full_logits_for_every_chunk_size(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=1)
+    batch = _batch(tokenizer)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_mask)
+    expected = full_logits_sequence_logps(model, *args)
+    for chunk_size in (1, 3, 7, 4096):
+        got = sequence_logps(model, *args, chunk_size=chunk_size)
+        torch.testing.assert_close(got.logps, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_gradients_match_full_logits_gradients(tokenizer):
+    batch = _batch(tokenizer)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_mask)
+    plain, chunked = tiny_llama(len(tokenizer), seed=2), tiny_llama(len(tokenizer), seed=2)
+    weights = torch.linspace(-1, 1, batch.input_ids.shape[0])
+    (full_logits_sequence_logps(plain, *args) * weights).sum().backward()
+    (sequence_logps(chunked, *args, chunk_size=5).logps * weights).sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), chunked.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_token_counts_cover_completion_tokens_only(tokenizer):
+    pairs, _ = prepare_pairs(RECORDS, tokenizer, DataConfig(), progress=False)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    got = sequence_logps(
+        tiny_llama(len(tokenizer)), batch.input_ids, batch.attention_mask, batch.completion_mask
+    )
+    expected = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+    assert got.tokens.tolist() == expected
+
+
+def test_padding_does_not_change_a_sequence_logp(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=3)
+    pairs, _ = prepare_pairs(RECORDS, tokenizer, DataConfig(), progress=False)
+    alone = collate_pairs(pairs[:1], tokenizer.pad_token_id)
+    padded = collate_pairs(pairs[:1], tokenizer.pad_token_id, pad_to_multiple_of=64)
+    a = sequence_logps(model, alone.input_ids, alone.attention_mask, alone.completion_mask)
+    b = sequence_logps(model, padded.input_ids, padded.attention_mask, padded.completion_mask)
+    assert padded.input_ids.shape[1] == 64
+    torch.testing.assert_close(a.logps, b.logps, rtol=1e-5, atol=1e-5)

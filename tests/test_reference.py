@@ -1,0 +1,154 @@
+"""Reference strategies give the same DPO numbers as an explicit frozen copy."""
+
+import copy
+
+import pytest
+import torch
+from helpers import quiet_config, sentiment_records
+from peft import LoraConfig, get_peft_model
+
+import preftune.reference as reference_module
+from preftune.config import DataConfig
+from preftune.data import prepare_pairs
+from preftune.layouts import collate_pairs
+from preftune.reference import AdapterOffReference, ModelReference, ReferenceCacheError, choose_strategy
+from preftune.synthetic import tiny_llama
+from preftune.trainer import train
+
+RECORDS = sentiment_records(12, seed=1)
+
+
+def _batch(tokenizer):
+    pairs, _ = prepare_pairs(RECORDS, tokenizer, DataConfig(), progress=False)
+    return collate_pairs(pairs, tokenizer.pad_token_id)
+
+
+def test_adapter_disabled_reference_equals_an_explicit_base_copy(tokenizer):
+    base = tiny_llama(len(tokenizer), seed=4)
+    base_copy = copy.deepcopy(base)
+    # init_lora_weights=False: adapters start non-zero, so "disabled" is observable.
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    batch = _batch(tokenizer)
+    off = AdapterOffReference(peft_model).logps(batch)
+    explicit = ModelReference(base_copy).logps(batch)
+    torch.testing.assert_close(off[0], explicit[0])
+    torch.testing.assert_close(off[1], explicit[1])
+    with torch.no_grad():  # and the adapters really change the policy
+        on = peft_model(input_ids=batch.input_ids).logits
+        ref = base_copy(input_ids=batch.input_ids).logits
+    assert not torch.allclose(on, ref)
+
+
+def _losses(result):
+    return [h["loss"] for h in result.history]
+
+
+def test_lora_training_with_adapter_reference_matches_an_explicit_copy_of_the_base(tmp_path, tokenizer):
+    settings = ("model.lora=true", "model.lora_r=4", "train.batch_size=4", "train.max_steps=3")
+    adapter = train(
+        quiet_config(str(tmp_path / "a"), *settings),
+        model=tiny_llama(len(tokenizer), seed=5),
+        tokenizer=tokenizer,
+        train_data=RECORDS,
+    )
+    explicit = train(
+        quiet_config(str(tmp_path / "b"), *settings, "reference.strategy=copy"),
+        model=tiny_llama(len(tokenizer), seed=5),
+        tokenizer=tokenizer,
+        train_data=RECORDS,
+        reference_model=tiny_llama(len(tokenizer), seed=5),
+    )
+    assert _losses(adapter) == pytest.approx(_losses(explicit), abs=1e-6)
+    assert adapter.history[-1]["rewards/margins"] != 0.0
+
+
+def test_precomputed_reference_gives_the_same_losses_as_a_live_copy(tmp_path, tokenizer):
+    settings = ("train.batch_size=4", "train.max_steps=4")
+    live = train(
+        quiet_config(str(tmp_path / "live"), *settings, "reference.strategy=copy"),
+        model=tiny_llama(len(tokenizer), seed=6),
+        tokenizer=tokenizer,
+        train_data=RECORDS,
+    )
+    cached = train(
+        quiet_config(str(tmp_path / "pre"), *settings, "reference.strategy=precomputed"),
+        model=tiny_llama(len(tokenizer), seed=6),
+        tokenizer=tokenizer,
+        train_data=RECORDS,
+    )
+    assert _losses(cached) == pytest.approx(_losses(live), abs=1e-6)
+    assert (tmp_path / "pre" / "reference_logps.pt").is_file()
+
+
+def test_precomputed_cache_is_reused_by_the_next_run(tmp_path, tokenizer, monkeypatch):
+    settings = ("train.batch_size=4", "train.max_steps=1", "reference.strategy=precomputed")
+    train(
+        quiet_config(str(tmp_path / "run"), *settings),
+        model=tiny_llama(len(tokenizer), seed=6),
+        tokenizer=tokenizer,
+        train_data=RECORDS,
+    )
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("reference log-probs recomputed although the cache matches")
+
+    monkeypatch.setattr(reference_module, "precompute", no_second_pass)
+    train(
+        quiet_config(str(tmp_path / "run"), *settings),
+        model=tiny_llama(len(tokenizer), seed=6),
+        tokenizer=tokenizer,
+        train_data=RECORDS,
+    )
+
+
+@pytest.mark.parametrize("change", ["model", "data", "max_length"])
+def test_precomputed_cache_is_refused_when_the_fingerprint_differs(tmp_path, tokenizer, change):
+    settings = ["train.batch_size=4", "train.max_steps=1", "reference.strategy=precomputed"]
+    train(
+        quiet_config(str(tmp_path / "run"), *settings),
+        model=tiny_llama(len(tokenizer), seed=6),
+        tokenizer=tokenizer,
+        train_data=RECORDS,
+    )
+    seed, records = 6, RECORDS
+    if change == "model":
+        seed = 9
+    elif change == "data":
+        records = sentiment_records(12, seed=2)
+    else:
+        settings.append("data.max_length=20")
+    with pytest.raises(
+        ReferenceCacheError, match=r"reference_logps\.pt.*another model, data or tokenization"
+    ):
+        train(
+            quiet_config(str(tmp_path / "run"), *settings),
+            model=tiny_llama(len(tokenizer), seed=seed),
+            tokenizer=tokenizer,
+            train_data=records,
+        )
+
+
+def test_reference_free_objectives_get_no_reference(tmp_path):
+    cfg = quiet_config(str(tmp_path), "objective.loss=simpo")
+    assert choose_strategy(cfg, needs_reference=False, policy_is_peft=False) == "none"
+
+
+def test_auto_strategy_is_adapter_with_lora_and_copy_without(tmp_path):
+    cfg = quiet_config(str(tmp_path))
+    assert choose_strategy(cfg, needs_reference=True, policy_is_peft=True) == "adapter"
+    assert choose_strategy(cfg, needs_reference=True, policy_is_peft=False) == "copy"
+
+
+def test_simpo_training_never_runs_a_reference_forward(tmp_path, tokenizer, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reference forward in a reference-free run")
+
+    monkeypatch.setattr(ModelReference, "logps", forbidden)
+    monkeypatch.setattr(AdapterOffReference, "logps", forbidden)
+    result = train(
+        quiet_config(str(tmp_path), "objective.loss=simpo", "train.max_steps=2", "train.batch_size=4"),
+        model=tiny_llama(len(tokenizer)),
+        tokenizer=tokenizer,
+        train_data=RECORDS,
+    )
+    assert result.steps == 2

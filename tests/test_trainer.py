@@ -1,0 +1,117 @@
+"""The training loop: exact gradient accumulation, exact resume, checkpoints, logs."""
+
+import json
+
+import torch
+from helpers import quiet_config, sentiment_records
+from transformers import AutoModelForCausalLM
+
+from preftune.synthetic import tiny_llama
+from preftune.trainer import train
+
+RECORDS = sentiment_records(16)
+
+
+def _run(tmp_path, name, tokenizer, *overrides, **kwargs):
+    cfg = quiet_config(str(tmp_path / name), *overrides)
+    model = tiny_llama(len(tokenizer), seed=7)
+    return train(cfg, model=model, tokenizer=tokenizer, train_data=RECORDS, **kwargs), model
+
+
+def test_accumulating_4_micro_batches_of_2_equals_one_batch_of_8(tmp_path, tokenizer):
+    whole, whole_model = _run(tmp_path, "whole", tokenizer, "train.batch_size=8", "train.max_steps=3")
+    accum, accum_model = _run(
+        tmp_path, "accum", tokenizer, "train.batch_size=2", "train.grad_accum=4", "train.max_steps=3"
+    )
+    for a, b in zip(whole.history, accum.history, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-6
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    for p, q in zip(whole_model.parameters(), accum_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_a_checkpoint_reproduces_the_uninterrupted_losses_exactly(tmp_path, tokenizer):
+    settings = ("train.batch_size=4", "train.max_steps=6", "train.save_every=2")
+    full, _ = _run(tmp_path, "full", tokenizer, *settings)
+    # Crash after step 3: the last checkpoint is step 2, so step 3 is redone after resuming.
+    cut, _ = _run(tmp_path, "cut", tokenizer, *settings, stop_after=3)
+    assert cut.steps == 3 and cut.final_dir is None
+    resumed, _ = _run(tmp_path, "cut", tokenizer, *settings, "train.resume=true")
+    full_losses = {h["step"]: h["loss"] for h in full.history}
+    resumed_losses = {h["step"]: h["loss"] for h in resumed.history}
+    assert sorted(resumed_losses) == [3, 4, 5, 6]
+    for step, loss in resumed_losses.items():
+        assert loss == full_losses[step], f"step {step}: {loss} != {full_losses[step]}"
+
+
+def test_checkpoint_and_final_folders_load_with_transformers(tmp_path, tokenizer):
+    result, model = _run(
+        tmp_path, "run", tokenizer, "train.batch_size=4", "train.max_steps=3", "train.save_every=2"
+    )
+    checkpoint = tmp_path / "run" / "checkpoint-0000002"
+    assert (checkpoint / "trainer_state.json").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+    loaded = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+    leftovers = [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith((".tmp", ".old"))]
+    assert leftovers == []
+
+
+def test_old_checkpoints_beyond_the_limit_are_removed(tmp_path, tokenizer):
+    _run(
+        tmp_path,
+        "run",
+        tokenizer,
+        "train.batch_size=4",
+        "train.max_steps=7",
+        "train.save_every=1",
+        "train.save_total_limit=2",
+    )
+    names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert names == ["checkpoint-0000006", "checkpoint-0000007"]
+
+
+def test_metrics_file_has_one_object_per_logged_step_with_trl_names(tmp_path, tokenizer):
+    _run(tmp_path, "run", tokenizer, "train.batch_size=4", "train.max_steps=4", "train.log_every=2")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    expected = {
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "grad_norm",
+        "learning_rate",
+        "pairs_per_second",
+        "tokens_per_second",
+    }
+    assert expected <= set(rows[0])
+    assert rows[0]["pairs_per_second"] > 0
+
+
+def test_evaluation_every_n_steps_logs_eval_metrics(tmp_path, tokenizer):
+    result, _ = _run(
+        tmp_path,
+        "run",
+        tokenizer,
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        eval_data=sentiment_records(6, seed=5),
+    )
+    eval_rows = [h for h in result.history if "eval_loss" in h]
+    assert [h["step"] for h in eval_rows] == [2, 4]  # every 2 steps; the last step is not evaluated twice
+    assert 0 <= eval_rows[0]["eval_rewards/accuracies"] <= 1
+
+
+def test_dpo_raises_the_reward_margin_on_its_training_pairs(tmp_path, tokenizer):
+    result, _ = _run(tmp_path, "run", tokenizer, "train.batch_size=8", "train.max_steps=12")
+    assert result.history[0]["rewards/margins"] == 0.0  # policy == reference at the first step
+    assert result.history[-1]["rewards/margins"] > 0.05
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
