@@ -253,9 +253,10 @@ def test_label_smoothing_given_to_an_objective_that_ignores_it_is_rejected(name)
         objective(name, label_smoothing=0.1)
 
 
-def test_weights_of_the_wrong_length_are_rejected():
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 0.5, 0.5]], ids=["too-few", "too-many"])
+def test_weights_of_the_wrong_length_are_rejected(weights):
     with pytest.raises(ConfigError, match="weights"):
-        objective("sigmoid", "sft", weights=[1.0])
+        objective("sigmoid", "sft", weights=weights)
 
 
 def test_empty_objective_list_is_rejected():
@@ -287,6 +288,15 @@ def test_weighted_mixture_sums_weighted_terms_and_takes_rewards_from_the_first()
     out = objective("ipo", "sft", weights=[0.5, 2.0], beta=0.25)(stats)
     assert out.losses.item() == pytest.approx(0.5 * 1.0 + 2.0 * 2.5, abs=1e-12)
     assert out.chosen_rewards.item() == pytest.approx(0.25 * 2.0, abs=1e-12)
+
+
+def test_mixture_rewards_come_from_its_first_term():
+    """DPO then SimPO, β = 0.1: rewards are DPO's β(π − ρ) = 0.1·2 and 0.1·(−1),
+    not SimPO's β π/|y| = 0.1·(−10/4) and 0.1·(−15/2)."""
+    stats = stats_of([-10.0], [-15.0], [-12.0], [-14.0], n_w=[4], n_l=[2])
+    out = objective("sigmoid", "simpo", beta=0.1)(stats)
+    assert out.chosen_rewards.item() == pytest.approx(0.2, abs=1e-12)
+    assert out.rejected_rewards.item() == pytest.approx(-0.1, abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -328,16 +338,17 @@ def test_simpo_default_beta_is_two_and_dpo_default_is_a_tenth():
 
 def test_reward_metrics_use_trl_names_and_values():
     """β = 0.1; pair 0: r_w = 0.1·(−10 + 11) = 0.1, r_l = 0.1·(−15 + 14) = −0.1;
-    pair 1: r_w = 0.1·(−20 + 18) = −0.2, r_l = 0.1·(−19 + 21) = 0.2."""
-    stats = stats_of([-10.0, -20.0], [-15.0, -19.0], [-11.0, -18.0], [-14.0, -21.0])
+    pair 1: r_w = 0.1·(−20 + 18) = −0.2, r_l = 0.1·(−19 + 21) = 0.2;
+    pair 2 is a tie, r_w = r_l = 0.1, which counts as not accurate (strict >, as TRL)."""
+    stats = stats_of([-10.0, -20.0, -5.0], [-15.0, -19.0, -8.0], [-11.0, -18.0, -6.0], [-14.0, -21.0, -9.0])
     metrics = reward_metrics(stats, objective("sigmoid", beta=0.1)(stats))
     expected = {
-        "rewards/chosen": [0.1, -0.2],
-        "rewards/rejected": [-0.1, 0.2],
-        "rewards/accuracies": [1.0, 0.0],
-        "rewards/margins": [0.2, -0.4],
-        "logps/chosen": [-10.0, -20.0],
-        "logps/rejected": [-15.0, -19.0],
+        "rewards/chosen": [0.1, -0.2, 0.1],
+        "rewards/rejected": [-0.1, 0.2, 0.1],
+        "rewards/accuracies": [1.0, 0.0, 0.0],
+        "rewards/margins": [0.2, -0.4, 0.0],
+        "logps/chosen": [-10.0, -20.0, -5.0],
+        "logps/rejected": [-15.0, -19.0, -8.0],
     }
     assert set(metrics) == set(expected)
     for key, values in expected.items():

@@ -394,7 +394,11 @@ def build_objective(cfg: ObjectiveConfig) -> Objective:
         for term, weight_param in PRESETS.get(name, [(name, None)]):
             factor = getattr(cfg, weight_param) if weight_param else 1.0
             terms.append((REGISTRY[term], weight * factor))
-    beta = cfg.beta if cfg.beta is not None else terms[0][0].default_beta
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ConfigError(f"objective.weights: must be finite and >= 0, got {weights}")
+    # The default β belongs to the main objective, not to an NLL term mixed in.
+    main = next((spec for spec, _ in terms if spec.name != "sft"), terms[0][0])
+    beta = cfg.beta if cfg.beta is not None else main.default_beta
     if not beta > 0:
         raise ConfigError(f"objective.beta: must be > 0, got {beta}")
     if not 0 <= cfg.label_smoothing < 0.5:
