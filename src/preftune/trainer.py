@@ -346,7 +346,7 @@ def train(
         if eval_pairs and cfg.eval_every and step % cfg.eval_every == 0:
             log(step, evaluate(policy, reference, objective, eval_pairs, pad_id, cfg.batch_size, accelerator))
         # The last step is saved too: a finished run can be extended with more steps and --resume.
-        saving = bool(cfg.save_every) and (step % cfg.save_every == 0 or step == total_steps)
+        saving = cfg.save_every is not None and (step % cfg.save_every == 0 or step == total_steps)
         if saving and is_main:
             save_checkpoint(
                 output_dir,
