@@ -379,7 +379,7 @@ def prepare_pairs(
     )
     records = read_records(source, split)
     for index, (where, record) in enumerate(
-        tqdm(records, desc="tokenizing", unit=" pairs", disable=not progress, leave=False)
+        tqdm(records, desc="tokenizing", unit=" pairs", disable=None if progress else True, leave=False)
     ):
         report.records += 1
         chosen = record.get(cfg.chosen_field)

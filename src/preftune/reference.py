@@ -99,7 +99,7 @@ def precompute(
     # Longest first: the first batch shows an out-of-memory at once, not at the end.
     ordered = sorted(pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
     starts = range(0, len(ordered), batch_size)
-    for start in tqdm(starts, desc="reference log-probs", disable=not progress, leave=False):
+    for start in tqdm(starts, desc="reference log-probs", disable=None if progress else True, leave=False):
         batch = collate_pairs(ordered[start : start + batch_size], pad_token_id).to(device)
         with autocast():
             c, r = reference.logps(batch)

@@ -289,7 +289,12 @@ def train(
 
     # ---- the loop
     last_step = min(total_steps, stop_after) if stop_after else total_steps
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not (cfg.progress and is_main))
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        disable=None if cfg.progress and is_main else True,
+    )
     policy.train()
     step = start_step
     for step in range(start_step + 1, last_step + 1):
