@@ -286,6 +286,14 @@ def train(
         if writer is not None:
             for name, value in values.items():
                 writer.add_scalar(name, value, step)
+        if cfg.progress and bar.disable:  # no terminal for a progress bar (a log file, CI): print a line
+            prefix = "eval_" if "eval_loss" in values else ""
+            say(
+                f"step {step}/{total_steps} {prefix}loss {values[prefix + 'loss']:.4f} "
+                f"{prefix}acc {values[prefix + 'rewards/accuracies']:.3f} "
+                f"{prefix}margin {values[prefix + 'rewards/margins']:.4f}"
+                + (f" pairs/s {values['pairs_per_second']:.1f}" if "pairs_per_second" in values else "")
+            )
 
     # ---- the loop
     last_step = min(total_steps, stop_after) if stop_after else total_steps
