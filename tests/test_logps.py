@@ -67,3 +67,33 @@ def test_padding_does_not_change_a_sequence_logp(tokenizer):
     b = sequence_logps(model, padded.input_ids, padded.attention_mask, padded.completion_mask)
     assert padded.input_ids.shape[1] == 64
     torch.testing.assert_close(a.logps, b.logps, rtol=1e-5, atol=1e-5)
+
+
+def _tiny(config_cls, model_cls, vocab_size, **extra):
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=0,
+        **extra,
+    )
+    return model_cls(config)
+
+
+def test_gemma2_softcapping_and_cohere_logit_scale_match_their_full_logits(tokenizer):
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    batch = _batch(tokenizer)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_mask)
+    models = [
+        _tiny(Gemma2Config, Gemma2ForCausalLM, len(tokenizer), final_logit_softcapping=0.5),
+        _tiny(CohereConfig, CohereForCausalLM, len(tokenizer), logit_scale=3.0),
+    ]
+    for model in models:
+        got = sequence_logps(model, *args, chunk_size=4).logps
+        torch.testing.assert_close(got, full_logits_sequence_logps(model, *args), rtol=1e-5, atol=1e-5)

@@ -48,27 +48,57 @@ def label_logps(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to ``lm_head(h)`` before the softmax: a scale (Cohere's
+    ``logit_scale``, Granite's ``1/logits_scaling``, Falcon-H1's ``lm_head_multiplier``),
+    then Gemma-2-style soft-capping ``c·tanh(x/c)``."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @staticmethod
+    def of(config: Any) -> LogitTransform:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scale = getattr(text, "logit_scale", None)
+        if scale is None:
+            scale = getattr(text, "lm_head_multiplier", None)
+        if scale is None and getattr(text, "logits_scaling", None):
+            scale = 1.0 / text.logits_scaling
+        softcap = getattr(text, "final_logit_softcapping", None)
+        return LogitTransform(1.0 if scale is None else float(scale), softcap)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
 def _head_chunk(
-    head: nn.Module, hidden: Tensor, labels: Tensor, softcap: float | None
+    head: nn.Module, hidden: Tensor, labels: Tensor, transform: LogitTransform
 ) -> tuple[Tensor, Tensor]:
-    logits = head(hidden).float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = transform(head(hidden).float())
     return label_logps(logits, labels), logits.mean(dim=-1)
 
 
 def chunked_label_logps(
-    hidden: Tensor, head: nn.Module, labels: Tensor, chunk_size: int, softcap: float | None = None
+    hidden: Tensor,
+    head: nn.Module,
+    labels: Tensor,
+    chunk_size: int,
+    transform: LogitTransform = LogitTransform(),
 ) -> tuple[Tensor, Tensor]:
-    """Label log-probs and vocab-mean logits for ``hidden [N, H]``, ``labels [N]``, ``chunk_size`` rows at a time."""
+    """Label log-probs and vocab-mean logits of ``hidden [N, H]``, ``labels [N]``, ``chunk_size`` rows at a time."""
     logps, means = [], []
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
         if recompute:
-            lp, mean = checkpoint(_head_chunk, head, h, y, softcap, use_reentrant=False)
+            lp, mean = checkpoint(_head_chunk, head, h, y, transform, use_reentrant=False)
         else:
-            lp, mean = _head_chunk(head, h, y, softcap)
+            lp, mean = _head_chunk(head, h, y, transform)
         logps.append(lp)
         means.append(mean.detach())
     if not logps:
@@ -103,8 +133,8 @@ def sequence_logps(
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target)[target]
     selected = hidden[:, :-1][target]  # [N, H]: positions that predict a completion token
     labels = input_ids[:, 1:][target]
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    token_logps, mean_logits = chunked_label_logps(selected, head, labels, chunk_size, softcap)
+    transform = LogitTransform.of(lm.config)
+    token_logps, mean_logits = chunked_label_logps(selected, head, labels, chunk_size, transform)
     n_rows = input_ids.shape[0]
     zeros = torch.zeros(n_rows, device=input_ids.device, dtype=torch.float32)
     return SequenceLogps(
