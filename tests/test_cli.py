@@ -284,12 +284,25 @@ def test_resume_continues_from_the_latest_checkpoint_as_if_never_interrupted(
     assert (resumed / "final" / "config.json").is_file()
 
 
-def test_without_resume_a_checkpoint_in_the_output_folder_is_ignored(model_dir, pairs_file, tmp_path):
+def test_a_fresh_run_refuses_a_folder_holding_an_earlier_runs_checkpoints(
+    model_dir, pairs_file, tmp_path, capsys
+):
     settings = ["--loss", "simpo", "--set", "train.batch_size=4", "--set", "train.max_steps=2"]
     settings += ["--set", "train.save_every=1", "--set", "train.log_every=1"]
     output = tmp_path / "out"
     assert main(train_argv(model_dir, pairs_file, output, *settings)) == 0
-    shutil.rmtree(output / "final")
-    (output / "metrics.jsonl").unlink()
+    before = (output / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(train_argv(model_dir, pairs_file, output, *settings)) == 2
+    line = error_line(capsys)
+    assert "holds checkpoints of an earlier run" in line and "--resume" in line and "train.overwrite" in line
+    assert (output / "metrics.jsonl").read_text() == before
+
+
+def test_overwrite_starts_over_in_a_folder_holding_checkpoints(model_dir, pairs_file, tmp_path):
+    settings = ["--loss", "simpo", "--set", "train.batch_size=4", "--set", "train.max_steps=2"]
+    settings += ["--set", "train.save_every=1", "--set", "train.log_every=1"]
+    output = tmp_path / "out"
     assert main(train_argv(model_dir, pairs_file, output, *settings)) == 0
+    assert main(train_argv(model_dir, pairs_file, output, *settings, "--set", "train.overwrite=true")) == 0
     assert [r["step"] for r in read_metrics(output)] == [1, 2]

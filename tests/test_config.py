@@ -339,3 +339,8 @@ def test_set_value_that_is_not_valid_yaml_is_kept_as_a_string():
 
 def test_config_path_that_is_a_directory_is_refused_naming_it(tmp_path):
     assert str(tmp_path) in config_error(path=tmp_path)
+
+
+def test_yaml_bare_no_is_read_as_the_word_where_a_choice_expects_it(tmp_path):
+    path = write_yaml(tmp_path, "train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"

@@ -679,3 +679,16 @@ def test_empty_json_file_is_reported_as_malformed_at_line_1(tokenizer, tmp_path)
     path.write_text("")
     with pytest.raises(DataError, match=loc(path, 1) + " malformed JSON"):
         prepare(path, tokenizer)
+
+
+def test_csv_with_a_byte_order_mark_keeps_its_prompt_column(tokenizer, tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffprompt,chosen,rejected\nQ: why?, because, no\n".encode())
+    (pair,), _ = prepare(path, tokenizer)
+    assert pair.prompt_ids == ids(tokenizer, "Q: why?")
+
+
+def test_a_missing_prompt_field_among_other_fields_warns_that_the_prompt_is_implicit(tokenizer):
+    record = {"question": "Q:", "chosen": "Q: yes", "rejected": "Q: no"}
+    with pytest.warns(UserWarning, match=r"record 0: no field 'prompt' \(fields: question\)"):
+        prepare([record], tokenizer)

@@ -152,3 +152,21 @@ def test_simpo_training_never_runs_a_reference_forward(tmp_path, tokenizer, monk
         train_data=RECORDS,
     )
     assert result.steps == 2
+
+
+def test_precomputed_eval_pairs_do_not_share_cache_slots_with_training_pairs(tmp_path, tokenizer):
+    # A dropped training record makes dataset indices run past the number of kept pairs.
+    records = [*RECORDS[:5], {"prompt": "Q:", "chosen": " same", "rejected": " same"}, *RECORDS[5:]]
+    settings = ("train.batch_size=4", "train.max_steps=2", "train.eval_every=2", "data.identical_pairs=drop")
+    runs = {}
+    for strategy in ("copy", "precomputed"):
+        result = train(
+            quiet_config(str(tmp_path / strategy), *settings, f"reference.strategy={strategy}"),
+            model=tiny_llama(len(tokenizer), seed=6),
+            tokenizer=tokenizer,
+            train_data=records,
+            eval_data=sentiment_records(4, seed=8),
+        )
+        runs[strategy] = [h for h in result.history if "eval_loss" in h][-1]
+    for name in ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected"):
+        assert runs["precomputed"][name] == pytest.approx(runs["copy"][name], abs=1e-6), name

@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 import torch
 from helpers import quiet_config, sentiment_records
 from transformers import AutoModelForCausalLM
 
+from preftune.config import ConfigError
 from preftune.synthetic import tiny_llama
 from preftune.trainer import train
 
@@ -115,3 +117,27 @@ def test_dpo_raises_the_reward_margin_on_its_training_pairs(tmp_path, tokenizer)
     assert result.history[0]["rewards/margins"] == 0.0  # policy == reference at the first step
     assert result.history[-1]["rewards/margins"] > 0.05
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_resume_with_another_batch_geometry_is_refused(tmp_path, tokenizer):
+    _run(
+        tmp_path,
+        "run",
+        tokenizer,
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "train.save_every=2",
+        stop_after=2,
+    )
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size/grad_accum: .*4 pairs per step, this run uses 2"
+    ):
+        _run(
+            tmp_path,
+            "run",
+            tokenizer,
+            "train.batch_size=2",
+            "train.max_steps=4",
+            "train.save_every=2",
+            "train.resume=true",
+        )

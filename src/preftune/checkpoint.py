@@ -8,6 +8,7 @@ transformers loads on top of its base model when peft is installed).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import ConfigError
 from .models import is_peft
 
 STATE_FILE = "trainer_state.json"
@@ -84,9 +86,57 @@ def save_checkpoint(
     return final
 
 
+def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main: bool = True) -> Path | None:
+    """The checkpoint to resume from, if any. A fresh run never mixes into an earlier run's
+    checkpoints: it stops with a message, or removes them with ``overwrite``."""
+    found = list_checkpoints(output_dir)
+    if resume:
+        if not found and is_main:
+            print(f"resume: no checkpoint in {output_dir}; starting from the beginning")
+        return found[-1] if found else None
+    if found and not overwrite:
+        raise ConfigError(
+            f"train.output_dir: {output_dir} holds checkpoints of an earlier run ({found[-1].name}); "
+            "add --resume to continue it, or --set train.overwrite=true to start over"
+        )
+    if is_main:
+        for path in found:
+            shutil.rmtree(path)
+    return None
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     found = [p for p in output_dir.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the folder."""
+
+
+def _load_weights(path: Path, model: Any) -> None:
+    """Load a ``save_pretrained`` folder's weights into ``model`` in place."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    state = model.state_dict()
+    if set(weights) - set(state):
+        # The hub layout differs from the live one (transformers 5 fuses MoE experts, for
+        # one): let transformers convert it, then copy the converted tensors.
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
+        weights = loaded.state_dict()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # save_pretrained leaves out tied copies (lm_head = embed_tokens); they share storage.
+    stored = {state[name].data_ptr() for name in weights if name in state}
+    untied = [name for name in missing if state[name].data_ptr() not in stored]
+    if unexpected or untied:
+        raise CheckpointError(
+            f"{path}: weights do not match the model (missing {untied}, unexpected {unexpected})"
+        )
 
 
 def load_checkpoint(
@@ -95,34 +145,36 @@ def load_checkpoint(
     """Restore weights, optimizer, scheduler and RNG from ``path``; returns the trainer state."""
     from safetensors.torch import load_file
 
-    if is_peft(model):
-        from peft import set_peft_model_state_dict
+    try:
+        if is_peft(model):
+            from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
-    else:
-        weights: dict[str, torch.Tensor] = {}
-        for file in sorted(path.glob("*.safetensors")):
-            weights.update(load_file(str(file)))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {name for name in missing if "lm_head" in name or "embed" in name}
-        if unexpected or set(missing) - tied:
-            raise RuntimeError(
-                f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})"
-            )
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu"))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / STATE_FILE).read_text())
+            set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        else:
+            _load_weights(path, model)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu"))
+        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        return json.loads((path / STATE_FILE).read_text())
+    except CheckpointError:
+        raise
+    except Exception as err:  # corrupt or foreign files: name the folder, not a torch internals trace
+        raise CheckpointError(
+            f"{path}: cannot resume from this checkpoint ({type(err).__name__}: {err})"
+        ) from None
 
 
 def save_final(output_dir: Path, model: Any, tokenizer: Any) -> Path:
-    """``output_dir/final``: full weights (LoRA merged) that any transformers/vLLM loader takes as is."""
+    """``output_dir/final``: full weights that any transformers/vLLM loader takes as is.
+
+    LoRA adapters are merged into a copy (the live model keeps its adapters). A 4-bit (QLoRA)
+    base cannot be merged without rounding, so there the folder holds the adapter, which
+    ``AutoModelForCausalLM.from_pretrained`` loads on top of its base model.
+    """
     final = output_dir / "final"
     tmp = _atomic_dir(final)
-    if is_peft(model):
-        model = model.merge_and_unload()  # type: ignore[operator]
+    if is_peft(model) and not getattr(model, "is_loaded_in_4bit", False):
+        model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _publish(tmp, final)

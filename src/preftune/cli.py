@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .models import ModelLoadError
     from .reference import ReferenceCacheError
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.simplefilter("default", UserWarning)
     try:
         args.run(args)
-    except (ConfigError, DataError, ModelLoadError, ReferenceCacheError) as err:
+    except (ConfigError, DataError, ModelLoadError, ReferenceCacheError, CheckpointError) as err:
         print(f"preftune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

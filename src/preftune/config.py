@@ -115,8 +115,12 @@ class TrainConfig:
     save_every: int | None = None
     save_total_limit: int | None = 2
     resume: bool = False
-    logps_chunk_size: int = 1024
-    """Completion tokens per chunk of the lm_head + log-softmax; bounds the logits memory."""
+    """Continue from the latest checkpoint in ``output_dir``."""
+    overwrite: bool = False
+    """Start over in an ``output_dir`` that holds an earlier run's checkpoints (they are deleted)."""
+    logps_chunk_size: int | None = None
+    """Completion tokens per chunk of the lm_head + log-softmax; bounds the logits memory.
+    None: about 2**25 logits a chunk (220 tokens at a 152k vocabulary, 1024 at 32k)."""
     progress: bool = True
     tensorboard: bool = True
 
@@ -164,6 +168,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and ("no" if value is False else "yes") in args:
+            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
         if value not in args:
             raise ConfigError(
                 f"{key}: {value!r} is not one of {list(args)}{_suggest(str(value), map(str, args))}"
@@ -310,7 +316,7 @@ def validate(config: RunConfig) -> None:
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(t.eval_every is None or t.eval_every >= 1, "train.eval_every", "must be >= 1")
     need(t.save_every is None or t.save_every >= 1, "train.save_every", "must be >= 1")
-    need(t.logps_chunk_size >= 1, "train.logps_chunk_size", "must be >= 1")
+    need(t.logps_chunk_size is None or t.logps_chunk_size >= 1, "train.logps_chunk_size", "must be >= 1")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(d.max_length is None or d.max_length >= 2, "data.max_length", "must be >= 2")
     need(d.max_prompt_length is None or d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -33,8 +32,6 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .config import DataConfig
-
-log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 Text = str | list[Message]
@@ -171,7 +168,8 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}: item {i}: expected a JSON object, got {type(record).__name__}")
             yield f"{path}: item {i}", record
     elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
+        # utf-8-sig: spreadsheet exports start with a byte-order mark that would rename the first column.
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
             for row in reader:
                 yield f"{path}:{reader.line_num}", dict(row)
@@ -370,6 +368,7 @@ def prepare_pairs(
     report = DataReport()
     pairs: list[TokenizedPair] = []
     checked_formats: set[bool] = set()
+    warned_implicit = False
     name = (
         str(source)
         if isinstance(source, str | Path)
@@ -395,6 +394,17 @@ def prepare_pairs(
                 report.dropped_identical += 1
                 continue
         example = parse_example(record, where, cfg)
+        if not warned_implicit and cfg.prompt_field not in record and len(record) > 2:
+            warned_implicit = True
+            others = ", ".join(
+                sorted(str(k) for k in record if k not in (cfg.chosen_field, cfg.rejected_field))
+            )
+            warnings.warn(
+                f"{where}: no field '{cfg.prompt_field}' (fields: {others}); using the shared prefix of "
+                f"'{cfg.chosen_field}' and '{cfg.rejected_field}' as the prompt — set data.prompt_field "
+                "if the prompt is in another field",
+                stacklevel=2,
+            )
         if example.conversational not in checked_formats:
             check_tokenizer(tokenizer, example.conversational, where)
             checked_formats.add(example.conversational)

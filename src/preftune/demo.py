@@ -42,7 +42,7 @@ def sample(model: Any, tokenizer: Any, prompts: list[str], seed: int, max_new_to
     tokenizer.padding_side = "left"
     out: list[str] = []
     for start in range(0, len(prompts), 64):
-        enc = tokenizer(prompts[start : start + 64], return_tensors="pt", padding=True)
+        enc = tokenizer(prompts[start : start + 64], return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(
             **enc,
             do_sample=True,
@@ -86,7 +86,9 @@ def implicit_rewards(
     policy: nn.Module, reference: nn.Module, pairs: list[TokenizedPair], pad_id: int, beta: float
 ) -> dict[str, float]:
     """DPO's implicit reward ``β log π/π_ref`` on held-out pairs, and the chosen log-likelihood drift."""
-    batch = collate_pairs(pairs, pad_id)
+    device = next(policy.parameters()).device
+    reference.to(device)
+    batch = collate_pairs(pairs, pad_id).to(device)
     args = (batch.input_ids, batch.attention_mask, batch.completion_mask)
     pol_c, pol_r = sequence_logps(policy.eval(), *args).halves()
     ref_c, ref_r = sequence_logps(reference.eval(), *args).halves()
@@ -198,7 +200,6 @@ def run_demo(output_dir: str = "demo-output", quick: bool = False, seed: int = 0
                 "data.max_length": 64,
             }
         )
-        (out / name / "metrics.jsonl").unlink(missing_ok=True)
         result = train(cfg, model=policy, tokenizer=tokenizer, train_data=train_records)
         samples = sample(policy, tokenizer, eval_prompts, seed + 7)
         held_out_pairs, _ = prepare_pairs(held_out_records, tokenizer, cfg.data, progress=False)

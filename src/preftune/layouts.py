@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .data import TokenizedPair
+from .logps import label_index_of
 
 
 @dataclass
@@ -25,18 +26,15 @@ class Batch:
     completion_mask: Tensor
     indices: Tensor
     """``[B]`` dataset index of each pair (keys of the precomputed reference cache)."""
+    label_index: Tensor
+    """``[N]`` flat positions of the predicted completion tokens (:func:`preftune.logps.label_index_of`)."""
 
     @property
     def num_pairs(self) -> int:
         return int(self.indices.shape[0])
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            f.name: (value.to(device) if isinstance(value, Tensor) else value)
-            for f in fields(self)
-            for value in [getattr(self, f.name)]
-        }
-        return Batch(**moved)
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
 
 def collate_pairs(
@@ -57,4 +55,4 @@ def collate_pairs(
         attention_mask[i, : len(row)] = 1
         completion_mask[i, : len(row)] = torch.tensor(mask)
     indices = torch.tensor([p.index for p in pairs], dtype=torch.long)
-    return Batch(input_ids, attention_mask, completion_mask, indices)
+    return Batch(input_ids, attention_mask, completion_mask, indices, label_index_of(completion_mask))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig
-
-log = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -84,9 +81,7 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Module:
 
 def prepare_for_training(model: Any, cfg: ModelConfig) -> Any:
     """Gradient checkpointing, dropout off (it makes the policy and reference disagree), LoRA."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "config"):
@@ -94,6 +89,22 @@ def prepare_for_training(model: Any, cfg: ModelConfig) -> Any:
     if cfg.lora or cfg.load_in_4bit:
         model = apply_lora(model, cfg)
     return model
+
+
+def disable_dropout(model: Any) -> None:
+    """Zero every dropout: ``nn.Dropout`` modules, and the rates that attention code reads from
+    module attributes or the config at call time (e.g. ``attention_dropout``)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name, value in list(vars(config).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(config, name, 0.0)
 
 
 def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
@@ -110,7 +121,10 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
         target_modules=cfg.lora_target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)  # type: ignore[arg-type]
+    try:
+        return get_peft_model(model, lora)  # type: ignore[arg-type]
+    except ValueError as err:  # e.g. target modules that match nothing in this model
+        raise ConfigError(f"model.lora_target_modules: {err}") from None
 
 
 def is_peft(model: nn.Module) -> bool:

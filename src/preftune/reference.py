@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import TokenizedPair
 from .layouts import Batch, collate_pairs
 from .logps import sequence_logps
@@ -37,9 +37,17 @@ class Reference(Protocol):
     def logps(self, batch: Batch) -> tuple[Tensor, Tensor]: ...
 
 
-def _halves(model: nn.Module, batch: Batch, chunk_size: int) -> tuple[Tensor, Tensor]:
+def _halves(model: nn.Module, batch: Batch, chunk_size: int | None) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
-        seq = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask, chunk_size)
+        seq = sequence_logps(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.completion_mask,
+            chunk_size,
+            batch.label_index,
+            with_mean_logits=False,
+        )
     chosen, rejected = seq.halves()
     return chosen.logps, rejected.logps
 
@@ -47,7 +55,7 @@ def _halves(model: nn.Module, batch: Batch, chunk_size: int) -> tuple[Tensor, Te
 class ModelReference:
     """A frozen model in eval mode, never updated."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, freeze: bool = True):
+    def __init__(self, model: nn.Module, chunk_size: int | None = None, freeze: bool = True):
         self.model = model.eval().requires_grad_(False) if freeze else model
         self.chunk_size = chunk_size
 
@@ -58,7 +66,7 @@ class ModelReference:
 class AdapterOffReference:
     """The policy's base weights: the PEFT model with adapters disabled. No second model in memory."""
 
-    def __init__(self, peft_model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, peft_model: nn.Module, chunk_size: int | None = None):
         self.model = peft_model
         self.chunk_size = chunk_size
 
@@ -75,9 +83,12 @@ class PrecomputedReference:
         self.rejected = rejected
 
     def logps(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        index = batch.indices.cpu()
-        device = batch.input_ids.device
-        return self.chosen[index].to(device), self.rejected[index].to(device)
+        if self.chosen.device != batch.indices.device:  # once: the table moves to the batch's device
+            self.chosen, self.rejected = (
+                self.chosen.to(batch.indices.device),
+                self.rejected.to(batch.indices.device),
+            )
+        return self.chosen[batch.indices], self.rejected[batch.indices]
 
 
 # --------------------------------------------------------------------------- precompute and cache
@@ -148,7 +159,10 @@ def load_or_precompute(
     print_ = print if is_main else (lambda *a, **k: None)
     key = fingerprint(source_model, pairs, extra)
     if cache_path.exists():
-        cached = torch.load(cache_path, map_location="cpu")
+        try:
+            cached = torch.load(cache_path, map_location="cpu")
+        except Exception as err:
+            raise ReferenceCacheError(f"{cache_path}: unreadable ({err}); delete it to recompute") from None
         if cached.get("fingerprint") != key:
             raise ReferenceCacheError(
                 f"{cache_path}: reference log-probs were computed for another model, data or tokenization "
@@ -167,20 +181,76 @@ def load_or_precompute(
     return PrecomputedReference(chosen, rejected)
 
 
-def choose_strategy(cfg: RunConfig, needs_reference: bool, policy_is_peft: bool) -> str:
-    """``auto`` -> none (reference-free), adapter (LoRA, no other checkpoint), else copy."""
+def choose_strategy(
+    cfg: RunConfig, needs_reference: bool, policy_is_peft: bool, has_model: bool = False
+) -> str:
+    """``auto`` -> none (reference-free), adapter (LoRA, no other checkpoint given), else copy."""
     strategy = cfg.reference.strategy
     if not needs_reference:
         return "none"
     if strategy == "none":
-        from .config import ConfigError
-
         raise ConfigError("reference.strategy: 'none' but the objective needs a reference")
     if strategy == "auto":
-        return "adapter" if policy_is_peft and not cfg.reference.path else "copy"
+        return "adapter" if policy_is_peft and not (cfg.reference.path or has_model) else "copy"
     return strategy
 
 
+def build_reference(
+    config: RunConfig,
+    needs_reference: bool,
+    policy: nn.Module,
+    reference_model: nn.Module | None,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Any,
+    is_main: bool,
+) -> tuple[Reference | None, str]:
+    """The reference the objective needs, per ``config.reference``; returns it and the strategy used."""
+    from .models import is_peft, load_model
+
+    chunk = config.train.logps_chunk_size
+    strategy = choose_strategy(config, needs_reference, is_peft(policy), reference_model is not None)
+    if strategy == "none":
+        return None, strategy
+    if strategy == "adapter":
+        return AdapterOffReference(policy, chunk), strategy
+    if reference_model is None and config.reference.path:
+        reference_model = load_model(config.model, config.reference.path)
+    source_model = reference_model
+    if source_model is None:
+        # Precomputing reads the starting policy once; a live reference needs its own copy.
+        source_model = policy if strategy == "precomputed" else frozen_copy(policy)
+    if not getattr(source_model, "is_loaded_in_4bit", False):  # bitsandbytes placed those already
+        source_model.to(device)
+    source: Reference
+    if is_peft(source_model):
+        source = AdapterOffReference(source_model, chunk)
+    else:  # freezing the policy itself would stop its training
+        source = ModelReference(source_model, chunk, freeze=source_model is not policy)
+    if strategy == "copy":
+        return source, strategy
+    extra = {
+        "dtype": str(next(source_model.parameters()).dtype),
+        "mixed_precision": config.train.mixed_precision,
+    }
+    precomputed = load_or_precompute(
+        Path(config.train.output_dir) / "reference_logps.pt",
+        source,
+        source_model,
+        pairs,
+        pad_token_id,
+        config.reference.batch_size,
+        device,
+        extra,
+        autocast,
+        config.train.progress and is_main,
+        is_main,
+    )
+    return precomputed, strategy
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of the (non-PEFT) policy, frozen."""
+    """A frozen deep copy of the starting policy (a PEFT policy is copied with its adapters,
+    and used with them disabled)."""
     return copy.deepcopy(model).eval().requires_grad_(False)

@@ -27,21 +27,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_final
-from .config import RunConfig, to_dict
+from .checkpoint import load_checkpoint, prepare_output_dir, save_checkpoint, save_final
+from .config import ConfigError, RunConfig, to_dict
 from .data import DataReport, TokenizedPair, prepare_pairs
 from .layouts import Batch, collate_pairs
 from .logps import PolicyLogps
 from .losses import Objective, PairStats, build_objective, reward_metrics
-from .models import is_peft, load_model, load_tokenizer, prepare_for_training, prepare_tokenizer
-from .reference import (
-    AdapterOffReference,
-    ModelReference,
-    Reference,
-    choose_strategy,
-    frozen_copy,
-    load_or_precompute,
-)
+from .models import load_model, load_tokenizer, prepare_for_training, prepare_tokenizer
+from .reference import Reference, build_reference
 
 
 @dataclass
@@ -55,13 +48,28 @@ class TrainResult:
 
 def pair_stats(policy: nn.Module, reference: Reference | None, batch: Batch) -> tuple[PairStats, Tensor]:
     """Policy (and reference) statistics of a batch, plus ``[2, B]`` summed vocab-mean logits for metrics."""
-    seq = policy(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    seq = policy(batch.input_ids, batch.attention_mask, batch.completion_mask, batch.label_index)
     chosen, rejected = seq.halves()
     ref_chosen = ref_rejected = None
     if reference is not None:
         ref_chosen, ref_rejected = reference.logps(batch)
     stats = PairStats(chosen.logps, rejected.logps, chosen.tokens, rejected.tokens, ref_chosen, ref_rejected)
     return stats, torch.stack([chosen.logits_sum, rejected.logits_sum])
+
+
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "tokens/chosen",
+    "tokens/rejected",
+    "logits_sum/chosen",
+    "logits_sum/rejected",
+)
 
 
 def batch_metrics(stats: PairStats, objective_out: Any, logits_sum: Tensor) -> dict[str, Tensor]:
@@ -111,24 +119,40 @@ def evaluate(
     batch_size: int,
     accelerator: Accelerator,
 ) -> dict[str, float]:
-    """Mean of every metric over ``pairs`` (sharded across processes), prefixed ``eval_``."""
-    was_training = policy.training
-    policy.eval()
+    """Mean of every metric over ``pairs`` (sharded across processes), prefixed ``eval_``.
+
+    Runs the unwrapped module: a DDP forward talks to the other ranks, and shards may hold
+    different numbers of batches. Only the final sum is collective.
+    """
+    module = accelerator.unwrap_model(policy)
+    was_training = module.training
+    module.eval()
     shard = list(pairs)[accelerator.process_index :: accelerator.num_processes]
-    sums: dict[str, Tensor] = {}
+    sums = {name: torch.zeros((), device=accelerator.device) for name in METRICS}
     count = torch.zeros((), device=accelerator.device)
     with torch.no_grad():
         for start in range(0, len(shard), batch_size):
             batch = collate_pairs(shard[start : start + batch_size], pad_token_id).to(accelerator.device)
             with accelerator.autocast():
-                stats, logits = pair_stats(policy, reference, batch)
+                stats, logits = pair_stats(module, reference, batch)
                 out = objective(stats)
             for name, values in batch_metrics(stats, out, logits).items():
-                sums[name] = sums.get(name, 0) + values.float().sum()
+                sums[name] += values.float().sum()
             count += batch.num_pairs
-    policy.train(was_training)
+    module.train(was_training)
     totals = accelerator.reduce(torch.stack([*sums.values(), count]), reduction="sum").tolist()
     return {f"eval_{name}": value for name, value in summarize(list(sums), totals[:-1], totals[-1]).items()}
+
+
+def _check_distributed(accelerator: Accelerator) -> None:
+    from accelerate.utils import DistributedType
+
+    supported = {DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU}
+    if accelerator.distributed_type not in supported:
+        raise ConfigError(
+            f"accelerate: {accelerator.distributed_type.value} is not supported yet (checkpoints and gradient "
+            "clipping assume replicated weights); launch with plain DDP or a single process"
+        )
 
 
 def train(
@@ -151,83 +175,47 @@ def train(
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(mixed_precision=mixed)
+    _check_distributed(accelerator)
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     is_main = accelerator.is_main_process
     say = print if is_main else (lambda *a, **k: None)
-
-    # ---- objective, tokenizer, data
     objective = build_objective(config.objective)
+    resume_from = prepare_output_dir(output_dir, cfg.resume, cfg.overwrite, is_main)
+
+    # ---- tokenizer and data (every bad record is reported before a model loads)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model, config.data.chat_template)
     else:
         tokenizer = prepare_tokenizer(tokenizer, config.model, config.data.chat_template)
-    pairs, report = prepare_pairs(
-        train_data if train_data is not None else config.data.path,
-        tokenizer,
-        config.data,
-        config.data.split,
-        progress=cfg.progress and is_main,
-    )
+    source = train_data if train_data is not None else config.data.path
+    pairs, report = prepare_pairs(source, tokenizer, config.data, config.data.split, cfg.progress and is_main)
     say(f"data: {report.summary()}")
     eval_pairs: list[TokenizedPair] = []
     if eval_data is not None or config.data.eval_path:
         eval_source = eval_data if eval_data is not None else config.data.eval_path
-        eval_pairs, _ = prepare_pairs(
-            eval_source, tokenizer, config.data, config.data.eval_split, progress=False
-        )
-        # Distinct cache keys for the precomputed reference.
+        eval_pairs, _ = prepare_pairs(eval_source, tokenizer, config.data, config.data.eval_split, False)
+        # Keys of the precomputed reference follow every training record's index, dropped ones included.
         eval_pairs = [
-            TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, len(pairs) + i, p.where)
-            for i, p in enumerate(eval_pairs)
+            TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, report.records + p.index, p.where)
+            for p in eval_pairs
         ]
     pad_id = tokenizer.pad_token_id
 
-    # ---- models and reference
-    if model is None:
-        model = load_model(config.model)
-    model = prepare_for_training(model, config.model)
-    strategy = choose_strategy(config, objective.needs_reference, is_peft(model))
+    # ---- model and reference
+    model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
     device = accelerator.device
-    reference: Reference | None = None
-    if strategy in ("copy", "precomputed"):
-        if reference_model is None and config.reference.path:
-            reference_model = load_model(config.model, config.reference.path)
-        source_model = reference_model
-        if source_model is None:
-            source_model = model if strategy == "precomputed" else frozen_copy(model)
-        # Precomputing from the policy itself must not freeze it: only a separate model is frozen.
-        source: Reference = (
-            AdapterOffReference(source_model, cfg.logps_chunk_size)
-            if is_peft(source_model)
-            else ModelReference(
-                source_model.to(device), cfg.logps_chunk_size, freeze=source_model is not model
-            )
-        )
-        if strategy == "precomputed":
-            extra = {
-                "objective_independent": True,
-                "dtype": str(next(source_model.parameters()).dtype),
-                "mixed_precision": mixed,
-            }
-            reference = load_or_precompute(
-                output_dir / "reference_logps.pt",
-                source,
-                source_model,
-                pairs + eval_pairs,
-                pad_id,
-                config.reference.batch_size,
-                device,
-                extra,
-                accelerator.autocast,
-                cfg.progress and is_main,
-                is_main,
-            )
-            del source, source_model
-        else:
-            reference = source
-    elif strategy == "adapter":
-        reference = AdapterOffReference(model, cfg.logps_chunk_size)
+    reference, strategy = build_reference(
+        config,
+        objective.needs_reference,
+        model,
+        reference_model,
+        pairs + eval_pairs,
+        pad_id,
+        device,
+        accelerator.autocast,
+        is_main,
+    )
     say(f"objective: {objective.name} (beta={objective.params.beta}); reference: {strategy}")
 
     # ---- optimizer and schedule
@@ -243,27 +231,40 @@ def train(
     pairs_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(pairs) / pairs_per_step))
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler(
-        cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
-    )
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    schedule = "constant_with_warmup" if cfg.scheduler == "constant" and warmup else cfg.scheduler
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    # The scheduler stays out of prepare(): accelerate would step it once per process.
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy).model
 
-    # ---- resume
+    # ---- resume: weights, optimizer, schedule, RNG and the position in the data stream
     start_step = 0
-    if cfg.resume and (found := list_checkpoints(output_dir)):
-        state = load_checkpoint(found[-1], unwrapped, optimizer, scheduler)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, unwrapped, optimizer, scheduler)
+        if state.get("pairs_per_step", pairs_per_step) != pairs_per_step:
+            raise ConfigError(
+                f"train.batch_size/grad_accum: {resume_from} was trained with {state['pairs_per_step']} pairs "
+                f"per step, this run uses {pairs_per_step}; resume with the same batch geometry"
+            )
         start_step = state["step"]
-        say(f"resumed from {found[-1]} at step {start_step}")
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        say(f"resumed from {resume_from} at step {start_step}")
     stream = data_stream(len(pairs), cfg.seed, cfg.shuffle)
     for _ in range(start_step * pairs_per_step):
         next(stream)
 
     # ---- logging
-    metrics_file = (output_dir / "metrics.jsonl").open("a") if is_main else None
+    metrics_file = None
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        metrics_path = output_dir / "metrics.jsonl"
+        # Keep what was logged up to the resumed step; a fresh run starts a fresh file.
+        kept = (
+            metrics_path.read_text().splitlines() if resume_from is not None and metrics_path.exists() else []
+        )
+        kept = [line for line in kept if json.loads(line)["step"] <= start_step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+        metrics_file = metrics_path.open("a")
     writer = None
     if is_main and cfg.tensorboard:
         with contextlib.suppress(ImportError):
@@ -271,11 +272,17 @@ def train(
 
             writer = SummaryWriter(str(output_dir / "tensorboard"))
     history: list[dict[str, float]] = []
-    sums: dict[str, Tensor] = {}
+    sums = {name: torch.zeros((), device=device) for name in METRICS}
     window_pairs = torch.zeros((), device=device)
     window_tokens = torch.zeros((), device=device)
     grad_norms: list[Tensor] = []
     window_start = time.perf_counter()
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        disable=None if cfg.progress and is_main else True,
+    )
 
     def log(step: int, values: dict[str, float]) -> None:
         record = {"step": step, **values}
@@ -295,23 +302,28 @@ def train(
                 + (f" pairs/s {values['pairs_per_second']:.1f}" if "pairs_per_second" in values else "")
             )
 
+    def checkpoint(step: int) -> None:
+        if is_main:
+            state = {
+                "pairs_seen": step * pairs_per_step,
+                "pairs_per_step": pairs_per_step,
+                "total_steps": total_steps,
+            }
+            save_checkpoint(
+                output_dir, step, unwrapped, tokenizer, optimizer, scheduler, state, cfg.save_total_limit
+            )
+        accelerator.wait_for_everyone()
+
     # ---- the loop
     last_step = min(total_steps, stop_after) if stop_after else total_steps
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc="train",
-        disable=None if cfg.progress and is_main else True,
-    )
     policy.train()
     step = start_step
     for step in range(start_step + 1, last_step + 1):
         step_order = [next(stream) for _ in range(pairs_per_step)]
         for micro in range(cfg.grad_accum):
             offset = (micro * accelerator.num_processes + accelerator.process_index) * cfg.batch_size
-            batch = collate_pairs(
-                [pairs[i] for i in step_order[offset : offset + cfg.batch_size]], pad_id
-            ).to(device)
+            batch = collate_pairs([pairs[i] for i in step_order[offset : offset + cfg.batch_size]], pad_id)
+            batch = batch.to(device)
             last_micro = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(policy):
                 with accelerator.autocast():
@@ -320,7 +332,7 @@ def train(
                 # Exact normalization: every micro-batch divides by the pairs of the whole step.
                 accelerator.backward(out.losses.sum() / (cfg.batch_size * cfg.grad_accum))
             for name, per_pair in batch_metrics(stats, out, logits).items():
-                sums[name] = sums.get(name, 0) + per_pair.float().sum()
+                sums[name] += per_pair.float().sum()
             window_pairs += batch.num_pairs
             window_tokens += batch.attention_mask.sum()
         if cfg.max_grad_norm is not None:
@@ -333,11 +345,11 @@ def train(
 
         if step % cfg.log_every == 0 or step == last_step:
             elapsed = time.perf_counter() - window_start
-            reduced = accelerator.reduce(
+            totals = accelerator.reduce(
                 torch.stack([*sums.values(), window_pairs, window_tokens]), "sum"
             ).tolist()
-            n_pairs, n_tokens = reduced[-2], reduced[-1]
-            values = summarize(list(sums), reduced[:-2], n_pairs)
+            n_pairs, n_tokens = totals[-2], totals[-1]
+            values = summarize(list(sums), totals[:-2], n_pairs)
             if grad_norms:
                 values["grad_norm"] = torch.stack(grad_norms).mean().item()
             values.update(
@@ -352,27 +364,15 @@ def train(
                 acc=f"{values['rewards/accuracies']:.2f}",
                 pairs_s=f"{values['pairs_per_second']:.1f}",
             )
-            sums, grad_norms = {}, []
-            window_pairs.zero_()
-            window_tokens.zero_()
+            for total in (*sums.values(), window_pairs, window_tokens):
+                total.zero_()
+            grad_norms = []
             window_start = time.perf_counter()
         if eval_pairs and cfg.eval_every and step % cfg.eval_every == 0:
             log(step, evaluate(policy, reference, objective, eval_pairs, pad_id, cfg.batch_size, accelerator))
         # The last step is saved too: a finished run can be extended with more steps and --resume.
-        saving = cfg.save_every is not None and (step % cfg.save_every == 0 or step == total_steps)
-        if saving and is_main:
-            save_checkpoint(
-                output_dir,
-                step,
-                unwrapped,
-                tokenizer,
-                optimizer,
-                scheduler,
-                {"pairs_seen": step * pairs_per_step, "total_steps": total_steps},
-                cfg.save_total_limit,
-            )
-        if saving:
-            accelerator.wait_for_everyone()
+        if cfg.save_every is not None and (step % cfg.save_every == 0 or step == total_steps):
+            checkpoint(step)
     bar.close()
 
     final_dir = None

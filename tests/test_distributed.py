@@ -1,0 +1,37 @@
+"""Two data-parallel CPU processes (gloo) train exactly like one process with twice the batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def _run(args: list[str], tmp_path: Path) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    out = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("HISTORY ")]
+    assert len(lines) == 1, out.stdout[-2000:]  # only the main process reports
+    return json.loads(lines[0][len("HISTORY ") :])
+
+
+def test_two_processes_of_batch_2_match_one_process_of_batch_4(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    ddp = _run([*torchrun, str(HERE / "distributed_run.py"), str(tmp_path / "ddp"), "2"], tmp_path)
+    single = _run([sys.executable, str(HERE / "distributed_run.py"), str(tmp_path / "one"), "4"], tmp_path)
+    train_ddp = [h for h in ddp if "loss" in h]
+    train_one = [h for h in single if "loss" in h]
+    assert [h["learning_rate"] for h in train_ddp] == pytest.approx([h["learning_rate"] for h in train_one])
+    for a, b in zip(train_ddp, train_one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    eval_ddp = [h for h in ddp if "eval_loss" in h]
+    eval_one = [h for h in single if "eval_loss" in h]
+    assert [h["step"] for h in eval_ddp] == [2, 4]  # uneven eval shards finish, no hang
+    for a, b in zip(eval_ddp, eval_one, strict=True):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)

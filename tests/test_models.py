@@ -1,0 +1,24 @@
+"""Model preparation: nothing random may make the policy and the reference disagree."""
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from preftune.config import ModelConfig
+from preftune.models import prepare_for_training
+
+
+def test_every_dropout_is_zeroed_modules_attributes_and_config():
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        attention_dropout=0.3,
+    )
+    model = prepare_for_training(LlamaForCausalLM(config), ModelConfig())
+    assert model.config.attention_dropout == 0.0
+    rates = [
+        v for m in model.modules() for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)
+    ]
+    assert rates and all(rate == 0.0 for rate in rates)
