@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,23 @@ HERE = Path(__file__).parent
 
 def _run(args: list[str], tmp_path: Path) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    out = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    # A session of its own: on a timeout the whole group (torchrun and its workers) is killed.
+    process = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"timed out:\n{stderr[-3000:]}")
+    out = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("HISTORY ")]
     assert len(lines) == 1, out.stdout[-2000:]  # only the main process reports
@@ -21,7 +38,8 @@ def _run(args: list[str], tmp_path: Path) -> list[dict]:
 
 
 def test_two_processes_of_batch_2_match_one_process_of_batch_4(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    # --standalone: a private rendezvous on a free local port.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     ddp = _run([*torchrun, str(HERE / "distributed_run.py"), str(tmp_path / "ddp"), "2"], tmp_path)
     single = _run([sys.executable, str(HERE / "distributed_run.py"), str(tmp_path / "one"), "4"], tmp_path)
     train_ddp = [h for h in ddp if "loss" in h]

@@ -386,5 +386,7 @@ def train(
         metrics_file.close()
     if writer is not None:
         writer.close()
-    accelerator.end_training()
+    # Every rank leaves together (the main one was saving). The process group stays up: it
+    # belongs to the launcher, and destroying it under a live DDP wrapper hangs gloo at exit.
+    accelerator.wait_for_everyone()
     return TrainResult(output_dir, step, history, final_dir, report)
