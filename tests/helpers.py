@@ -7,6 +7,22 @@ import random
 from preftune.config import RunConfig, load_config
 from preftune.synthetic import SentimentTask
 
+# What TRL's DPOTrainer logs every step, and what preftune must log under the same names.
+TRL_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "grad_norm",
+    "learning_rate",
+)
+THROUGHPUT_METRICS = ("pairs_per_second", "tokens_per_second")
+
 
 def sentiment_records(n: int, seed: int = 0) -> list[dict[str, str]]:
     """``n`` standard records from the synthetic task, chosen by the true reward (ties skipped)."""

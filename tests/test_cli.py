@@ -12,6 +12,7 @@ import random
 import shutil
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,21 +21,7 @@ import preftune.trainer
 from preftune.cli import main
 from preftune.synthetic import NEGATIVE, POSITIVE, TOPICS, tiny_llama
 
-TRL_METRICS = {
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "grad_norm",
-    "learning_rate",
-    "pairs_per_second",
-    "tokens_per_second",
-}
+TRL_METRICS = {*helpers.TRL_METRICS, *helpers.THROUGHPUT_METRICS}
 QUIET = ["--set", "train.progress=false", "--set", "train.tensorboard=false"]
 
 

@@ -22,3 +22,21 @@ def test_every_dropout_is_zeroed_modules_attributes_and_config():
         v for m in model.modules() for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)
     ]
     assert rates and all(rate == 0.0 for rate in rates)
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos(tokenizer):
+    import copy
+
+    from preftune.models import prepare_tokenizer
+
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    prepared = prepare_tokenizer(no_pad, ModelConfig())
+    assert prepared.pad_token == prepared.eos_token == "</s>"
+
+
+def test_gradient_checkpointing_is_switched_on_in_the_decoder(tokenizer):
+    from preftune.synthetic import tiny_llama
+
+    model = prepare_for_training(tiny_llama(len(tokenizer)), ModelConfig(gradient_checkpointing=True))
+    assert model.model.gradient_checkpointing is True

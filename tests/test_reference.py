@@ -170,3 +170,25 @@ def test_precomputed_eval_pairs_do_not_share_cache_slots_with_training_pairs(tmp
         runs[strategy] = [h for h in result.history if "eval_loss" in h][-1]
     for name in ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected"):
         assert runs["precomputed"][name] == pytest.approx(runs["copy"][name], abs=1e-6), name
+
+
+def test_reference_path_loads_another_checkpoint_as_the_reference(tmp_path, tokenizer):
+    other = tiny_llama(len(tokenizer), seed=12)
+    other.save_pretrained(tmp_path / "other")
+    settings = ("train.batch_size=4", "train.max_steps=2")
+    by_path = train(
+        quiet_config(str(tmp_path / "a"), *settings, f"reference.path={tmp_path / 'other'}"),
+        model=tiny_llama(len(tokenizer), seed=5),
+        tokenizer=tokenizer,
+        train_data=RECORDS,
+    )
+    by_object = train(
+        quiet_config(str(tmp_path / "b"), *settings),
+        model=tiny_llama(len(tokenizer), seed=5),
+        tokenizer=tokenizer,
+        train_data=RECORDS,
+        reference_model=tiny_llama(len(tokenizer), seed=12),
+    )
+    assert _losses(by_path) == pytest.approx(_losses(by_object), abs=1e-6)
+    # A reference other than the starting policy: the first step already has a margin.
+    assert by_path.history[0]["rewards/margins"] != 0.0

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import quiet_config, sentiment_records
+from helpers import THROUGHPUT_METRICS, TRL_METRICS, quiet_config, sentiment_records
 from transformers import AutoModelForCausalLM
 
 from preftune.config import ConfigError
@@ -78,21 +78,7 @@ def test_metrics_file_has_one_object_per_logged_step_with_trl_names(tmp_path, to
     _run(tmp_path, "run", tokenizer, "train.batch_size=4", "train.max_steps=4", "train.log_every=2")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
-    expected = {
-        "loss",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-        "logits/chosen",
-        "logits/rejected",
-        "grad_norm",
-        "learning_rate",
-        "pairs_per_second",
-        "tokens_per_second",
-    }
+    expected = {*TRL_METRICS, *THROUGHPUT_METRICS}
     assert expected <= set(rows[0])
     assert rows[0]["pairs_per_second"] > 0
 
@@ -141,3 +127,23 @@ def test_resume_with_another_batch_geometry_is_refused(tmp_path, tokenizer):
             "train.save_every=2",
             "train.resume=true",
         )
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tokenizer):
+    plain, _ = _run(tmp_path, "plain", tokenizer, "train.batch_size=4", "train.max_steps=3")
+    checkpointed, _ = _run(
+        tmp_path,
+        "ckpt",
+        tokenizer,
+        "train.batch_size=4",
+        "train.max_steps=3",
+        "model.gradient_checkpointing=true",
+    )
+    assert [h["loss"] for h in checkpointed.history] == pytest.approx(
+        [h["loss"] for h in plain.history], abs=1e-6
+    )
+
+
+def test_tensorboard_events_are_written_when_enabled(tmp_path, tokenizer):
+    _run(tmp_path, "run", tokenizer, "train.batch_size=4", "train.max_steps=1", "train.tensorboard=true")
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 from datasets import Dataset
-from helpers import quiet_config, sentiment_records
+from helpers import TRL_METRICS, quiet_config, sentiment_records
 
 from preftune.synthetic import tiny_llama
 from preftune.trainer import train
@@ -17,19 +17,6 @@ RECORDS = [
     {"prompt": "Question: what colour is the sky?", "chosen": " It is blue.", "rejected": " green"},
     {"prompt": "Hello there,", "chosen": " how are you today?", "rejected": " fine."},
     *sentiment_records(5, seed=11),
-]
-COMPARED = [
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "grad_norm",
-    "learning_rate",
 ]
 
 
@@ -77,6 +64,6 @@ def test_five_steps_match_trl_dpo_trainer(tmp_path, tokenizer, loss_type, beta):
 
     assert len(got) == len(expected) == 5
     for step, (ours, theirs) in enumerate(zip(got, expected, strict=True), start=1):
-        for name in COMPARED:
+        for name in TRL_METRICS:
             assert ours[name] == pytest.approx(theirs[name], abs=1e-4), f"step {step} {name}"
     assert got[-1]["loss"] < got[0]["loss"]  # it trained: the comparison is not between two idle runs

@@ -83,7 +83,10 @@ def prepare_for_training(model: Any, cfg: ModelConfig) -> Any:
     """Gradient checkpointing, dropout off (it makes the policy and reference disagree), LoRA."""
     disable_dropout(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "config"):
             model.config.use_cache = False
     if cfg.lora or cfg.load_in_4bit:
