@@ -145,5 +145,6 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tokenizer):
 
 
 def test_tensorboard_events_are_written_when_enabled(tmp_path, tokenizer):
+    pytest.importorskip("tensorboard")
     _run(tmp_path, "run", tokenizer, "train.batch_size=4", "train.max_steps=1", "train.tensorboard=true")
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
