@@ -20,40 +20,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import torch
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import peak_mib, rss_mib
 
 
 def run_variant(args: argparse.Namespace) -> dict[str, float]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from preftune.logps import full_logits_sequence_logps, sequence_logps
+    from preftune.synthetic import tiny_llama
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    length = args.prompt + args.completion
+    model = tiny_llama(args.vocab, args.hidden, args.layers, heads=8, seed=0, max_positions=max(512, length))
     rows, length = 2 * args.pairs, args.prompt + args.completion
     input_ids = torch.randint(0, args.vocab, (rows, length))
     attention_mask = torch.ones_like(input_ids)
@@ -75,7 +57,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
 
     compute().sum().backward()  # warm-up: allocator pools, lazy inits
     model.zero_grad(set_to_none=False)  # keep gradient buffers: every variant needs them
-    baseline = _rss_mib()
+    baseline = rss_mib()
     timings = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -84,7 +66,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
         timings.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=False)
     return {
-        "extra_peak_mib": max(_peak_mib() - baseline, 0.0),
+        "extra_peak_mib": max(peak_mib() - baseline, 0.0),
         "seconds": min(timings),
         "logps": logps.detach().tolist(),
     }

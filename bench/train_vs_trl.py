@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -23,15 +22,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import torch
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import peak_mib, rss_mib
 
 
 def _records(n: int, prompt_words: int, completion_words: int, seed: int) -> list[dict[str, str]]:
@@ -54,28 +45,18 @@ def _records(n: int, prompt_words: int, completion_words: int, seed: int) -> lis
 
 
 def run_side(args: argparse.Namespace) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from preftune.synthetic import build_tokenizer
+    from preftune.synthetic import build_tokenizer, tiny_llama
 
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(vocab_size=512)
-    config = LlamaConfig(
-        vocab_size=max(args.vocab, len(tokenizer)),
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
+    model = tiny_llama(
+        max(args.vocab, len(tokenizer)), hidden_size=args.hidden, layers=args.layers, heads=8, seed=0
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
     # One batch of pairs, seen every step: the two sides shuffle differently, and with a single
     # batch they still train on the same pairs, so their losses must agree step by step.
     records = _records(args.batch, args.prompt_words, args.completion_words, seed=1)
     steps_at: list[float] = []
-    baseline = _rss_mib()
+    baseline = rss_mib()
     with TemporaryDirectory() as out:
         if args.side == "trl":
             from datasets import Dataset
@@ -145,7 +126,7 @@ def run_side(args: argparse.Namespace) -> dict:
     step_times = [b - a for a, b in zip([start, *steps_at], steps_at, strict=False)][2:]
     return {
         "seconds_per_step": sum(step_times) / max(len(step_times), 1),
-        "extra_peak_mib": _peak_mib() - baseline,
+        "extra_peak_mib": peak_mib() - baseline,
         "losses": losses,
     }
 
