@@ -73,3 +73,37 @@ def test_final_lora_folder_has_merged_weights_and_the_live_model_keeps_its_adapt
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(loaded(ids).logits, base(ids).logits)
+
+
+def test_resuming_lora_with_other_adapter_layers_is_refused(tmp_path, tokenizer):
+    saved = get_peft_model(tiny_llama(len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    path = save_checkpoint(tmp_path, 1, saved, tokenizer, *_optimizer(saved), {})
+    other = get_peft_model(
+        tiny_llama(len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"])
+    )
+    with pytest.raises(CheckpointError, match="adapter does not fit this model's LoRA layers"):
+        load_checkpoint(path, other, *_optimizer(other))
+
+
+def test_a_converted_checkpoint_missing_weights_is_refused_not_filled_at_random(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    config = Qwen2MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    model = Qwen2MoeForCausalLM(config)
+    path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {})
+    weights = load_file(str(path / "model.safetensors"))
+    del weights[next(k for k in weights if "q_proj" in k)]
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="weights do not match the model"):
+        load_checkpoint(path, Qwen2MoeForCausalLM(config), *_optimizer(model))

@@ -293,3 +293,13 @@ def test_overwrite_starts_over_in_a_folder_holding_checkpoints(model_dir, pairs_
     assert main(train_argv(model_dir, pairs_file, output, *settings)) == 0
     assert main(train_argv(model_dir, pairs_file, output, *settings, "--set", "train.overwrite=true")) == 0
     assert [r["step"] for r in read_metrics(output)] == [1, 2]
+
+
+def test_overwrite_also_removes_the_earlier_runs_final_folder(model_dir, pairs_file, tmp_path):
+    settings = ["--loss", "simpo", "--set", "train.batch_size=4", "--set", "train.max_steps=2"]
+    settings += ["--set", "train.save_every=1"]
+    output = tmp_path / "out"
+    assert main(train_argv(model_dir, pairs_file, output, *settings)) == 0
+    (output / "final" / "marker").write_text("earlier run")
+    assert main(train_argv(model_dir, pairs_file, output, *settings, "--set", "train.overwrite=true")) == 0
+    assert not (output / "final" / "marker").exists()

@@ -690,5 +690,7 @@ def test_csv_with_a_byte_order_mark_keeps_its_prompt_column(tokenizer, tmp_path)
 
 def test_a_missing_prompt_field_among_other_fields_warns_that_the_prompt_is_implicit(tokenizer):
     record = {"question": "Q:", "chosen": "Q: yes", "rejected": "Q: no"}
-    with pytest.warns(UserWarning, match=r"record 0: no field 'prompt' \(fields: question\)"):
+    with pytest.warns(
+        UserWarning, match=r"record 0: field 'prompt' is missing or null \(other fields: question\)"
+    ):
         prepare([record], tokenizer)

@@ -6,7 +6,7 @@ from preftune.config import ModelConfig
 from preftune.models import prepare_for_training
 
 
-def test_every_dropout_is_zeroed_modules_attributes_and_config():
+def test_every_dropout_is_zeroed_and_the_saved_config_keeps_its_rates():
     config = LlamaConfig(
         vocab_size=64,
         hidden_size=32,
@@ -17,7 +17,7 @@ def test_every_dropout_is_zeroed_modules_attributes_and_config():
         attention_dropout=0.3,
     )
     model = prepare_for_training(LlamaForCausalLM(config), ModelConfig())
-    assert model.config.attention_dropout == 0.0
+    assert model.config.attention_dropout == 0.3  # what save_pretrained writes stays the published value
     rates = [
         v for m in model.modules() for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)
     ]

@@ -148,3 +148,36 @@ def test_tensorboard_events_are_written_when_enabled(tmp_path, tokenizer):
     pytest.importorskip("tensorboard")
     _run(tmp_path, "run", tokenizer, "train.batch_size=4", "train.max_steps=1", "train.tensorboard=true")
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_from_other_starting_weights_is_refused(tmp_path, tokenizer):
+    from preftune.checkpoint import CheckpointError
+
+    settings = ("train.batch_size=4", "train.max_steps=4", "train.save_every=2")
+    _run(tmp_path, "run", tokenizer, *settings, stop_after=2)
+    cfg = quiet_config(str(tmp_path / "run"), *settings, "train.resume=true")
+    with pytest.raises(CheckpointError, match="starts from other weights"):
+        train(cfg, model=tiny_llama(len(tokenizer), seed=99), tokenizer=tokenizer, train_data=RECORDS)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, tokenizer):
+    settings = ("train.batch_size=4", "train.max_steps=2", "train.save_every=2")
+    _run(tmp_path, "run", tokenizer, *settings)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    final = (tmp_path / "run" / "final" / "model.safetensors").stat().st_mtime_ns
+    result, _ = _run(tmp_path, "run", tokenizer, *settings, "train.resume=true")
+    assert result.history == []
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert (tmp_path / "run" / "final" / "model.safetensors").stat().st_mtime_ns == final
+
+
+def test_resume_tolerates_a_metrics_line_torn_by_the_crash(tmp_path, tokenizer):
+    settings = ("train.batch_size=4", "train.max_steps=4", "train.save_every=2")
+    _run(tmp_path, "run", tokenizer, *settings, stop_after=3)
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 4, "loss": 0.6')  # half a line
+    _run(tmp_path, "run", tokenizer, *settings, "train.resume=true")
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]

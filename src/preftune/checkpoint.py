@@ -8,7 +8,6 @@ transformers loads on top of its base model when peft is installed).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -102,6 +101,9 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main:
     if is_main:
         for path in found:
             shutil.rmtree(path)
+        # The rest of the earlier run goes too, so nothing in the folder describes another run.
+        for leftover in (output_dir / "final", output_dir / "tensorboard"):
+            shutil.rmtree(leftover, ignore_errors=True)
     return None
 
 
@@ -116,19 +118,34 @@ class CheckpointError(RuntimeError):
 
 def _load_weights(path: Path, model: Any) -> None:
     """Load a ``save_pretrained`` folder's weights into ``model`` in place."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    weights: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        weights.update(load_file(str(file)))
+    files = sorted(path.glob("*.safetensors"))
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            names.update(handle.keys())
     state = model.state_dict()
-    if set(weights) - set(state):
+    if names - set(state):
         # The hub layout differs from the live one (transformers 5 fuses MoE experts, for
-        # one): let transformers convert it, then copy the converted tensors.
+        # one): let transformers convert it, and refuse anything it had to invent.
         from transformers import AutoModelForCausalLM
 
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
+        loaded_and_info: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype=next(model.parameters()).dtype, output_loading_info=True
+        )
+        loaded, info = loaded_and_info
+        problems = {k: v for k, v in info.items() if k != "error_msgs" and v} | (
+            {"errors": info["error_msgs"]} if info.get("error_msgs") else {}
+        )
+        if problems:
+            raise CheckpointError(f"{path}: weights do not match the model ({problems})")
         weights = loaded.state_dict()
+    else:
+        weights = {}
+        for file in files:
+            weights.update(load_file(str(file)))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # save_pretrained leaves out tied copies (lm_head = embed_tokens); they share storage.
     stored = {state[name].data_ptr() for name in weights if name in state}
@@ -149,7 +166,14 @@ def load_checkpoint(
         if is_peft(model):
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+            adapter = load_file(str(path / "adapter_model.safetensors"))
+            result: Any = set_peft_model_state_dict(model, adapter)
+            expected = sum("lora_" in name for name, _ in model.named_parameters())
+            if result.unexpected_keys or len(adapter) != expected:
+                raise CheckpointError(
+                    f"{path}: its adapter does not fit this model's LoRA layers ({len(adapter)} tensors for "
+                    f"{expected}; unexpected {list(result.unexpected_keys)[:3]}); use the same model.lora_* settings"
+                )
         else:
             _load_weights(path, model)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
@@ -164,6 +188,25 @@ def load_checkpoint(
         ) from None
 
 
+def _merged_state_dict(base: Any) -> dict[str, torch.Tensor]:
+    """The base model's weights with every active LoRA delta added, built on the CPU one layer at
+    a time: the training device never holds a second copy of the model."""
+    from peft.tuners.lora import LoraLayer
+
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" not in name:
+            merged[name.replace(".base_layer.", ".")] = tensor.detach().cpu()
+    layers: list[tuple[str, Any]] = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+    for name, layer in layers:
+        weight = layer.get_base_layer().weight.detach()
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                weight = weight + layer.get_delta_weight(adapter).detach()
+        merged[f"{name}.weight"] = weight.cpu()
+    return merged
+
+
 def save_final(output_dir: Path, model: Any, tokenizer: Any) -> Path:
     """``output_dir/final``: full weights that any transformers/vLLM loader takes as is.
 
@@ -174,8 +217,10 @@ def save_final(output_dir: Path, model: Any, tokenizer: Any) -> Path:
     final = output_dir / "final"
     tmp = _atomic_dir(final)
     if is_peft(model) and not getattr(model, "is_loaded_in_4bit", False):
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+        base = model.get_base_model()
+        base.save_pretrained(tmp, state_dict=_merged_state_dict(base), safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _publish(tmp, final)
     return final

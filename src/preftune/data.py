@@ -382,7 +382,9 @@ def prepare_pairs(
     ):
         report.records += 1
         chosen = record.get(cfg.chosen_field)
-        if chosen is not None and chosen == record.get(cfg.rejected_field):
+        # Only well-formed, non-empty values count as identical; parse_example reports the rest.
+        well_formed = isinstance(chosen, str | list) and not (isinstance(chosen, str) and not chosen.strip())
+        if well_formed and chosen and chosen == record.get(cfg.rejected_field):
             report.identical += 1
             if cfg.identical_pairs == "error":
                 raise DataError(
@@ -394,15 +396,14 @@ def prepare_pairs(
                 report.dropped_identical += 1
                 continue
         example = parse_example(record, where, cfg)
-        if not warned_implicit and cfg.prompt_field not in record and len(record) > 2:
+        others = [str(k) for k in record if k not in (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)]
+        if not warned_implicit and record.get(cfg.prompt_field) is None and others:
+            # The prompt may sit in a field under another name: say which rule was applied.
             warned_implicit = True
-            others = ", ".join(
-                sorted(str(k) for k in record if k not in (cfg.chosen_field, cfg.rejected_field))
-            )
             warnings.warn(
-                f"{where}: no field '{cfg.prompt_field}' (fields: {others}); using the shared prefix of "
-                f"'{cfg.chosen_field}' and '{cfg.rejected_field}' as the prompt — set data.prompt_field "
-                "if the prompt is in another field",
+                f"{where}: field '{cfg.prompt_field}' is missing or null (other fields: {', '.join(sorted(others))}); "
+                f"using the shared prefix of '{cfg.chosen_field}' and '{cfg.rejected_field}' as the prompt — "
+                "set data.prompt_field if the prompt is in another field",
                 stacklevel=2,
             )
         if example.conversational not in checked_formats:

@@ -87,27 +87,21 @@ def prepare_for_training(model: Any, cfg: ModelConfig) -> Any:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "config"):
-            model.config.use_cache = False
     if cfg.lora or cfg.load_in_4bit:
         model = apply_lora(model, cfg)
     return model
 
 
 def disable_dropout(model: Any) -> None:
-    """Zero every dropout: ``nn.Dropout`` modules, and the rates that attention code reads from
-    module attributes or the config at call time (e.g. ``attention_dropout``)."""
+    """Zero every dropout: ``nn.Dropout`` modules, and the rates attention code reads from module
+    attributes at call time (e.g. ``attention_dropout``). The config keeps its values, so saved
+    checkpoints describe the model as it was published."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         for name, value in list(vars(module).items()):
             if "dropout" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
-    config = getattr(model, "config", None)
-    if config is not None:
-        for name, value in list(vars(config).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(config, name, 0.0)
 
 
 def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
@@ -116,7 +110,11 @@ def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     except ImportError:
         raise ConfigError("model.lora: needs peft (pip install 'preftune[lora]')") from None
     if cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},  # peft's default is reentrant
+        )
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

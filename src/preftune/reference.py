@@ -119,17 +119,28 @@ def precompute(
     return chosen, rejected
 
 
-def _param_digest(model: nn.Module) -> str:
+def _param_digest(model: nn.Module, skip: str | None = None) -> str:
     """Names, shapes, dtypes and a strided sample of every parameter: cheap even at 70B,
     and any fine-tune or different checkpoint changes it."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
+        if skip and skip in name:
+            continue
         flat = tensor.detach().reshape(-1)
         stride = max(1, flat.numel() // 4096)
         sample = flat[::stride][:4096].float().cpu()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
+
+
+def weights_digest(*models: nn.Module | None) -> str:
+    """A digest of the models' weights, LoRA adapters left out (they are what training changes)."""
+    digest = hashlib.sha256()
+    for model in models:
+        if model is not None:
+            digest.update(_param_digest(model, skip="lora_").encode())
+    return digest.hexdigest()[:32]
 
 
 def fingerprint(model: nn.Module, pairs: Sequence[TokenizedPair], extra: dict[str, Any]) -> str:
@@ -247,6 +258,8 @@ def build_reference(
         config.train.progress and is_main,
         is_main,
     )
+    if source_model is not policy and not getattr(source_model, "is_loaded_in_4bit", False):
+        source_model.to("cpu")  # the table is all training needs: free the device
     return precomputed, strategy
 
 

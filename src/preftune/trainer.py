@@ -27,14 +27,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .checkpoint import load_checkpoint, prepare_output_dir, save_checkpoint, save_final
+from .checkpoint import CheckpointError, load_checkpoint, prepare_output_dir, save_checkpoint, save_final
 from .config import ConfigError, RunConfig, to_dict
 from .data import DataReport, TokenizedPair, prepare_pairs
 from .layouts import Batch, collate_pairs
 from .logps import PolicyLogps
 from .losses import Objective, PairStats, build_objective, reward_metrics
 from .models import load_model, load_tokenizer, prepare_for_training, prepare_tokenizer
-from .reference import Reference, build_reference
+from .reference import Reference, build_reference, weights_digest
 
 
 @dataclass
@@ -93,6 +93,14 @@ def summarize(names: Sequence[str], totals: Sequence[float], pairs: float) -> di
     for side in ("chosen", "rejected"):
         values[f"logits/{side}"] = sums[f"logits_sum/{side}"] / max(sums[f"tokens/{side}"], 1)
     return values
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; a line torn by a crash counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def data_stream(num_pairs: int, seed: int, shuffle: bool) -> Iterator[int]:
@@ -233,6 +241,8 @@ def train(
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
     schedule = "constant_with_warmup" if cfg.scheduler == "constant" and warmup else cfg.scheduler
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    # Resuming must start from the same weights, or a live reference would silently differ.
+    start_digest = weights_digest(model, reference_model)
     # The scheduler stays out of prepare(): accelerate would step it once per process.
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy).model
@@ -245,6 +255,11 @@ def train(
             raise ConfigError(
                 f"train.batch_size/grad_accum: {resume_from} was trained with {state['pairs_per_step']} pairs "
                 f"per step, this run uses {pairs_per_step}; resume with the same batch geometry"
+            )
+        if state.get("start_digest", start_digest) != start_digest:
+            raise CheckpointError(
+                f"{resume_from}: this run starts from other weights than the run being resumed (a changed hub "
+                "revision, or a model object that was already trained); its reference would differ"
             )
         start_step = state["step"]
         say(f"resumed from {resume_from} at step {start_step}")
@@ -262,7 +277,7 @@ def train(
         kept = (
             metrics_path.read_text().splitlines() if resume_from is not None and metrics_path.exists() else []
         )
-        kept = [line for line in kept if json.loads(line)["step"] <= start_step]
+        kept = [line for line in kept if _logged_step(line) <= start_step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
         metrics_file = metrics_path.open("a")
     writer = None
@@ -270,7 +285,10 @@ def train(
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(output_dir / "tensorboard"))
+            # purge_step drops events a crashed run logged after its last checkpoint.
+            writer = SummaryWriter(
+                str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
     history: list[dict[str, float]] = []
     sums = {name: torch.zeros((), device=device) for name in METRICS}
     window_pairs = torch.zeros((), device=device)
@@ -308,6 +326,7 @@ def train(
                 "pairs_seen": step * pairs_per_step,
                 "pairs_per_step": pairs_per_step,
                 "total_steps": total_steps,
+                "start_digest": start_digest,
             }
             save_checkpoint(
                 output_dir, step, unwrapped, tokenizer, optimizer, scheduler, state, cfg.save_total_limit
@@ -376,7 +395,10 @@ def train(
     bar.close()
 
     final_dir = None
-    if step == total_steps:
+    if start_step >= total_steps:  # resumed a finished run: nothing to redo
+        say(f"the run already reached step {total_steps}; raise train.max_steps to continue it")
+        final_dir = output_dir / "final"
+    elif step == total_steps:
         if eval_pairs and not (cfg.eval_every and step % cfg.eval_every == 0):
             log(step, evaluate(policy, reference, objective, eval_pairs, pad_id, cfg.batch_size, accelerator))
         if is_main:
