@@ -96,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError, ReferenceCacheError, CheckpointError) as err:
         print(f"preftune: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `preftune losses | head`
+        return 0
     except KeyboardInterrupt:
         print(
             "preftune: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr
