@@ -17,16 +17,8 @@ def _optimizer(model):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def _roundtrip(tmp_path, model, fresh, tokenizer):
-    path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {"pairs_seen": 4})
-    state = load_checkpoint(path, fresh, *_optimizer(fresh))
-    assert state == {"pairs_seen": 4, "step": 1}
-    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
-        torch.testing.assert_close(b, a, msg=name)
-
-
-def test_a_mixture_of_experts_model_round_trips_although_its_hub_layout_differs(tmp_path, tokenizer):
-    config = Qwen2MoeConfig(
+def _tiny_moe_config(tokenizer):
+    return Qwen2MoeConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -38,6 +30,18 @@ def test_a_mixture_of_experts_model_round_trips_although_its_hub_layout_differs(
         num_attention_heads=2,
         num_key_value_heads=2,
     )
+
+
+def _roundtrip(tmp_path, model, fresh, tokenizer):
+    path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {"pairs_seen": 4})
+    state = load_checkpoint(path, fresh, *_optimizer(fresh))
+    assert state == {"pairs_seen": 4, "step": 1}
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)
+
+
+def test_a_mixture_of_experts_model_round_trips_although_its_hub_layout_differs(tmp_path, tokenizer):
+    config = _tiny_moe_config(tokenizer)
     torch.manual_seed(0)
     model = Qwen2MoeForCausalLM(config)
     torch.manual_seed(1)
@@ -88,18 +92,7 @@ def test_resuming_lora_with_other_adapter_layers_is_refused(tmp_path, tokenizer)
 def test_a_converted_checkpoint_missing_weights_is_refused_not_filled_at_random(tmp_path, tokenizer):
     from safetensors.torch import load_file, save_file
 
-    config = Qwen2MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
+    config = _tiny_moe_config(tokenizer)
     model = Qwen2MoeForCausalLM(config)
     path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {})
     weights = load_file(str(path / "model.safetensors"))
