@@ -303,3 +303,14 @@ def test_overwrite_also_removes_the_earlier_runs_final_folder(model_dir, pairs_f
     (output / "final" / "marker").write_text("earlier run")
     assert main(train_argv(model_dir, pairs_file, output, *settings, "--set", "train.overwrite=true")) == 0
     assert not (output / "final" / "marker").exists()
+
+
+def test_overwrite_with_bad_data_keeps_the_earlier_runs_checkpoints(model_dir, pairs_file, tmp_path):
+    settings = ["--loss", "simpo", "--set", "train.batch_size=4", "--set", "train.max_steps=1"]
+    settings += ["--set", "train.save_every=1"]
+    output = tmp_path / "out"
+    assert main(train_argv(model_dir, pairs_file, output, *settings)) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q:", "chosen": " a"\n')
+    assert main(train_argv(model_dir, bad, output, *settings, "--set", "train.overwrite=true")) == 2
+    assert (output / "checkpoint-0000001" / "trainer_state.json").is_file()

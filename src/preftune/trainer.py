@@ -189,7 +189,6 @@ def train(
     is_main = accelerator.is_main_process
     say = print if is_main else (lambda *a, **k: None)
     objective = build_objective(config.objective)
-    resume_from = prepare_output_dir(output_dir, cfg.resume, cfg.overwrite, is_main)
 
     # ---- tokenizer and data (every bad record is reported before a model loads)
     if tokenizer is None:
@@ -209,6 +208,8 @@ def train(
             for p in eval_pairs
         ]
     pad_id = tokenizer.pad_token_id
+    # After the data is known good, so a bad record never costs an earlier run its checkpoints.
+    resume_from = prepare_output_dir(output_dir, cfg.resume, cfg.overwrite, is_main)
 
     # ---- model and reference
     model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
