@@ -12,7 +12,8 @@ import torch
 from preftune.data import TokenizedPair
 from preftune.logps import pair_logps
 from preftune.metrics import kl_estimate
-from preftune.sampling import cut_at_eos, generate, left_pad
+from preftune.rollout import Completion, cut_at_stop, left_pad
+from preftune.sampling import generate
 from preftune.synthetic import tiny_llama
 
 VOCAB, EOS, PAD, LENGTH = 6, 2, 0, 3
@@ -99,8 +100,8 @@ def test_left_padding_and_the_cut_at_the_first_eos():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert cut_at_eos([4, 2, 0, 0], {2}) == [4, 2]
-    assert cut_at_eos([4, 5, 3], {2}) == [4, 5, 3]
+    assert cut_at_stop([4, 2, 0, 0], {2}) == Completion([4, 2], ended=True)
+    assert cut_at_stop([4, 5, 3], {2}) == Completion([4, 5, 3], ended=False)
 
 
 def test_a_left_padded_prompt_samples_as_it_would_alone():

@@ -43,6 +43,30 @@ def _train(args: argparse.Namespace) -> None:
     train(_run_config(args))
 
 
+def _online(args: argparse.Namespace) -> None:
+    from .recipes.online import train_online
+
+    base: dict[str, object] = {}
+    for flag, key in (
+        ("model", "model.name_or_path"),
+        ("prompts", "online.prompts"),
+        ("reward", "online.reward"),
+        ("rounds", "online.rounds"),
+        ("samples_per_prompt", "online.samples_per_prompt"),
+        ("output", "train.output_dir"),
+    ):
+        if getattr(args, flag) is not None:
+            base[key] = getattr(args, flag)
+    if args.loss:
+        base["objective.loss"] = [name for name in args.loss.split(",") if name]
+    if args.resume:
+        base["train.resume"] = True
+    config = load_config(args.config, args.set or (), base)
+    if not config.model.name_or_path:
+        raise ConfigError("model.name_or_path: required (--model PATH_OR_NAME)")
+    train_online(config)
+
+
 def _sft(args: argparse.Namespace) -> None:
     from .recipes.sft import train_sft
 
@@ -73,13 +97,11 @@ def _rm_score(args: argparse.Namespace) -> None:
 
 def _config(args: argparse.Namespace) -> None:
     from .coerce import describe
-    from .config import RunConfig
+    from .config import SECTIONS, RunConfig
 
     rows = [row for row in describe(RunConfig) if not args.section or row[0].startswith(args.section + ".")]
     if not rows:
-        raise ConfigError(
-            f"{args.section}: no such section (model, data, objective, reference, train, reward)"
-        )
+        raise ConfigError(f"{args.section}: no such section ({', '.join(SECTIONS)})")
     for key, kind, default, text in rows:
         print(f"{key}: {kind} = {default}\n    {text}")
 
@@ -219,6 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     _training_arguments(sft, "hub name or local folder of a causal LM", with_loss=False)
     sft.set_defaults(run=_sft)
 
+    online = commands.add_parser(
+        "online",
+        help="online DPO: sample from the policy, score with a reward model, pair, train; repeat",
+        epilog=KEYS_HELP + " (sections rollout and online)",
+    )
+    online.add_argument("--model", help="the starting policy: hub name or local folder of a causal LM")
+    online.add_argument("--prompts", help="prompts: any file train reads, with a 'prompt' field")
+    online.add_argument(
+        "--reward", help="a reward-model folder, or a function module:function / file.py:function"
+    )
+    online.add_argument("--loss", help="objective name(s), comma-separated (default dpo)")
+    online.add_argument("--rounds", type=int, help="rounds of sample -> score -> pair -> train (default 3)")
+    online.add_argument(
+        "--samples-per-prompt", type=int, metavar="K", help="completions per prompt (default 4)"
+    )
+    online.add_argument("--output", help="output folder (train.output_dir)")
+    online.add_argument("--config", help="YAML file with model/objective/train/rollout/online sections")
+    online.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    online.add_argument(
+        "--resume", action="store_true", help="continue: skip complete rounds, reuse saved samples"
+    )
+    online.set_defaults(run=_online)
+
     rm = commands.add_parser("rm", help="Bradley–Terry reward models: train, score")
     rm_commands = rm.add_subparsers(dest="rm_command", required=True)
     rm_train = rm_commands.add_parser(
@@ -235,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="list every config key with its type, default and meaning")
     config.add_argument(
-        "section", nargs="?", help="only this section: model, data, objective, reference, train, reward"
+        "section", nargs="?", help="only this section: model, data, objective, reference, train, reward, …"
     )
     config.set_defaults(run=_config)
 

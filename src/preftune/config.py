@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from .coerce import build, suggest
+from .config_rl import OnlineConfig, RolloutConfig, check_rl
 from .errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig", "check_objective", "load_config", "validate"]
@@ -209,7 +210,7 @@ class TrainConfig:
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-SECTIONS = ("model", "data", "objective", "reference", "train", "reward")
+SECTIONS = ("model", "data", "objective", "reference", "train", "reward", "rollout", "online")
 
 
 @dataclass
@@ -230,6 +231,8 @@ class RunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
 
 # --------------------------------------------------------------------------- building
@@ -288,13 +291,13 @@ def load_config(
     return config
 
 
+def need(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
 def validate(config: RunConfig) -> None:
     """Ranges and cross-field rules. Raises :class:`ConfigError` naming the key; changes nothing."""
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {message}")
-
     t, d, r, m, o = config.train, config.data, config.reference, config.model, config.objective
     need(t.learning_rate > 0, "train.learning_rate", "must be > 0")
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -334,15 +337,11 @@ def validate(config: RunConfig) -> None:
     check_objective(o)
     c = config.reward.center_rewards_coefficient
     need(c is None or c >= 0, "reward.center_rewards_coefficient", f"must be >= 0, got {c}")
+    check_rl(config.rollout, config.online)
 
 
 def check_objective(o: ObjectiveConfig) -> None:
     """Ranges of the objective parameters (the registry checks which objectives use them)."""
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {message}")
-
     need(o.beta is None or o.beta > 0, "objective.beta", f"must be > 0, got {o.beta}")
     need(
         0 <= o.label_smoothing < 0.5,

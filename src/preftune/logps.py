@@ -348,3 +348,35 @@ def pair_logps(
             columns[2 * k + 1].index_copy_(0, index, values[batch.rejected].double().cpu())
     model.train(was_training)
     return PairLogps(*columns)
+
+
+@torch.no_grad()
+def completion_logps(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int = 8,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``log π(completion | prompt)`` of each (prompt ids, completion ids), ``[N]`` float64 on the
+    host in the given order; eval mode, batched longest first, through the chunked head."""
+    from .data.sft import TokenizedSequence
+    from .layouts import collate_sequences
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = [
+        TokenizedSequence([*p, *c], [0] * len(p) + [1] * len(c), i)
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
+    ]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].input_ids))
+    out = torch.zeros(len(rows), dtype=torch.float64)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collate_sequences([rows[i] for i in chunk], pad_token_id).to(device)
+        sums = batch_logps(model, batch, chunk_size, with_mean_logits=False)
+        out.index_copy_(0, torch.tensor(chunk), sums.logps.double().cpu())
+    model.train(was_training)
+    return out

@@ -6,6 +6,7 @@ matplotlib it returns False and draws nothing.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -134,3 +135,32 @@ def eval_plots(
         save(fig, output / "drift_histogram.png")
         written.append(output / "drift_histogram.png")
     return written
+
+
+def online_plot(rows: Sequence[dict[str, Any]], png: Path) -> bool:
+    """Online DPO by round: the samples' mean reward and the policy's KL to the initial one."""
+    plt = pyplot()
+    if plt is None or not rows:
+        return False
+    labels = [str(row["round"]) if row["round"] == "final" else f"{row['round']}" for row in rows]
+    xs = list(range(len(rows)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    rewards = [row["reward_mean"] for row in rows]
+    left.plot(xs, [math.nan if r is None else r for r in rewards], "o-", color=COLORS[0])
+    left.set_ylabel("mean reward of the samples")
+    right.errorbar(
+        xs,
+        [row["kl_to_initial"] for row in rows],
+        yerr=[row.get("kl_to_initial_stderr") or 0.0 for row in rows],
+        fmt="o-",
+        color=COLORS[1],
+    )
+    right.set_ylabel("KL(π ‖ π_initial), nats per sequence")
+    for ax in (left, right):
+        ax.set_xticks(xs, labels)
+        ax.set_xlabel("samples of the policy that starts round (final: after the last)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("online DPO by round", fontsize=10)
+    fig.tight_layout()
+    save(fig, png)
+    return True

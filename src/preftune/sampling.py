@@ -9,55 +9,21 @@ about the model's distribution, so that is what is sampled. Completions end at t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .config_rl import RolloutConfig
 from .data import Text, TokenizedPair
 from .logps import pair_logps
 from .metrics import kl_estimate
+from .rollout import TransformersRollout, eos_ids
 from .scoring import Scorer
 
 BATCH_SIZE = 64
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[R, T]`` token ids padded on the left, and their attention mask."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
-def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS and any the model's generation config names (chat models often have two)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, Iterable):
-        ids.update(int(i) for i in configured)
-    return sorted(ids)
-
-
-def cut_at_eos(tokens: Sequence[int], stop: set[int]) -> list[int]:
-    """The tokens up to and including the first stop token (generate pads after it)."""
-    out: list[int] = []
-    for token in tokens:
-        out.append(int(token))
-        if token in stop:
-            break
-    return out
-
-
-@torch.no_grad()
 def generate(
     model: Any,
     prompt_ids: Sequence[Sequence[int]],
@@ -70,35 +36,11 @@ def generate(
     desc: str = "sampling",
 ) -> list[list[int]]:
     """One sampled completion (token ids) per prompt, from the model's unwarped distribution."""
-    from transformers import GenerationConfig
-
-    torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    # A fresh config: no checkpoint default (top_p, temperature, min_p, repetition penalty…)
-    # may reshape the distribution being sampled.
-    saved, model.generation_config = model.generation_config, GenerationConfig()
-    stop = set(stop_ids)
-    out: list[list[int]] = []
-    try:
-        starts = range(0, len(prompt_ids), batch_size)
-        for start in tqdm(starts, desc=desc, disable=None if progress else True, leave=False):
-            input_ids, mask = left_pad(prompt_ids[start : start + batch_size], pad_token_id)
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=True,
-                top_k=0,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_token_id,
-                eos_token_id=list(stop_ids),
-            )
-            out += [cut_at_eos(row, stop) for row in generated[:, input_ids.shape[1] :].tolist()]
-    finally:
-        model.generation_config = saved
-        model.train(was_training)
-    return out
+    params = RolloutConfig(
+        max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, batch_size=batch_size
+    )
+    rollout = TransformersRollout(model, pad_token_id, stop_ids, progress)
+    return [completion.ids for completion in rollout.generate(prompt_ids, params, seed, desc)]
 
 
 def sample(model: Any, tokenizer: Any, prompts: list[str], seed: int, max_new_tokens: int = 12) -> list[str]:

@@ -100,12 +100,17 @@ class RewardModelScorer:
 
 
 class FunctionScorer:
-    """A user's ``fn(prompts, completions) -> list[float]``, called in batches, answers checked."""
+    """A user's ``fn(prompts, completions) -> list[float]``, called in batches, answers checked.
 
-    def __init__(self, spec: str, batch_size: int = 64):
+    With ``allow_unscored`` (online DPO), ``None`` or NaN marks a completion the function will
+    not score (returned as NaN, and left out of the pairs); otherwise every score must be finite.
+    """
+
+    def __init__(self, spec: str, batch_size: int = 64, allow_unscored: bool = False):
         self.name = spec
         self.fn = import_function(spec)
         self.batch_size = batch_size
+        self.allow_unscored = allow_unscored
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text]) -> list[float]:
         scores: list[float] = []
@@ -116,22 +121,22 @@ class FunctionScorer:
                 answer = self.fn(batch_prompts, batch_completions)
             except Exception as err:
                 raise ScorerError(f"reward function {self.name} raised {type(err).__name__}: {err}") from None
-            scores += _check_scores(answer, len(batch_prompts), self.name)
+            scores += _check_scores(answer, len(batch_prompts), self.name, self.allow_unscored)
         return scores
 
 
-def _check_scores(answer: Any, expected: int, name: str) -> list[float]:
+def _check_scores(answer: Any, expected: int, name: str, allow_unscored: bool = False) -> list[float]:
     if isinstance(answer, torch.Tensor):
         answer = answer.detach().reshape(-1).tolist()
     try:
-        values = [float(v) for v in answer]
+        values = [math.nan if v is None and allow_unscored else float(v) for v in answer]
     except (TypeError, ValueError):
         raise ScorerError(
             f"reward function {name} must return a list of {expected} numbers, got {type(answer).__name__}"
         ) from None
     if len(values) != expected:
         raise ScorerError(f"reward function {name} returned {len(values)} scores for {expected} completions")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v) and not (allow_unscored and math.isnan(v))]
     if bad:
         raise ScorerError(
             f"reward function {name} returned a non-finite score ({values[bad[0]]}) at position {bad[0]}"
@@ -167,12 +172,13 @@ def import_function(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def load_scorer(spec: str, **kwargs: Any) -> Scorer:
-    """A reward-model folder, or a function named ``module:function`` / ``file.py:function``."""
+def load_scorer(spec: str, allow_unscored: bool = False, **model_options: Any) -> Scorer:
+    """A reward-model folder (``model_options`` go to :class:`RewardModelScorer`), or a function
+    named ``module:function`` / ``file.py:function``."""
     if Path(spec).is_dir():
-        return RewardModelScorer(spec, **kwargs)
+        return RewardModelScorer(spec, **model_options)
     if ":" in spec:
-        return FunctionScorer(spec)
+        return FunctionScorer(spec, allow_unscored=allow_unscored)
     raise ScorerError(f"{spec}: not a reward-model folder, nor a function named module:function")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import RunConfig
-from ..data import DataReport, TokenizedPair, prepare_pairs
+from ..data import DataReport, TokenizedPair, prepare_pairs, truncate
 from ..engine import Harness
 from ..models import load_tokenizer, prepare_tokenizer
 
@@ -32,7 +32,10 @@ def load_pairs(
     data = harness.config.data
     progress = harness.config.train.progress and harness.is_main
     source = train_data if train_data is not None else data.path
-    pairs, report = prepare_pairs(source, tokenizer, data, data.split, progress, margin_field)
+    if isinstance(source, list) and source and all(isinstance(p, TokenizedPair) for p in source):
+        pairs, report = tokenized_pairs(source, data)
+    else:
+        pairs, report = prepare_pairs(source, tokenizer, data, data.split, progress, margin_field)
     harness.say(f"data: {report.summary()}")
     eval_pairs: list[TokenizedPair] = []
     if eval_data is not None or data.eval_path:
@@ -45,3 +48,20 @@ def load_pairs(
             for p in loaded
         ]
     return pairs, eval_pairs, report
+
+
+def tokenized_pairs(pairs: list[TokenizedPair], data: Any) -> tuple[list[TokenizedPair], DataReport]:
+    """Pairs already in token ids (online DPO's samples, trained on exactly as generated): only
+    the length limits apply."""
+    report = DataReport(records=len(pairs))
+    kept = []
+    for pair in pairs:
+        report.prompt_lengths.append(len(pair.prompt_ids))
+        report.chosen_lengths.append(len(pair.chosen_ids))
+        report.rejected_lengths.append(len(pair.rejected_ids))
+        report.completion_lengths.append(max(len(pair.chosen_ids), len(pair.rejected_ids)))
+        truncated = truncate(pair, data, report)
+        if truncated is not None:
+            kept.append(truncated)
+    report.kept = len(kept)
+    return kept, report

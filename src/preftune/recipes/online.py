@@ -1,0 +1,400 @@
+"""Online (iterative) DPO with a reward model: sample, score, pair, train, repeat.
+
+    for round r = 1 .. R:
+        policy  <- the initial model (r = 1), else round r−1's final/
+        samples <- K completions per prompt from the policy        round-RR/samples.jsonl
+        rewards <- the scorer, minus the missing-EOS penalty
+        pairs   <- a pair rule: best_worst, best_random, all_above_gap  round-RR/pairs.jsonl
+        train   <- one round of the offline recipe on the pairs,     round-RR/train/
+                   reference = the round's starting policy (or the initial model)
+    final/      <- the last round's policy, saved as `train` saves it
+    rounds.jsonl, online.json, online.png: reward, KL to the initial policy, EOS rate by round
+
+Training reads the completions' token ids exactly as they were generated (no decode/encode
+trip). Every file is written whole or not at all; ``--resume`` skips complete rounds, reuses
+a round's saved samples and resumes its training from the round's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..checkpoint import model_card, save_final
+from ..config import RunConfig, to_dict, validate
+from ..data import Text, TokenizedPair
+from ..data.prompts import Prompt, read_prompts
+from ..errors import ConfigError
+from ..logps import completion_logps
+from ..metrics import kl_estimate
+from ..models import load_model
+from ..pair_rules import build_pairs
+from ..rollout import Completion, Rollout, TransformersRollout, eos_ids
+from ..scoring import Scorer, load_scorer
+from .common import tokenizer_for
+from .pairwise import train
+
+RolloutFactory = Callable[[nn.Module], Rollout]
+
+
+@dataclass
+class OnlineResult:
+    output_dir: Path
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] | None = None
+    final_dir: Path | None = None
+
+
+def train_online(
+    config: RunConfig,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    prompts: Any = None,
+    scorer: Scorer | None = None,
+    rollout_for: RolloutFactory | None = None,
+    stop_in_round: tuple[int, int] | None = None,
+) -> OnlineResult:
+    """``config.online.rounds`` rounds of online DPO from ``config.model`` (or ``model``) on
+    ``config.online.prompts`` (or the records given), scored by ``config.online.reward`` (or
+    ``scorer``). ``rollout_for(policy)`` gives each round's sampler (default: transformers).
+    ``stop_in_round=(r, k)`` stops round r after k training steps, as if interrupted."""
+    validate(config)
+    online, cfg = config.online, config.train
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "online: runs on one process for now (generation is not sharded); launch it plainly"
+        )
+    if prompts is None and not online.prompts:
+        raise ConfigError("online.prompts: required (--prompts FILE)")
+    if scorer is None and not online.reward:
+        raise ConfigError("online.reward: required (--reward RM_FOLDER or module:function)")
+    tokenizer = tokenizer_for(config, tokenizer)
+    source = prompts if prompts is not None else online.prompts
+    prompt_rows = read_prompts(source, config.data, online.prompts_split, tokenizer, online.max_prompts)
+    if scorer is None:
+        scorer = load_scorer(online.reward, allow_unscored=True, batch_size=online.reward_batch_size)
+    output = Path(cfg.output_dir)
+    done = _claim(output, cfg.resume, cfg.overwrite)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+
+    # The initial policy stays in memory, frozen: KL to it each round, and the reference of
+    # reference=initial. A model object is copied before the first round trains it.
+    initial = load_model(config.model) if model is None else _frozen(model, copy_it=True)
+    _frozen(initial)
+    pad = tokenizer.pad_token_id
+    stop = eos_ids(initial, tokenizer)
+
+    def make_rollout(policy: nn.Module) -> Rollout:
+        if rollout_for is not None:
+            return rollout_for(policy)
+        return TransformersRollout(policy, pad, stop, progress=cfg.progress)
+
+    rows = [row for row in done if row["round"] <= online.rounds]
+    print(f"online: {len(prompt_rows)} prompts x {online.samples_per_prompt} samples, {online.rounds} rounds")
+    for r in range(len(rows) + 1, online.rounds + 1):
+        started = time.perf_counter()
+        round_dir = output / f"round-{r:02d}"
+        policy = _policy_at(r, model, config, output)
+        row = {"round": r, "policy": "initial" if r == 1 else f"after round {r - 1}"}
+        samples = _samples(round_dir, r, policy, make_rollout, prompt_rows, config, scorer, tokenizer)
+        row |= sample_stats(samples, policy, initial, prompt_rows, pad, config.reference.batch_size, r == 1)
+        triples, counts = build_pairs(
+            [[s["reward"] for s in group] for group in samples],
+            [[s["completion_ids"] for s in group] for group in samples],
+            online.pair_rule,
+            online.min_gap,
+            seed=cfg.seed + r,
+        )
+        _write_pairs(round_dir / "pairs.jsonl", triples, samples, prompt_rows)
+        row |= {key: value for key, value in vars(counts).items() if key != "per_prompt"}
+        print(f"round {r}/{online.rounds}: {_describe(row)}\n  {counts.summary()}", flush=True)
+        if not triples:
+            raise ConfigError(
+                f"round {r}: no pair could be built ({counts.summary()}); sample more per prompt "
+                "(online.samples_per_prompt), raise rollout.temperature, or lower online.min_gap"
+            )
+        pairs = [
+            TokenizedPair(
+                prompt_rows[p].ids, samples[p][a]["completion_ids"], samples[p][b]["completion_ids"], i
+            )
+            for i, (p, a, b) in enumerate(triples)
+        ]
+        train_dir = round_dir / "train"
+        round_config = dataclasses.replace(
+            config,
+            train=dataclasses.replace(
+                cfg, output_dir=str(train_dir), resume=train_dir.exists(), overwrite=False
+            ),
+        )
+        stop_after = stop_in_round[1] if stop_in_round and stop_in_round[0] == r else None
+        result = train(
+            round_config,
+            model=policy,
+            tokenizer=tokenizer,
+            train_data=pairs,
+            reference_model=initial if online.reference == "initial" else None,
+            stop_after=stop_after,
+        )
+        if result.final_dir is None:  # stopped inside the round, as if interrupted
+            return OnlineResult(output, rows)
+        row |= _last_metrics(train_dir) | {"seconds": round(time.perf_counter() - started, 1)}
+        rows.append(row)
+        _write_jsonl(output / "rounds.jsonl", rows)
+        del policy
+
+    final_policy = _policy_at(online.rounds + 1, model, config, output)
+    final = None
+    if online.final_samples:
+        samples = _samples(
+            output / "final-samples",
+            online.rounds + 1,
+            final_policy,
+            make_rollout,
+            prompt_rows,
+            config,
+            scorer,
+            tokenizer,
+        )
+        final = {"round": "final", "policy": f"after round {online.rounds}"}
+        final |= sample_stats(
+            samples, final_policy, initial, prompt_rows, pad, config.reference.batch_size, False
+        )
+        print(f"final policy: {_describe(final)}", flush=True)
+    history = _history(output / f"round-{online.rounds:02d}" / "train" / "metrics.jsonl")
+    card = model_card(
+        output,
+        config,
+        history,
+        {
+            "kind": "online-dpo",
+            "objective": "+".join(config.objective.loss),
+            "rounds": online.rounds,
+            "reward": online.reward or getattr(scorer, "name", "a scorer object"),
+            "pair rule": online.pair_rule,
+        },
+    )
+    final_dir = save_final(output, final_policy, tokenizer, card)
+    _write_summary(output, config, rows, final)
+    print(f"saved {final_dir}", flush=True)
+    return OnlineResult(output, rows, final, final_dir)
+
+
+# --------------------------------------------------------------------------- the round's pieces
+
+
+def _claim(output: Path, resume: bool, overwrite: bool) -> list[dict[str, Any]]:
+    """Rounds already complete (resume), after clearing an earlier run (overwrite), or a refusal."""
+    earlier = [
+        *output.glob("round-*"),
+        *(output / name for name in ("rounds.jsonl", "final", "final-samples")),
+    ]
+    earlier = [path for path in earlier if path.exists()]
+    if not earlier:
+        return []
+    if resume:
+        path = output / "rounds.jsonl"
+        rows = (
+            [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if path.exists()
+            else []
+        )
+        print(f"resume: {len(rows)} complete rounds in {output}")
+        return rows
+    if not overwrite:
+        raise ConfigError(
+            f"train.output_dir: {output} holds an earlier online run; use --resume to continue it, or "
+            "--set train.overwrite=true to start over"
+        )
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return []
+
+
+def _frozen(model: nn.Module, copy_it: bool = False) -> nn.Module:
+    import copy
+
+    out = copy.deepcopy(model) if copy_it else model
+    out.eval()
+    for parameter in out.parameters():
+        parameter.requires_grad_(False)
+    return out
+
+
+def _policy_at(r: int, model: nn.Module | None, config: RunConfig, output: Path) -> nn.Module:
+    """The policy round ``r`` starts from: the initial one, or round r−1's saved final weights (so a
+    resumed run starts each round from exactly what an uninterrupted one did)."""
+    if r == 1:
+        return model if model is not None else load_model(config.model)
+    return load_model(config.model, str(output / f"round-{r - 1:02d}" / "train" / "final"))
+
+
+def _samples(
+    folder: Path,
+    r: int,
+    policy: nn.Module,
+    make_rollout: RolloutFactory,
+    prompts: list[Prompt],
+    config: RunConfig,
+    scorer: Scorer,
+    tokenizer: Any,
+) -> list[list[dict[str, Any]]]:
+    """K scored completions per prompt, read back from ``samples.jsonl`` when a run being resumed
+    already drew them; else generated, scored, penalized and saved."""
+    path, k = folder / "samples.jsonl", config.online.samples_per_prompt
+    if path.exists():
+        flat = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        print(f"round {r}: reusing {len(flat)} saved samples from {path}")
+    else:
+        ids = [prompt.ids for prompt in prompts for _ in range(k)]
+        completions = make_rollout(policy).generate(
+            ids, config.rollout, seed=config.train.seed * 1_000 + r, desc=f"round {r}: sampling"
+        )
+        flat = score_samples(prompts, k, completions, scorer, tokenizer, config.rollout.missing_eos_penalty)
+        _write_jsonl(path, flat)
+    return [flat[p * k : (p + 1) * k] for p in range(len(prompts))]
+
+
+def score_samples(
+    prompts: list[Prompt],
+    k: int,
+    completions: list[Completion],
+    scorer: Scorer,
+    tokenizer: Any,
+    missing_eos_penalty: float | None,
+) -> list[dict[str, Any]]:
+    """One row per sample: its text and ids, whether it ended with EOS, the scorer's reward and the
+    reward used for pairing (minus the penalty when it did not end; NaN when unscored)."""
+    texts = tokenizer.batch_decode([c.ids for c in completions], skip_special_tokens=True)
+    prompt_texts = [prompt.text for prompt in prompts for _ in range(k)]
+    scores = scorer(prompt_texts, [_as_completion(p, t) for p, t in zip(prompt_texts, texts, strict=True)])
+    rows = []
+    for i, (completion, text, value) in enumerate(zip(completions, texts, scores, strict=True)):
+        score = math.nan if value is None else float(value)
+        penalty = missing_eos_penalty if missing_eos_penalty and not completion.ended else 0.0
+        reward = score - penalty if math.isfinite(score) else None
+        rows.append(
+            {
+                "prompt_index": i // k,
+                "sample": i % k,
+                "completion": text,
+                "completion_ids": completion.ids,
+                "eos": completion.ended,
+                "score": score if math.isfinite(score) else None,
+                "reward": reward,
+            }
+        )
+    return rows
+
+
+def sample_stats(
+    samples: list[list[dict[str, Any]]],
+    policy: nn.Module,
+    initial: nn.Module,
+    prompts: list[Prompt],
+    pad: int,
+    batch_size: int,
+    is_initial: bool,
+) -> dict[str, Any]:
+    """Mean and max reward, EOS rate, length, and KL(π‖π_initial) estimated on the samples."""
+    flat = [s for group in samples for s in group]
+    rewards = [s["reward"] for s in flat if s["reward"] is not None]
+    kl, kl_stderr = 0.0, 0.0
+    if not is_initial:
+        prompt_ids = [prompts[s["prompt_index"]].ids for s in flat]
+        completion_ids = [s["completion_ids"] for s in flat]
+        under_policy = completion_logps(policy, prompt_ids, completion_ids, pad, batch_size)
+        under_initial = completion_logps(initial, prompt_ids, completion_ids, pad, batch_size)
+        kl, kl_stderr = kl_estimate(under_policy, under_initial)
+    return {
+        "reward_mean": sum(rewards) / len(rewards) if rewards else None,
+        "reward_max": max(rewards) if rewards else None,
+        "eos_rate": sum(s["eos"] for s in flat) / len(flat),
+        "completion_tokens": sum(len(s["completion_ids"]) for s in flat) / len(flat),
+        "kl_to_initial": kl,
+        "kl_to_initial_stderr": kl_stderr,
+    }
+
+
+def _as_completion(prompt: Text, text: str) -> Text:
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def _write_pairs(
+    path: Path,
+    triples: list[tuple[int, int, int]],
+    samples: list[list[dict[str, Any]]],
+    prompts: list[Prompt],
+) -> None:
+    """The round's pairs as preference records ``train`` reads again (with their rewards)."""
+    records = []
+    for p, a, b in triples:
+        chosen, rejected = samples[p][a], samples[p][b]
+        records.append(
+            {
+                "prompt": prompts[p].text,
+                "chosen": _as_completion(prompts[p].text, chosen["completion"]),
+                "rejected": _as_completion(prompts[p].text, rejected["completion"]),
+                "chosen_reward": chosen["reward"],
+                "rejected_reward": rejected["reward"],
+            }
+        )
+    _write_jsonl(path, records)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _last_metrics(train_dir: Path) -> dict[str, Any]:
+    """The round's training as its last logged step says it (loss, accuracy, margin, steps)."""
+    last: dict[str, Any] = next(
+        (h for h in reversed(_history(train_dir / "metrics.jsonl")) if "loss" in h), {}
+    )
+    names = {"loss": "train_loss", "rewards/accuracies": "train_accuracy", "rewards/margins": "train_margin"}
+    return {"train_steps": last.get("step", 0), **{new: last.get(old) for old, new in names.items()}}
+
+
+def _describe(row: dict[str, Any]) -> str:
+    reward = "—" if row["reward_mean"] is None else f"{row['reward_mean']:.3f} (max {row['reward_max']:.3f})"
+    return (
+        f"reward {reward}, EOS {row['eos_rate']:.0%}, {row['completion_tokens']:.1f} tokens, "
+        f"KL to initial {row['kl_to_initial']:.2f} nats"
+    )
+
+
+def _write_summary(
+    output: Path, config: RunConfig, rows: list[dict[str, Any]], final: dict[str, Any] | None
+) -> None:
+    from ..plots import online_plot
+
+    summary = {
+        "config": to_dict(config)["online"],
+        "rollout": to_dict(config)["rollout"],
+        "rounds": rows,
+        "final": final,
+    }
+    tmp = output / ".tmp-online.json"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, output / "online.json")
+    online_plot([*rows, *([final] if final else [])], output / "online.png")
