@@ -86,7 +86,7 @@ def test_an_unknown_experiment_is_one_clear_message(capsys, tmp_path):
     assert code == 2
     assert err.strip() == (
         "preftune: error: unknown experiment 'dpo-vs-exrm' (did you mean 'dporm-vs-exrm'?); there are: "
-        "dporm-vs-exrm, likelihood-drift, ranking-consistency (preftune experiment --list)"
+        f"{', '.join(EXPERIMENTS)} (preftune experiment --list)"
     )
     assert not (tmp_path / "out").exists()
 
@@ -129,3 +129,12 @@ def test_ranking_consistency_full(tmp_path):
     dpo, simpo = models["DPO (gentle)"], models["SimPO (gentle)"]
     assert dpo["dpo_rm_accuracy_train"] - dpo["ranking_consistency_train"] > 0.05
     assert simpo["ranking_consistency_train"] > dpo["ranking_consistency_train"]
+
+
+def test_online_vs_offline_measures_the_start_and_both_policies_with_the_true_reward(quick):
+    results = json.loads((quick["online-vs-offline"] / "results.json").read_text())
+    assert list(results["policies"]) == ["starting policy (SFT)", "offline DPO", "online DPO"]
+    start = results["policies"]["starting policy (SFT)"]
+    assert start["kl_to_start"] == 0 and start["win_rate_vs_start"] == 0.5
+    assert [row["round"] for row in results["online_rounds"]] == [1, 2]
+    assert all(-1 <= p["true_reward"] <= 1 for p in results["policies"].values())

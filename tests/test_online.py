@@ -252,3 +252,58 @@ def test_a_prompts_file_without_prompts_names_the_line_and_field(tmp_path, token
 def test_bad_online_settings_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+def test_online_dpo_on_the_synthetic_task_raises_the_true_reward_of_the_starting_policy(tmp_path):
+    from preftune.experiments.common import Lab, one_thread
+    from preftune.synthetic import true_reward
+
+    class TrueReward:
+        name = "true reward"
+
+        def __call__(self, prompts, completions):
+            return true_reward(prompts, completions)
+
+    with one_thread():
+        lab = Lab(tmp_path / "lab", seed=0, quick=False)
+        start = lab.sft(SentimentTask(), steps=30)
+        config = lab.config(
+            "online",
+            {
+                "train.learning_rate": 1e-3,
+                "train.max_steps": 6,
+                "online.rounds": 2,
+                "rollout.max_new_tokens": 12,
+            },
+        )
+        result = train_online(
+            config,
+            model=start,
+            tokenizer=lab.tokenizer,
+            prompts=[{"prompt": p} for p in SentimentTask().prompts(64, 1)],
+            scorer=TrueReward(),
+        )
+    before, after = result.rounds[0]["reward_mean"], result.final["reward_mean"]
+    assert after > before + 0.2, (before, after)
+
+
+def test_the_command_line_trains_from_a_folder_with_a_reward_function_and_refuses_a_second_run(
+    tmp_path, tokenizer, capsys
+):
+    from preftune.cli import main
+
+    tiny_llama(len(tokenizer), seed=1).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in sentiment_prompts(4)))
+    (tmp_path / "rewards.py").write_text(
+        "def words(prompts, completions):\n    return [len(c.split()) for c in completions]\n"
+    )
+    argv = ["online", "--model", str(tmp_path / "base"), "--prompts", str(tmp_path / "prompts.jsonl"),
+            "--reward", f"{tmp_path / 'rewards.py'}:words", "--rounds", "1", "--samples-per-prompt", "3",
+            "--output", str(tmp_path / "out"), "--set", "rollout.max_new_tokens=5", "--set", "train.max_steps=1",
+            "--set", "train.report_to=none", "--set", "train.progress=false"]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+    assert "round 1/1" in capsys.readouterr().out
+    assert main(argv) == 2
+    assert "holds an earlier online run; use --resume" in capsys.readouterr().err

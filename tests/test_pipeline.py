@@ -118,9 +118,7 @@ def test_a_reference_to_a_later_or_unknown_stage_is_refused_naming_stage_and_key
         load_pipeline(_pipeline(tmp_path, inputs, stages))
 
 
-@pytest.mark.parametrize(
-    "kind, message", [("online", "online DPO"), ("ppo", "PPO"), ("magic", "unknown 'magic'")]
-)
+@pytest.mark.parametrize("kind, message", [("ppo", "PPO"), ("magic", "unknown 'magic'")])
 def test_a_stage_whose_recipe_is_missing_is_refused_before_anything_runs(tmp_path, inputs, kind, message):
     stages = {**_stages(inputs), "late": {"kind": kind}}
     with pytest.raises(ConfigError, match=message):
@@ -147,5 +145,28 @@ def test_an_eval_stage_scores_an_earlier_stages_policy_against_its_reference(tmp
 def test_an_eval_stage_without_sets_is_refused_before_anything_runs(tmp_path, inputs):
     stages = {"dpo": _stages(inputs)["dpo"], "eval": {"policy": "${dpo.final}"}}
     with pytest.raises(ConfigError, match=r"stages.eval: an eval stage needs 'policy' and 'sets'"):
+        run_pipeline(_pipeline(tmp_path, inputs, stages))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_online_stage_samples_the_earlier_policy_scores_with_the_earlier_reward_model(tmp_path, inputs):
+    stages = _stages(inputs)
+    online = {"prompts": str(inputs / "prefs.jsonl"), "reward": "${rm.final}", "rounds": 1, "max_prompts": 4}
+    stages = {"rm": stages["rm"], "dpo": stages["dpo"], "online": {
+        "model": {"name_or_path": "${dpo.final}"}, "online": online, "rollout": {"max_new_tokens": 4}, "train": FAST,
+    }}  # fmt: skip
+    result = run_pipeline(_pipeline(tmp_path, inputs, stages))
+    assert [row["status"] for row in result["stages"]] == ["ran", "ran", "ran"]
+    out = tmp_path / "out" / "online"
+    config = json.loads((out / "config.json").read_text())
+    assert config["online"]["reward"] == str(tmp_path / "out" / "rm" / "final")
+    assert config["model"]["name_or_path"] == str(tmp_path / "out" / "dpo" / "final")
+    assert (out / "final" / "model.safetensors").exists() and (out / "round-01" / "pairs.jsonl").exists()
+    assert isinstance(result["stages"][2]["reward_mean"], float)
+
+
+def test_an_online_stage_without_a_reward_is_refused_before_anything_runs(tmp_path, inputs):
+    stages = {"online": {"model": {"name_or_path": str(inputs / "base")}, "online": {"prompts": "p.jsonl"}}}
+    with pytest.raises(ConfigError, match=r"stages.online.online.reward: an online stage needs"):
         run_pipeline(_pipeline(tmp_path, inputs, stages))
     assert not (tmp_path / "out").exists()

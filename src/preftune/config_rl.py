@@ -46,6 +46,9 @@ class OnlineConfig:
     """Split of a hub dataset of prompts."""
     max_prompts: int | None = None
     """Use only the first N prompts (None: all)."""
+    prompts_per_round: int | None = None
+    """Each round takes the next N prompts (wrapping around), as RLHFlow's rounds take fresh slices
+    of the prompt set; None: every round samples every prompt."""
     reward: str = ""
     """A reward-model folder, or a function ``module:function`` / ``file.py:function``."""
     reward_batch_size: int = 16
@@ -88,6 +91,11 @@ def check_rl(rollout: RolloutConfig, online: OnlineConfig) -> None:
         f"must be >= 0 (or null), got {penalty}",
     )
     need(online.max_prompts is None or online.max_prompts >= 1, "online.max_prompts", "must be >= 1")
+    need(
+        online.prompts_per_round is None or online.prompts_per_round >= 1,
+        "online.prompts_per_round",
+        "must be >= 1",
+    )
     need(online.reward_batch_size >= 1, "online.reward_batch_size", "must be >= 1")
     need(online.rounds >= 1, "online.rounds", "must be >= 1")
     need(online.samples_per_prompt >= 2, "online.samples_per_prompt", "must be >= 2 (a pair needs two)")

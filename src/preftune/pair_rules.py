@@ -39,7 +39,7 @@ class PairCounts:
         return (
             f"{self.pairs} pairs from {self.prompts} prompts x {self.samples // max(self.prompts, 1)} samples; "
             f"dropped: {self.ties} ties, {self.below_gap} below the gap, {self.identical} identical, "
-            f"{self.unscored} unscored samples; {self.prompts_without_pair} prompts gave no pair"
+            f"{self.unscored} unscored samples; prompts without a pair: {self.prompts_without_pair}"
         )
 
 

@@ -97,6 +97,15 @@ def _eval_stage(tree: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+def _online_stage(tree: dict[str, Any]) -> dict[str, float]:
+    """``preftune online`` as a stage; its figures are the final policy's samples' (or the last round's)."""
+    from .recipes.online import train_online
+
+    result = train_online(load_config(base=_dotted(tree)))
+    last = result.final or (result.rounds[-1] if result.rounds else {})
+    return {key: value for key, value in last.items() if isinstance(value, float)}
+
+
 def _not_built(what: str) -> Callable[[dict[str, Any]], dict[str, float]]:
     def run(tree: dict[str, Any]) -> dict[str, float]:  # pragma: no cover - refused when loaded
         raise ConfigError(f"{what} is not built yet")
@@ -110,10 +119,16 @@ KINDS: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {
     "rm": _train_stage("rm"),
     "dpo": _train_stage("dpo"),
     "eval": _eval_stage,
-    "online": _not_built("online DPO (preftune online)"),
+    "online": _online_stage,
     "ppo": _not_built("PPO (preftune ppo)"),
 }
-HEADLINE = {"sft": "loss", "rm": "eval_accuracy", "dpo": "rewards/accuracies", "eval": "dpo_rm_accuracy"}
+HEADLINE = {
+    "sft": "loss",
+    "rm": "eval_accuracy",
+    "dpo": "rewards/accuracies",
+    "online": "reward_mean",
+    "eval": "dpo_rm_accuracy",
+}
 
 
 def load_pipeline(path: Path) -> tuple[Path, list[Stage]]:
@@ -146,6 +161,12 @@ def load_pipeline(path: Path) -> tuple[Path, list[Stage]]:
         ):
             raise ConfigError(
                 f"{path}: stages.{name}: an eval stage needs 'policy' and 'sets' (set names to files)"
+            )
+        section: dict[str, Any] = body["online"] if isinstance(body.get("online"), dict) else {}
+        absent = [key for key in ("prompts", "reward") if kind == "online" and not section.get(key)]
+        if absent:
+            raise ConfigError(
+                f"{path}: stages.{name}.online.{absent[0]}: an online stage needs prompts and reward"
             )
         missing = getattr(KINDS[kind], "missing", None)
         if missing:
@@ -266,12 +287,13 @@ def _write(path: Path, value: dict[str, Any]) -> None:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'stage':12}{'kind':8}{'status':10}{'seconds':>9}  headline metric"]
+    width = max([12, *(len(row["stage"]) + 2 for row in rows)])
+    lines = [f"{'stage':{width}}{'kind':8}{'status':10}{'seconds':>9}  headline metric"]
     for row in rows:
         metric = next(
             ((k, v) for k, v in row.items() if k not in {"stage", "kind", "status", "seconds", "final"}), None
         )
         shown = f"{metric[0]} {metric[1]:.4f}" if metric and isinstance(metric[1], float) else ""
         seconds = f"{row['seconds']:.1f}" if "seconds" in row else "-"
-        lines.append(f"{row['stage']:12}{row['kind']:8}{row['status']:10}{seconds:>9}  {shown}")
+        lines.append(f"{row['stage']:{width}}{row['kind']:8}{row['status']:10}{seconds:>9}  {shown}")
     return "\n".join(lines)

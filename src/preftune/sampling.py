@@ -9,6 +9,7 @@ about the model's distribution, so that is what is sampled. Completions end at t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,9 +17,10 @@ from torch import nn
 
 from .config_rl import RolloutConfig
 from .data import Text, TokenizedPair
-from .logps import pair_logps
+from .data.prompts import Prompt
+from .logps import completion_logps, pair_logps
 from .metrics import kl_estimate
-from .rollout import TransformersRollout, eos_ids
+from .rollout import Completion, TransformersRollout, eos_ids
 from .scoring import Scorer
 
 BATCH_SIZE = 64
@@ -52,7 +54,8 @@ def sample(model: Any, tokenizer: Any, prompts: list[str], seed: int, max_new_to
     return tokenizer.batch_decode(completions, skip_special_tokens=True)
 
 
-def _as_completion(prompt: Text, text: str) -> Text:
+def as_completion(prompt: Text, text: str) -> Text:
+    """A decoded completion in the prompt's shape: text, or one assistant message."""
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
@@ -115,7 +118,7 @@ def sample_report(
     }
     if scorer is not None:
         decoded = tokenizer.batch_decode(ours + theirs, skip_special_tokens=True)
-        completions = [_as_completion(p, text) for p, text in zip(texts + texts, decoded, strict=True)]
+        completions = [as_completion(p, text) for p, text in zip(texts + texts, decoded, strict=True)]
         scores = scorer(texts + texts, completions)
         mine, others = scores[: len(texts)], scores[len(texts) :]
         wins = [float(a > b) + 0.5 * float(a == b) for a, b in zip(mine, others, strict=True)]
@@ -125,3 +128,64 @@ def sample_report(
             win_rate_policy_vs_reference=sum(wins) / len(wins),
         )
     return report
+
+
+def score_samples(
+    prompts: list[Prompt],
+    k: int,
+    completions: list[Completion],
+    scorer: Scorer,
+    tokenizer: Any,
+    missing_eos_penalty: float | None,
+) -> list[dict[str, Any]]:
+    """One row per sample: its text and ids, whether it ended with EOS, the scorer's reward and the
+    reward used for pairing (minus the penalty when it did not end; NaN when unscored)."""
+    texts = tokenizer.batch_decode([c.ids for c in completions], skip_special_tokens=True)
+    prompt_texts = [prompt.text for prompt in prompts for _ in range(k)]
+    scores = scorer(prompt_texts, [as_completion(p, t) for p, t in zip(prompt_texts, texts, strict=True)])
+    rows = []
+    for i, (completion, text, value) in enumerate(zip(completions, texts, scores, strict=True)):
+        score = math.nan if value is None else float(value)
+        penalty = missing_eos_penalty if missing_eos_penalty and not completion.ended else 0.0
+        reward = score - penalty if math.isfinite(score) else None
+        rows.append(
+            {
+                "prompt_index": i // k,
+                "sample": i % k,
+                "completion": text,
+                "completion_ids": completion.ids,
+                "eos": completion.ended,
+                "score": score if math.isfinite(score) else None,
+                "reward": reward,
+            }
+        )
+    return rows
+
+
+def sample_stats(
+    samples: list[list[dict[str, Any]]],
+    policy: nn.Module,
+    initial: nn.Module,
+    prompts: list[Prompt],
+    pad: int,
+    batch_size: int,
+    is_initial: bool,
+) -> dict[str, Any]:
+    """Mean and max reward, EOS rate, length, and KL(π‖π_initial) estimated on the samples."""
+    flat = [s for group in samples for s in group]
+    rewards = [s["reward"] for s in flat if s["reward"] is not None]
+    kl, kl_stderr = 0.0, 0.0
+    if not is_initial:
+        prompt_ids = [prompts[s["prompt_index"]].ids for s in flat]
+        completion_ids = [s["completion_ids"] for s in flat]
+        under_policy = completion_logps(policy, prompt_ids, completion_ids, pad, batch_size)
+        under_initial = completion_logps(initial, prompt_ids, completion_ids, pad, batch_size)
+        kl, kl_stderr = kl_estimate(under_policy, under_initial)
+    return {
+        "reward_mean": sum(rewards) / len(rewards) if rewards else None,
+        "reward_max": max(rewards) if rewards else None,
+        "eos_rate": sum(s["eos"] for s in flat) / len(flat),
+        "completion_tokens": sum(len(s["completion_ids"]) for s in flat) / len(flat),
+        "kl_to_initial": kl,
+        "kl_to_initial_stderr": kl_stderr,
+    }

@@ -31,6 +31,11 @@ _EXPERIMENTS = {
         "log p(chosen) as k grows (Pal et al. 2024)",
         "likelihood_drift",
     ),
+    "online-vs-offline": (
+        "offline DPO on a fixed preference set vs online DPO on the policy's own samples labelled by a "
+        "reward model, same pairs and steps: true reward, win rate and KL spent (Xiong et al. 2024)",
+        "online_vs_offline",
+    ),
     "ranking-consistency": (
         "after DPO and after SimPO: the share of training and held-out pairs whose chosen has the higher "
         "mean log-prob, and the true reward reached (Meng et al. 2024)",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -32,14 +31,13 @@ from torch import nn
 
 from ..checkpoint import model_card, save_final
 from ..config import RunConfig, to_dict, validate
-from ..data import Text, TokenizedPair
+from ..data import TokenizedPair
 from ..data.prompts import Prompt, read_prompts
 from ..errors import ConfigError
-from ..logps import completion_logps
-from ..metrics import kl_estimate
 from ..models import load_model
 from ..pair_rules import build_pairs
-from ..rollout import Completion, Rollout, TransformersRollout, eos_ids
+from ..rollout import Rollout, TransformersRollout, eos_ids
+from ..sampling import as_completion, sample_stats, score_samples
 from ..scoring import Scorer, load_scorer
 from .common import tokenizer_for
 from .pairwise import train
@@ -102,14 +100,16 @@ def train_online(
         return TransformersRollout(policy, pad, stop, progress=cfg.progress)
 
     rows = [row for row in done if row["round"] <= online.rounds]
-    print(f"online: {len(prompt_rows)} prompts x {online.samples_per_prompt} samples, {online.rounds} rounds")
+    each = online.prompts_per_round or len(prompt_rows)
+    print(f"online: {each} prompts x {online.samples_per_prompt} samples a round, {online.rounds} rounds")
     for r in range(len(rows) + 1, online.rounds + 1):
         started = time.perf_counter()
         round_dir = output / f"round-{r:02d}"
         policy = _policy_at(r, model, config, output)
         row = {"round": r, "policy": "initial" if r == 1 else f"after round {r - 1}"}
-        samples = _samples(round_dir, r, policy, make_rollout, prompt_rows, config, scorer, tokenizer)
-        row |= sample_stats(samples, policy, initial, prompt_rows, pad, config.reference.batch_size, r == 1)
+        prompts_r = prompt_slice(prompt_rows, r, online.prompts_per_round)
+        samples = _samples(round_dir, r, policy, make_rollout, prompts_r, config, scorer, tokenizer)
+        row |= sample_stats(samples, policy, initial, prompts_r, pad, config.reference.batch_size, r == 1)
         triples, counts = build_pairs(
             [[s["reward"] for s in group] for group in samples],
             [[s["completion_ids"] for s in group] for group in samples],
@@ -117,7 +117,7 @@ def train_online(
             online.min_gap,
             seed=cfg.seed + r,
         )
-        _write_pairs(round_dir / "pairs.jsonl", triples, samples, prompt_rows)
+        _write_pairs(round_dir / "pairs.jsonl", triples, samples, prompts_r)
         row |= {key: value for key, value in vars(counts).items() if key != "per_prompt"}
         print(f"round {r}/{online.rounds}: {_describe(row)}\n  {counts.summary()}", flush=True)
         if not triples:
@@ -127,7 +127,7 @@ def train_online(
             )
         pairs = [
             TokenizedPair(
-                prompt_rows[p].ids, samples[p][a]["completion_ids"], samples[p][b]["completion_ids"], i
+                prompts_r[p].ids, samples[p][a]["completion_ids"], samples[p][b]["completion_ids"], i
             )
             for i, (p, a, b) in enumerate(triples)
         ]
@@ -162,14 +162,20 @@ def train_online(
             online.rounds + 1,
             final_policy,
             make_rollout,
-            prompt_rows,
+            prompt_slice(prompt_rows, online.rounds + 1, online.prompts_per_round),
             config,
             scorer,
             tokenizer,
         )
         final = {"round": "final", "policy": f"after round {online.rounds}"}
         final |= sample_stats(
-            samples, final_policy, initial, prompt_rows, pad, config.reference.batch_size, False
+            samples,
+            final_policy,
+            initial,
+            prompt_slice(prompt_rows, online.rounds + 1, online.prompts_per_round),
+            pad,
+            config.reference.batch_size,
+            False,
         )
         print(f"final policy: {_describe(final)}", flush=True)
     history = _history(output / f"round-{online.rounds:02d}" / "train" / "metrics.jsonl")
@@ -222,6 +228,14 @@ def _claim(output: Path, resume: bool, overwrite: bool) -> list[dict[str, Any]]:
     return []
 
 
+def prompt_slice(prompts: list[Prompt], r: int, per_round: int | None) -> list[Prompt]:
+    """Round ``r``'s prompts: all of them, or the r-th run of ``per_round`` (wrapping around)."""
+    if per_round is None:
+        return prompts
+    start = (r - 1) * per_round
+    return [prompts[(start + i) % len(prompts)] for i in range(per_round)]
+
+
 def _frozen(model: nn.Module, copy_it: bool = False) -> nn.Module:
     import copy
 
@@ -266,71 +280,6 @@ def _samples(
     return [flat[p * k : (p + 1) * k] for p in range(len(prompts))]
 
 
-def score_samples(
-    prompts: list[Prompt],
-    k: int,
-    completions: list[Completion],
-    scorer: Scorer,
-    tokenizer: Any,
-    missing_eos_penalty: float | None,
-) -> list[dict[str, Any]]:
-    """One row per sample: its text and ids, whether it ended with EOS, the scorer's reward and the
-    reward used for pairing (minus the penalty when it did not end; NaN when unscored)."""
-    texts = tokenizer.batch_decode([c.ids for c in completions], skip_special_tokens=True)
-    prompt_texts = [prompt.text for prompt in prompts for _ in range(k)]
-    scores = scorer(prompt_texts, [_as_completion(p, t) for p, t in zip(prompt_texts, texts, strict=True)])
-    rows = []
-    for i, (completion, text, value) in enumerate(zip(completions, texts, scores, strict=True)):
-        score = math.nan if value is None else float(value)
-        penalty = missing_eos_penalty if missing_eos_penalty and not completion.ended else 0.0
-        reward = score - penalty if math.isfinite(score) else None
-        rows.append(
-            {
-                "prompt_index": i // k,
-                "sample": i % k,
-                "completion": text,
-                "completion_ids": completion.ids,
-                "eos": completion.ended,
-                "score": score if math.isfinite(score) else None,
-                "reward": reward,
-            }
-        )
-    return rows
-
-
-def sample_stats(
-    samples: list[list[dict[str, Any]]],
-    policy: nn.Module,
-    initial: nn.Module,
-    prompts: list[Prompt],
-    pad: int,
-    batch_size: int,
-    is_initial: bool,
-) -> dict[str, Any]:
-    """Mean and max reward, EOS rate, length, and KL(π‖π_initial) estimated on the samples."""
-    flat = [s for group in samples for s in group]
-    rewards = [s["reward"] for s in flat if s["reward"] is not None]
-    kl, kl_stderr = 0.0, 0.0
-    if not is_initial:
-        prompt_ids = [prompts[s["prompt_index"]].ids for s in flat]
-        completion_ids = [s["completion_ids"] for s in flat]
-        under_policy = completion_logps(policy, prompt_ids, completion_ids, pad, batch_size)
-        under_initial = completion_logps(initial, prompt_ids, completion_ids, pad, batch_size)
-        kl, kl_stderr = kl_estimate(under_policy, under_initial)
-    return {
-        "reward_mean": sum(rewards) / len(rewards) if rewards else None,
-        "reward_max": max(rewards) if rewards else None,
-        "eos_rate": sum(s["eos"] for s in flat) / len(flat),
-        "completion_tokens": sum(len(s["completion_ids"]) for s in flat) / len(flat),
-        "kl_to_initial": kl,
-        "kl_to_initial_stderr": kl_stderr,
-    }
-
-
-def _as_completion(prompt: Text, text: str) -> Text:
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-
-
 def _write_pairs(
     path: Path,
     triples: list[tuple[int, int, int]],
@@ -344,8 +293,8 @@ def _write_pairs(
         records.append(
             {
                 "prompt": prompts[p].text,
-                "chosen": _as_completion(prompts[p].text, chosen["completion"]),
-                "rejected": _as_completion(prompts[p].text, rejected["completion"]),
+                "chosen": as_completion(prompts[p].text, chosen["completion"]),
+                "rejected": as_completion(prompts[p].text, rejected["completion"]),
                 "chosen_reward": chosen["reward"],
                 "rejected_reward": rejected["reward"],
             }
