@@ -138,3 +138,14 @@ def test_online_vs_offline_measures_the_start_and_both_policies_with_the_true_re
     assert start["kl_to_start"] == 0 and start["win_rate_vs_start"] == 0.5
     assert [row["round"] for row in results["online_rounds"]] == [1, 2]
     assert all(-1 <= p["true_reward"] <= 1 for p in results["policies"].values())
+
+
+@pytest.mark.slow
+def test_online_vs_offline_full(tmp_path):
+    """At seed 0, online DPO with a reward model beats offline DPO on the true reward, spending more KL."""
+    _, run = EXPERIMENTS["online-vs-offline"]
+    policies = run(tmp_path, 0, False)["policies"]
+    start, offline, online = (policies[k] for k in ("starting policy (SFT)", "offline DPO", "online DPO"))
+    assert offline["true_reward"] > start["true_reward"] + 0.3
+    assert online["true_reward"] > offline["true_reward"] + 0.1
+    assert online["kl_to_start"] > offline["kl_to_start"]
