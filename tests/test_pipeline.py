@@ -170,3 +170,17 @@ def test_an_online_stage_without_a_reward_is_refused_before_anything_runs(tmp_pa
     with pytest.raises(ConfigError, match=r"stages.online.online.reward: an online stage needs"):
         run_pipeline(_pipeline(tmp_path, inputs, stages))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["pipeline.yaml", "qwen-0.5b-pipeline.yaml"])
+def test_the_example_pipelines_load_and_every_stage_is_a_valid_config(name):
+    from pathlib import Path
+
+    from preftune.config import load_config
+    from preftune.pipeline import EVAL_OPTIONS, _dotted
+
+    _, stages = load_pipeline(Path(__file__).parent.parent / "examples" / name)
+    assert {"sft", "rm", "dpo", "online"} <= {stage.kind for stage in stages}
+    for stage in stages:
+        sections = {k: v for k, v in stage.tree.items() if k not in EVAL_OPTIONS}
+        load_config(base=_dotted(sections))  # an unknown key or a bad value raises, naming it
