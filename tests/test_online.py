@@ -307,3 +307,44 @@ def test_the_command_line_trains_from_a_folder_with_a_reward_function_and_refuse
     assert "round 1/1" in capsys.readouterr().out
     assert main(argv) == 2
     assert "holds an earlier online run; use --resume" in capsys.readouterr().err
+
+
+def first_step(tmp_path, round_index):
+    path = tmp_path / "online" / f"round-0{round_index}" / "train" / "metrics.jsonl"
+    return json.loads(path.read_text().splitlines()[0])
+
+
+def test_each_round_is_measured_against_its_starting_policy_by_default_or_the_initial_model(
+    tmp_path, tokenizer
+):
+    # Before its first update a policy equals its reference: the step-1 rewards are exactly 0.
+    run_online(tmp_path / "round", tokenizer, "online.final_samples=false")
+    assert first_step(tmp_path / "round", 2)["rewards/chosen"] == 0.0
+    run_online(tmp_path / "initial", tokenizer, "online.final_samples=false", "online.reference=initial")
+    assert first_step(tmp_path / "initial", 1)["rewards/chosen"] == 0.0
+    assert first_step(tmp_path / "initial", 2)["rewards/chosen"] != 0.0
+
+
+def test_chat_prompts_are_rendered_with_the_template_and_scored_as_messages(tmp_path, tokenizer):
+    seen = {}
+
+    class Recorder:
+        name = "recorder"
+
+        def __call__(self, prompts, completions):
+            seen.update(prompt=prompts[0], completion=completions[0])
+            return [float(len(c[0]["content"])) for c in completions]
+
+    messages = [{"prompt": [{"role": "user", "content": p["prompt"]}]} for p in sentiment_prompts(4)]
+    train_online(
+        online_config(tmp_path, "online.rounds=1", "online.final_samples=false"),
+        model=tiny_llama(len(tokenizer)),
+        tokenizer=tokenizer,
+        prompts=messages,
+        scorer=Recorder(),
+    )
+    assert seen["prompt"] == messages[0]["prompt"]
+    assert seen["completion"][0]["role"] == "assistant"
+    first = json.loads((tmp_path / "online" / "round-01" / "pairs.jsonl").read_text().splitlines()[0])
+    assert first["prompt"] in [m["prompt"] for m in messages]
+    assert first["chosen"][0]["role"] == "assistant"
