@@ -42,6 +42,16 @@ def sentiment_records(n: int, seed: int = 0) -> list[dict[str, str]]:
     return records
 
 
+def unpaired_records(n: int, seed: int = 0) -> list[dict[str, object]]:
+    """``n`` unpaired (KTO) records from the synthetic task, labels alternating, desirable first."""
+    records: list[dict[str, object]] = []
+    for i, pair in enumerate(sentiment_records(n, seed=seed)):
+        desirable = i % 2 == 0
+        completion = pair["chosen"] if desirable else pair["rejected"]
+        records.append({"prompt": pair["prompt"], "completion": completion, "label": desirable})
+    return records
+
+
 def quiet_config(output_dir: str, *overrides: str) -> RunConfig:
     """A fast CPU config: no progress bar, no trackers, no checkpoints unless asked, log every step, fp32."""
     return load_config(

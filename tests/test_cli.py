@@ -136,6 +136,13 @@ def test_losses_shows_every_objective_with_its_reference_need_parameters_and_pap
         assert any(line.startswith(f"option {option}:") and "arXiv" in line for line in lines), option
 
 
+def test_losses_lists_the_unpaired_objectives_with_what_they_read(capsys):
+    assert main(["losses"]) == 0
+    kto = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("kto "))
+    assert "[reference, unpaired, KL per micro-batch] (beta=0.1, desirable_weight, undesirable_weight)" in kto
+    assert "arXiv 2402.01306" in kto
+
+
 def test_losses_lists_the_aliases(capsys):
     assert main(["losses"]) == 0
     aliases = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("aliases:"))
@@ -185,6 +192,32 @@ def test_train_with_a_reference_free_objective_builds_no_reference(model_dir, pa
     assert records[-1]["step"] == 2
     assert {"rewards/chosen", "rewards/accuracies", "logps/chosen"} <= set(records[-1])
     assert (output / "final" / "config.json").is_file()
+
+
+def test_train_with_kto_trains_on_unpaired_records(model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "kto.jsonl", helpers.unpaired_records(4))
+    output = tmp_path / "out"
+    settings = ["--set", "train.max_steps=1", "--set", "train.batch_size=4"]
+    assert main(train_argv(model_dir, data, output, "--loss", "kto", *settings)) == 0
+    out = capsys.readouterr().out
+    assert "data: 4/4 examples kept (2 desirable, 2 undesirable) from 4 records" in out
+    assert "objective: kto, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0; reference: copy" in out
+    assert {"loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen"} <= set(
+        read_metrics(output)[-1]
+    )
+
+
+def test_check_data_for_kto_reports_every_bad_unpaired_record(tmp_path, capsys):
+    records = [*helpers.unpaired_records(2), {"prompt": "Q:", "completion": " yes", "label": "maybe"}]
+    data = write_jsonl(tmp_path / "kto.jsonl", [*records, {"prompt": "Q:", "answer": " yes"}])
+    assert main(["check-data", str(data), "--set", "objective.loss=kto"]) == 2
+    captured = capsys.readouterr()
+    assert f"{data}: 4 records, 2 examples (0 from pairs)" in captured.out
+    assert "preftune: error: 2 bad records:" in captured.err
+    assert (
+        f"{data}:3: field 'label' must be true (desirable) or false (undesirable), got 'maybe'"
+        in captured.err
+    )
 
 
 # --------------------------------------------------------------------------- user errors

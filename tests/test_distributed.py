@@ -55,3 +55,23 @@ def test_two_processes_of_batch_2_match_one_process_of_batch_4(tmp_path):
     assert [h["step"] for h in eval_ddp] == [2, 4]  # uneven eval shards finish, no hang
     for a, b in zip(eval_ddp, eval_one, strict=True):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
+
+
+def test_kto_gathers_its_kl_estimate_across_processes(tmp_path):
+    """KTO on examples sharing one prompt: each process's micro-batch of 2 estimates KL from its own
+    rows, and only their mean over the processes (clamped after averaging) equals the estimate of one
+    process with all 4, so the losses and the logged ``kl`` match only if the estimate is gathered.
+    Evaluation (uneven shards) does not gather and must not hang."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = _run([*torchrun, str(HERE / "distributed_run.py"), str(tmp_path / "ddp"), "2", "kto"], tmp_path)
+    single = _run(
+        [sys.executable, str(HERE / "distributed_run.py"), str(tmp_path / "one"), "4", "kto"], tmp_path
+    )
+    train_ddp = [h for h in ddp if "loss" in h]
+    train_one = [h for h in single if "loss" in h]
+    assert max(h["kl"] for h in train_one) > 0.05  # the estimate is not clamped to 0 throughout
+    for a, b in zip(train_ddp, train_one, strict=True):
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert [h["step"] for h in ddp if "eval_loss" in h] == [2, 4]

@@ -55,6 +55,20 @@ def test_stages_run_in_order_each_in_its_folder_and_a_reference_gets_the_earlier
     assert "headline metric" in capsys.readouterr().out
 
 
+def test_a_kto_stage_trains_on_the_pairs_unpaired_and_reports_its_own_headline(tmp_path, inputs):
+    """A stage named after an objective trains with it; KTO logs no reward accuracy, so its
+    summary names the margin it did log rather than another figure under that name."""
+    stage = {"model": {"name_or_path": str(inputs / "base")}, "data": {"path": str(inputs / "prefs.jsonl")}}
+    result = run_pipeline(_pipeline(tmp_path, inputs, {"kto": {**stage, "train": FAST}}))
+    (row,) = result["stages"]
+    assert row["status"] == "ran" and "rewards/accuracies" not in row
+    metrics = [
+        json.loads(line) for line in (tmp_path / "out" / "kto" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert row["rewards/margins"] == metrics[-1]["rewards/margins"]
+    assert "kl" in metrics[-1]
+
+
 def test_a_complete_stage_is_skipped_and_a_changed_one_reruns_with_what_follows(tmp_path, inputs):
     run_pipeline(_pipeline(tmp_path, inputs, _stages(inputs)))
     again = run_pipeline(_pipeline(tmp_path, inputs, _stages(inputs)))

@@ -108,6 +108,7 @@ def _config(args: argparse.Namespace) -> None:
 
 def _check_data(args: argparse.Namespace) -> None:
     from .data import scan
+    from .losses import is_unpaired
     from .models import load_tokenizer
 
     config = load_config(
@@ -116,6 +117,8 @@ def _check_data(args: argparse.Namespace) -> None:
         {"data.path": args.file} | ({"model.name_or_path": args.model} if args.model else {}),
     )
     tokenizer = load_tokenizer(config.model, config.data.chat_template) if config.model.name_or_path else None
+    if is_unpaired(config.objective):
+        return _check_unpaired(args, config, tokenizer)
     margin = config.reward.margin_field if args.margins else None
     pairs, report, errors = scan(
         args.file, tokenizer, config.data, config.data.split, True, margin, args.max_errors
@@ -133,10 +136,37 @@ def _check_data(args: argparse.Namespace) -> None:
     elif tokenizer is None:
         print("token lengths: give --model (a tokenizer) to see them and what the limits would cut")
     print(f"chosen identical to rejected: {report.identical}")
+    _bad_records(errors, args.max_errors)
+
+
+def _bad_records(errors: list[DataError], max_errors: int) -> None:
     if errors:
         shown = "\n  ".join(str(err) for err in errors)
-        more = " (stopped there; --max-errors to see more)" if len(errors) >= args.max_errors else ""
+        more = " (stopped there; --max-errors to see more)" if len(errors) >= max_errors else ""
         raise DataError(f"{len(errors)} bad records{more}:\n  {shown}")
+
+
+def _check_unpaired(args: argparse.Namespace, config: RunConfig, tokenizer: object) -> None:
+    """``check-data`` for an unpaired objective (``--set objective.loss=kto``): unpaired records and
+    pairs, as the KTO recipe reads them."""
+    from .data import UnpairedReport, scan_unpaired
+    from .data.unpaired import read_unpaired
+
+    data = config.data
+    if tokenizer is None:
+        report = UnpairedReport()
+        errors: list[DataError] = []
+        report.examples = len(
+            read_unpaired(args.file, data, report, errors, data.split, True, args.max_errors)
+        )
+        print(
+            f"{args.file}: {report.records} records, {report.examples} examples ({report.pairs} from pairs)"
+        )
+        print("token lengths: give --model (a tokenizer) to see them and what the limits would cut")
+    else:
+        _, report, errors = scan_unpaired(args.file, tokenizer, data, data.split, True, args.max_errors)
+        print(f"{args.file}: {report.summary()}")
+    _bad_records(errors, args.max_errors)
 
 
 def _pipeline(args: argparse.Namespace) -> None:
@@ -190,16 +220,21 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _losses(args: argparse.Namespace) -> None:
-    from .losses import ALIASES, OPTIONS, PRESETS, REGISTRY
+    from .losses import ALIASES, OPTIONS, PRESETS, REGISTRY, UNPAIRED
+
+    def line(name: str, doc: str | None, flags: list[str], beta: float, uses: tuple[str, ...]) -> str:
+        summary = " ".join((doc or "").strip().split("\n\n")[0].split())
+        return f"{name:18} [{', '.join(flags)}] ({', '.join([f'beta={beta:g}', *uses])}) {summary}"
 
     for name, spec in sorted(REGISTRY.items()):
-        summary = " ".join((spec.fn.__doc__ or "").strip().split("\n\n")[0].split())
         flags = ["reference" if spec.needs_reference else "reference-free"]
         flags += ["length-normalized"] * spec.length_normalized + ["couples the batch"] * spec.couples_batch
-        params = ", ".join([f"beta={spec.default_beta:g}", *spec.uses])
-        print(f"{name:14} [{', '.join(flags)}] ({params}) {summary}")
+        print(line(name, spec.fn.__doc__, flags, spec.default_beta, spec.uses))
+    for name, unpaired in sorted(UNPAIRED.items()):
+        flags = ["reference", "unpaired"] + ["KL per micro-batch"] * unpaired.needs_kl
+        print(line(name, unpaired.fn.__doc__, flags, unpaired.default_beta, unpaired.uses))
     for name, terms in PRESETS.items():
-        print(f"{name:14} [preset] " + " + ".join(t if w is None else f"{w}·{t}" for t, w in terms))
+        print(f"{name:18} [preset] " + " + ".join(t if w is None else f"{w}·{t}" for t, w in terms))
     print("aliases: " + ", ".join(f"{a} -> {b}" for a, b in sorted(ALIASES.items())))
     for name, text in OPTIONS.items():
         print(f"option {name}: {text}")
@@ -212,7 +247,10 @@ def _training_arguments(parser: argparse.ArgumentParser, model_help: str, with_l
         "--eval-data", help="held-out pairs, evaluated every train.eval_every steps and at the end"
     )
     if with_loss:
-        parser.add_argument("--loss", help="objective name(s), comma-separated: dpo, dpop, simpo, ipo, …")
+        parser.add_argument(
+            "--loss",
+            help="objective name(s), comma-separated: dpo, dpop, simpo, ipo, … (kto: unpaired examples)",
+        )
     parser.add_argument("--output", help="output folder (train.output_dir)")
     parser.add_argument(
         "--config", help="YAML file with model/data/objective/reference/train/reward sections"
@@ -230,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
-        "train", help="train a policy on preference pairs (DPO and its family)", epilog=KEYS_HELP
+        "train",
+        help="train a policy on preference pairs (DPO and its family) or unpaired examples (KTO)",
+        epilog=KEYS_HELP,
     )
     _training_arguments(train, "hub name or local folder of a causal LM", with_loss=True)
     train.set_defaults(run=_train)

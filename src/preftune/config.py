@@ -75,7 +75,9 @@ class DataConfig:
     rejected_field: str = "rejected"
     """Field holding the dispreferred completion."""
     completion_field: str = "completion"
-    """SFT: field holding the completion of a ``{prompt, completion}`` record."""
+    """SFT and KTO: field holding the completion of a ``{prompt, completion}`` record."""
+    label_field: str = "label"
+    """KTO: field saying whether a ``{prompt, completion}`` record is desirable (true) or not (false)."""
     messages_field: str = "messages"
     """SFT: field holding a whole conversation (the loss covers its assistant turns)."""
     text_field: str = "text"
@@ -135,6 +137,11 @@ class ObjectiveConfig:
     wpo: bool = False
     """WPO (Zhou et al. 2024): weight each pair's loss by the policy's own, detached, probability of
     its two completions; TRL's ``use_weighting``."""
+    desirable_weight: float = 1.0
+    """KTO's λ_D, the weight of the desirable examples' losses; with unequal counts the KTO paper
+    (Eq. 8) asks for λ_D·n_D / (λ_U·n_U) in [1, 4/3]."""
+    undesirable_weight: float = 1.0
+    """KTO's λ_U, the weight of the undesirable examples' losses."""
 
 
 @dataclass
@@ -343,20 +350,17 @@ def validate(config: RunConfig) -> None:
 def check_objective(o: ObjectiveConfig) -> None:
     """Ranges of the objective parameters (the registry checks which objectives use them)."""
     need(o.beta is None or o.beta > 0, "objective.beta", f"must be > 0, got {o.beta}")
-    need(
-        0 <= o.label_smoothing < 0.5,
-        "objective.label_smoothing",
-        f"must be in [0, 0.5), got {o.label_smoothing}",
-    )
+    eps = o.label_smoothing
+    need(0 <= eps < 0.5, "objective.label_smoothing", f"must be in [0, 0.5), got {eps}")
     need(o.dpop_lambda >= 0, "objective.dpop_lambda", f"must be >= 0, got {o.dpop_lambda}")
     need(o.discopop_tau > 0, "objective.discopop_tau", f"must be > 0, got {o.discopop_tau}")
     need(o.cpo_alpha >= 0, "objective.cpo_alpha", f"must be >= 0, got {o.cpo_alpha}")
     need(o.rpo_alpha >= 0, "objective.rpo_alpha", f"must be >= 0, got {o.rpo_alpha}")
-    need(
-        math.isfinite(o.f_divergence_alpha),
-        "objective.f_divergence_alpha",
-        f"must be finite, got {o.f_divergence_alpha}",
-    )
+    for key in ("f_divergence_alpha", "alphapo_alpha"):
+        need(math.isfinite(getattr(o, key)), f"objective.{key}", f"must be finite, got {getattr(o, key)}")
+    for key in ("desirable_weight", "undesirable_weight"):
+        value = getattr(o, key)
+        need(math.isfinite(value) and value >= 0, f"objective.{key}", f"must be finite and >= 0, got {value}")
     if o.f_divergence_alpha != ObjectiveConfig.f_divergence_alpha:
         need(
             o.f_divergence == "alpha_divergence",
@@ -368,7 +372,6 @@ def check_objective(o: ObjectiveConfig) -> None:
         "objective.ld_alpha",
         f"must be in [0, 1] (or null), got {o.ld_alpha}",
     )
-    need(math.isfinite(o.alphapo_alpha), "objective.alphapo_alpha", f"must be finite, got {o.alphapo_alpha}")
     if o.weights is not None:
         need(
             len(o.weights) == len(o.loss),

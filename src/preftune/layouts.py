@@ -9,7 +9,9 @@ only these maps, so a layout that packs several sequences into one row (prefix s
 padding-free packing) drops in as a new collate function.
 
 The padded layout matches TRL's: ``2B`` right-padded rows, the B ``prompt + chosen``
-rows first, then the B ``prompt + rejected`` rows.
+rows first, then the B ``prompt + rejected`` rows. Unpaired examples (KTO) collate into an
+:class:`UnpairedBatch`: two :class:`SequenceBatch` layouts, the examples' own sequences and the
+mismatched ones of the KL estimate.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import TokenizedPair
+from .data import TokenizedPair, TokenizedUnpaired
+from .data.sft import TokenizedSequence
 
 
 @dataclass
@@ -199,3 +202,62 @@ def collate_sequences(sequences: Sequence[Any], pad_token_id: int) -> SequenceBa
         label_sequence=torch.div(label_index, input_ids.shape[1], rounding_mode="floor"),
         index=torch.tensor([s.index for s in sequences], dtype=torch.long),
     )
+
+
+@dataclass
+class UnpairedBatch:
+    """B unpaired examples: ``completions`` holds each ``prompt + completion`` row; ``kl`` (when
+    the objective estimates KL) each prompt followed by another example's completion
+    (:func:`kl_partners`); ``desirable`` ``[B]`` the labels."""
+
+    completions: SequenceBatch
+    desirable: Tensor
+    kl: SequenceBatch | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return self.completions.num_sequences
+
+    @property
+    def num_tokens(self) -> Tensor:
+        """The examples' own tokens, as TRL counts ``num_tokens`` (the KL rows are not trained on)."""
+        return self.completions.num_tokens
+
+    def to(self, device: torch.device | str) -> UnpairedBatch:
+        kl = None if self.kl is None else self.kl.to(device)
+        return UnpairedBatch(self.completions.to(device), self.desirable.to(device), kl)
+
+
+def kl_partners(count: int) -> list[int]:
+    """For each example of a batch, the example whose completion its KL sequence borrows: the one
+    before it, the first taking the last's (TRL rotates the completions by one:
+    ``(x_1, y_n), (x_2, y_1), …, (x_n, y_{n−1})``), so the KL sequences use the batch's own
+    completions, each with another prompt."""
+    return [(i - 1) % count for i in range(count)]
+
+
+def collate_unpaired(
+    examples: Sequence[TokenizedUnpaired],
+    pad_token_id: int,
+    max_length: int | None = None,
+    with_kl: bool = True,
+) -> UnpairedBatch:
+    """Right-padded rows ``prompt + completion`` (and with ``with_kl`` ``prompt_i + completion_j``,
+    ``j`` from :func:`kl_partners`), each cut to ``max_length`` keeping its start, as TRL's collator."""
+
+    def rows(completions: list[list[int]]) -> SequenceBatch:
+        sequences = [
+            TokenizedSequence(
+                (e.prompt_ids + completion)[:max_length],
+                ([0] * len(e.prompt_ids) + [1] * len(completion))[:max_length],
+                e.index,
+                e.where,
+            )
+            for e, completion in zip(examples, completions, strict=True)
+        ]
+        return collate_sequences(sequences, pad_token_id)
+
+    own = [e.completion_ids for e in examples]
+    kl = rows([own[j] for j in kl_partners(len(examples))]) if with_kl else None
+    desirable = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
+    return UnpairedBatch(rows(own), desirable, kl)

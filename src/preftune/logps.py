@@ -281,6 +281,7 @@ class PolicyLogps(nn.Module):
         with_tails: bool = False,
         with_wpo: bool = False,
         extra_stats: tuple[str, ...] = (),
+        with_mean_logits: bool | None = None,
     ):
         super().__init__()
         self.model = model
@@ -288,13 +289,18 @@ class PolicyLogps(nn.Module):
         self.with_tails = with_tails
         self.with_wpo = with_wpo
         self.extra_stats = extra_stats
+        self.with_mean_logits = not extra_stats if with_mean_logits is None else with_mean_logits
 
-    def forward(self, batch: Batch | SequenceBatch) -> SequenceLogps:
+    def forward(self, batch: Batch | SequenceBatch, only_logps: bool = False) -> SequenceLogps:
+        """The statistics this module was built for; ``only_logps``: the log-probs and token counts
+        alone (KTO's KL sequences, which no metric reads)."""
+        if only_logps:
+            return batch_logps(self.model, batch, self.chunk_size, with_mean_logits=False)
         return batch_logps(
             self.model,
             batch,
             self.chunk_size,
-            with_mean_logits=not self.extra_stats,
+            with_mean_logits=self.with_mean_logits,
             with_tails=self.with_tails,
             with_wpo=self.with_wpo,
             extra_stats=self.extra_stats,

@@ -260,11 +260,13 @@ def run_pipeline(
         except PreftuneError as err:  # name the stage; a signal keeps its exit code
             err.args = (f"stage {stage.name}: {err}",)
             raise
-        headline = HEADLINE.get(stage.kind, "loss")
+        # A `dpo` stage training KTO logs no accuracy: its margin, else the loss, under its own name.
+        candidates = (HEADLINE.get(stage.kind, "loss"), "rewards/margins")
+        headline = next((name for name in candidates if name in metrics), "loss")
         summary = {
             "seconds": round(time.perf_counter() - started, 1),
             "final": str(folder / "final"),
-            headline: metrics.get(headline, metrics.get("loss")),
+            headline: metrics.get(headline),
         }
         _write(
             record_path,

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .config import RunConfig
 from .data import TokenizedPair
 from .errors import ConfigError, ReferenceCacheError
-from .layouts import Batch, collate_pairs
+from .layouts import Batch, SequenceBatch, collate_pairs
 from .logps import SequenceLogps, batch_logps
 
 __all__ = ["Reference", "ReferenceCacheError", "build_reference"]
@@ -56,11 +56,12 @@ class _ModelLogps:
     def model_context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
-    def _sequences(self, batch: Batch, tails: bool) -> SequenceLogps:
+    def _sequences(self, batch: Batch | SequenceBatch, tails: bool) -> SequenceLogps:
         with torch.no_grad(), self.model_context():
             return batch_logps(self.model, batch, self.chunk_size, with_mean_logits=False, with_tails=tails)
 
-    def logps(self, batch: Batch) -> Tensor:
+    def logps(self, batch: Batch | SequenceBatch) -> Tensor:
+        """Also of single sequences (KTO's examples and KL sequences), which only a live model scores."""
         return self._sequences(batch, tails=False).logps
 
     def logps_and_tails(self, batch: Batch) -> tuple[Tensor, Tensor]:

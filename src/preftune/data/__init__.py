@@ -7,6 +7,9 @@ Three record shapes are accepted, with configurable field names:
 * implicit prompt (HH-RLHF style): only "chosen" and "rejected", each a full text or
   conversation; their shared prefix is the prompt.
 
+Unpaired records for KTO, ``{"prompt", "completion", "label"}``, and pairs unpaired for it:
+:mod:`.unpaired`.
+
 Tokenization follows TRL 1.x exactly, so that the same records give the same ids:
 the prompt is tokenized with the tokenizer's special tokens, prompt + completion
 (+ EOS text for standard records) is tokenized as one string, and the completion is
@@ -24,6 +27,7 @@ from .readers import read_records
 from .records import ROLES, Message, PreferenceExample, Text, parse_example, split_implicit_prompt
 from .report import DataReport
 from .tokenize import TokenizedPair, check_tokenizer, sequence_ids, tokenize_example, truncate, with_eos
+from .unpaired import TokenizedUnpaired, UnpairedReport, prepare_unpaired, scan_unpaired
 
 __all__ = [
     "ROLES",
@@ -33,11 +37,15 @@ __all__ = [
     "PreferenceExample",
     "Text",
     "TokenizedPair",
+    "TokenizedUnpaired",
+    "UnpairedReport",
     "check_tokenizer",
     "parse_example",
     "prepare_pairs",
+    "prepare_unpaired",
     "read_records",
     "scan",
+    "scan_unpaired",
     "sequence_ids",
     "split_implicit_prompt",
     "tokenize_example",

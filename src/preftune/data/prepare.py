@@ -22,7 +22,7 @@ def source_name(source: Any) -> str:
     return "records" if isinstance(source, list) else "dataset"
 
 
-def _parse_or_skip(
+def parse_or_skip(
     record: dict[str, Any], where: str, cfg: DataConfig, margin_field: str | None, report: DataReport
 ) -> PreferenceExample | None:
     """The validated example, or None for an identical pair the policy drops."""
@@ -91,7 +91,7 @@ def scan(
         if len(errors) >= max_errors:
             break
         try:
-            example = _parse_or_skip(record, where, cfg, margin_field, report)
+            example = parse_or_skip(record, where, cfg, margin_field, report)
             if example is None or tokenizer is None:
                 continue
             if example.conversational not in checked_formats:  # a tokenizer problem stops at once

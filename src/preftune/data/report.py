@@ -38,15 +38,9 @@ class DataReport:
         return "\n".join(lines)
 
     def summary(self) -> str:
-        def stats(xs: list[int]) -> str:
-            if not xs:
-                return "-"
-            ordered = sorted(xs)
-            return f"mean {sum(xs) / len(xs):.1f}, p95 {p95(ordered)}, max {ordered[-1]}"
-
         lines = [
             f"{self.kept}/{self.records} pairs kept",
-            f"prompt tokens: {stats(self.prompt_lengths)}; completion tokens: {stats(self.completion_lengths)}",
+            f"prompt tokens: {spread(self.prompt_lengths)}; completion tokens: {spread(self.completion_lengths)}",
         ]
         if self.prompt_truncated or self.completion_truncated:
             lines.append(
@@ -60,6 +54,14 @@ class DataReport:
                 f"{self.identical} pairs have chosen identical to rejected ({self.dropped_identical} dropped)"
             )
         return "\n".join(lines)
+
+
+def spread(lengths: list[int]) -> str:
+    """Mean, p95 and max of token lengths, for the reports."""
+    if not lengths:
+        return "-"
+    ordered = sorted(lengths)
+    return f"mean {sum(lengths) / len(lengths):.1f}, p95 {p95(ordered)}, max {ordered[-1]}"
 
 
 def p95(ordered: list[int]) -> int:

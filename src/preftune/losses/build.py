@@ -12,6 +12,7 @@ from torch import Tensor
 from ..config import ObjectiveConfig, check_objective
 from ..errors import ConfigError
 from .registry import ALIASES, REGISTRY, LossOutput, ObjectiveSpec, PairStats, Params
+from .unpaired import UNPAIRED, UnpairedObjective
 
 # Named mixtures: (term, weight-parameter) pairs. RPO = DPO + α·NLL on chosen (Pang et al. 2024);
 # CPO-SimPO = SimPO + α·NLL (TRL's CPO trainer with loss_type="simpo"; the SimPO repo's sft_weight).
@@ -85,7 +86,7 @@ class Objective:
 
 
 def available() -> list[str]:
-    return sorted([*REGISTRY, *ALIASES, *PRESETS])
+    return sorted([*REGISTRY, *ALIASES, *PRESETS, *UNPAIRED])
 
 
 def _resolve(name: str) -> str:
@@ -94,6 +95,11 @@ def _resolve(name: str) -> str:
         return name
     if name in ALIASES:
         return ALIASES[name]
+    if name in UNPAIRED:
+        raise ConfigError(
+            f"objective.loss: '{name}' learns from unpaired examples and is trained alone; "
+            "it cannot be mixed with pairwise objectives"
+        )
     close = difflib.get_close_matches(name, available(), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise ConfigError(
@@ -127,9 +133,37 @@ def build_objective(cfg: ObjectiveConfig) -> Objective:
     return Objective(tuple(terms), Params(**values))
 
 
+def is_unpaired(cfg: ObjectiveConfig) -> bool:
+    """The objective learns from unpaired examples (KTO): the unpaired recipe trains it."""
+    return any(name.strip().lower() in UNPAIRED for name in cfg.loss)
+
+
+def build_unpaired_objective(cfg: ObjectiveConfig) -> UnpairedObjective:
+    """Resolve an unpaired objective (``kto``, ``apo_zero_unpaired``) and check its parameters:
+    it is trained alone, and the options of the pairwise objectives do not apply to it."""
+    check_objective(cfg)
+    names = [n.strip().lower() for n in cfg.loss]
+    if len(names) != 1 or names[0] not in UNPAIRED:
+        raise ConfigError(
+            f"objective.loss: {', '.join(names)}: an unpaired objective ({', '.join(sorted(UNPAIRED))}) "
+            "is trained alone, not in a mixture"
+        )
+    spec = UNPAIRED[names[0]]
+    # The options of _SELECTION that only a sum of pairwise objectives reads.
+    for key in ("weights", "ld_alpha", "wpo"):
+        value = getattr(cfg, key)
+        if value not in (None, False):
+            raise ConfigError(f"objective.{key}: {value} applies to pairwise objectives, not {spec.name}")
+    _refuse_unread(cfg, names, set(spec.uses))
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ObjectiveConfig)}
+    values["beta"] = cfg.beta if cfg.beta is not None else spec.default_beta
+    return UnpairedObjective(spec, Params(**values))
+
+
 def _users(field: str) -> list[str]:
     """The objectives and presets that read ``field``."""
     users = [name for name, spec in REGISTRY.items() if field in spec.uses]
+    users += [name for name, spec in UNPAIRED.items() if field in spec.uses]
     return sorted(users + [name for name, terms in PRESETS.items() if any(w == field for _, w in terms)])
 
 
@@ -145,14 +179,7 @@ def _check_parameters(cfg: ObjectiveConfig, names: list[str], specs: list[Object
         )
     used = {field for spec in specs for field in spec.uses}
     used |= {w for name in names for _, w in PRESETS.get(name, []) if w}
-    for f in dataclasses.fields(ObjectiveConfig):
-        value = getattr(cfg, f.name)
-        if f.name in _SELECTION or f.name in used or value == f.default:
-            continue
-        raise ConfigError(
-            f"objective.{f.name}: {value} is ignored by '{'+'.join(names)}'; "
-            f"only {', '.join(_users(f.name))} use it"
-        )
+    _refuse_unread(cfg, names, used)
     if cfg.ld_alpha is not None and not any(s.needs_reference for s in specs):
         raise ConfigError(
             f"objective.ld_alpha: LD-DPO desensitizes log-ratios against the reference; "
@@ -169,3 +196,15 @@ def _check_parameters(cfg: ObjectiveConfig, names: list[str], specs: list[Object
     given = [n.strip().lower() for n in cfg.loss]
     if "alphapo" in given and cfg.alphapo_alpha == 0:
         raise ConfigError("objective.alphapo_alpha: alphapo needs α ≠ 0 (with α = 0 it is simpo)")
+
+
+def _refuse_unread(cfg: ObjectiveConfig, names: list[str], used: set[str]) -> None:
+    """A parameter set away from its default must be read by one of the chosen objectives."""
+    for f in dataclasses.fields(ObjectiveConfig):
+        value = getattr(cfg, f.name)
+        if f.name in _SELECTION or f.name in used or value == f.default:
+            continue
+        raise ConfigError(
+            f"objective.{f.name}: {value} is ignored by '{'+'.join(names)}'; "
+            f"only {', '.join(_users(f.name))} use it"
+        )

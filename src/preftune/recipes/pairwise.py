@@ -1,4 +1,5 @@
-"""The DPO family: train a policy on preference pairs with any registered objective.
+"""The DPO family: train a policy on preference pairs with any registered objective
+(unpaired objectives such as KTO go to :mod:`.kto`).
 
 records -> TokenizedPair -> Batch (a layout) -> log-probs per sequence, policy and reference
 -> PairStats (the batch says which sequence is which pair's chosen / rejected)
@@ -18,11 +19,12 @@ from ..engine import Harness, LossFn, Task, TrainResult
 from ..errors import ConfigError
 from ..layouts import Batch, collate_pairs
 from ..logps import PolicyLogps, SequenceLogps
-from ..losses import Objective, PairStats, build_objective
+from ..losses import Objective, PairStats, build_objective, is_unpaired
 from ..metrics import preference_metrics
 from ..models import load_model, prepare_for_training
 from ..reference import Reference, build_reference, weights_digest
 from .common import load_pairs, tokenizer_for
+from .kto import train_kto
 
 
 def pair_stats(
@@ -104,7 +106,20 @@ def train(
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train ``config.model`` (or ``model``) on ``config.data`` (or the records given) with
-    ``config.objective``. ``stop_after`` ends the run after that many steps, as if interrupted."""
+    ``config.objective``. ``stop_after`` ends the run after that many steps, as if interrupted.
+
+    An unpaired objective (``kto``, ``apo_zero_unpaired``) is trained by :func:`train_kto`, on
+    unpaired records or these pairs unpaired."""
+    if is_unpaired(config.objective):
+        return train_kto(
+            config,
+            model=model,
+            tokenizer=tokenizer,
+            train_data=train_data,
+            eval_data=eval_data,
+            reference_model=reference_model,
+            stop_after=stop_after,
+        )
     harness = Harness(config)
     objective = build_objective(config.objective)
     if objective.needs_reference and config.reference.strategy == "none":
