@@ -99,84 +99,23 @@ def train_online(
             return rollout_for(policy)
         return TransformersRollout(policy, pad, stop, progress=cfg.progress)
 
+    run = OnlineRun(config, output, prompt_rows, scorer, tokenizer, initial, model, make_rollout)
     rows = [row for row in done if row["round"] <= online.rounds]
     each = online.prompts_per_round or len(prompt_rows)
     print(f"online: {each} prompts x {online.samples_per_prompt} samples a round, {online.rounds} rounds")
     for r in range(len(rows) + 1, online.rounds + 1):
-        started = time.perf_counter()
-        round_dir = output / f"round-{r:02d}"
-        policy = _policy_at(r, model, config, output)
-        row = {"round": r, "policy": "initial" if r == 1 else f"after round {r - 1}"}
-        prompts_r = prompt_slice(prompt_rows, r, online.prompts_per_round)
-        samples = _samples(round_dir, r, policy, make_rollout, prompts_r, config, scorer, tokenizer)
-        row |= sample_stats(samples, policy, initial, prompts_r, pad, config.reference.batch_size, r == 1)
-        triples, counts = build_pairs(
-            [[s["reward"] for s in group] for group in samples],
-            [[s["completion_ids"] for s in group] for group in samples],
-            online.pair_rule,
-            online.min_gap,
-            seed=cfg.seed + r,
-        )
-        _write_pairs(round_dir / "pairs.jsonl", triples, samples, prompts_r)
-        row |= {key: value for key, value in vars(counts).items() if key != "per_prompt"}
-        print(f"round {r}/{online.rounds}: {_describe(row)}\n  {counts.summary()}", flush=True)
-        if not triples:
-            raise ConfigError(
-                f"round {r}: no pair could be built ({counts.summary()}); sample more per prompt "
-                "(online.samples_per_prompt), raise rollout.temperature, or lower online.min_gap"
-            )
-        pairs = [
-            TokenizedPair(
-                prompts_r[p].ids, samples[p][a]["completion_ids"], samples[p][b]["completion_ids"], i
-            )
-            for i, (p, a, b) in enumerate(triples)
-        ]
-        train_dir = round_dir / "train"
-        round_config = dataclasses.replace(
-            config,
-            train=dataclasses.replace(
-                cfg, output_dir=str(train_dir), resume=train_dir.exists(), overwrite=False
-            ),
-        )
         stop_after = stop_in_round[1] if stop_in_round and stop_in_round[0] == r else None
-        result = train(
-            round_config,
-            model=policy,
-            tokenizer=tokenizer,
-            train_data=pairs,
-            reference_model=initial if online.reference == "initial" else None,
-            stop_after=stop_after,
-        )
-        if result.final_dir is None:  # stopped inside the round, as if interrupted
+        row = run.round(r, stop_after)
+        if row is None:  # stopped inside the round, as if interrupted
             return OnlineResult(output, rows)
-        row |= _last_metrics(train_dir) | {"seconds": round(time.perf_counter() - started, 1)}
         rows.append(row)
         _write_jsonl(output / "rounds.jsonl", rows)
-        del policy
 
     final_policy = _policy_at(online.rounds + 1, model, config, output)
     final = None
     if online.final_samples:
-        samples = _samples(
-            output / "final-samples",
-            online.rounds + 1,
-            final_policy,
-            make_rollout,
-            prompt_slice(prompt_rows, online.rounds + 1, online.prompts_per_round),
-            config,
-            scorer,
-            tokenizer,
-        )
         final = {"round": "final", "policy": f"after round {online.rounds}"}
-        final |= sample_stats(
-            samples,
-            final_policy,
-            initial,
-            prompt_slice(prompt_rows, online.rounds + 1, online.prompts_per_round),
-            pad,
-            config.reference.batch_size,
-            False,
-        )
+        final |= run.sample_and_measure(output / "final-samples", online.rounds + 1, final_policy)[1]
         print(f"final policy: {_describe(final)}", flush=True)
     history = _history(output / f"round-{online.rounds:02d}" / "train" / "metrics.jsonl")
     card = model_card(
@@ -195,6 +134,75 @@ def train_online(
     _write_summary(output, config, rows, final)
     print(f"saved {final_dir}", flush=True)
     return OnlineResult(output, rows, final, final_dir)
+
+
+@dataclass
+class OnlineRun:
+    """What every round reads: the settings, the prompts, the scorer, the frozen initial policy."""
+
+    config: RunConfig
+    output: Path
+    prompts: list[Prompt]
+    scorer: Scorer
+    tokenizer: Any
+    initial: nn.Module
+    model: nn.Module | None
+    make_rollout: RolloutFactory
+
+    def sample_and_measure(
+        self, folder: Path, r: int, policy: nn.Module
+    ) -> tuple[tuple[list[Prompt], list[list[dict[str, Any]]]], dict[str, Any]]:
+        """Round ``r``'s prompts and scored samples of ``policy``, and what they measure."""
+        prompts = prompt_slice(self.prompts, r, self.config.online.prompts_per_round)
+        samples = _samples(
+            folder, r, policy, self.make_rollout, prompts, self.config, self.scorer, self.tokenizer
+        )
+        pad, batch_size = self.tokenizer.pad_token_id, self.config.reference.batch_size
+        stats = sample_stats(samples, policy, self.initial, prompts, pad, batch_size, r == 1)
+        return (prompts, samples), stats
+
+    def round(self, r: int, stop_after: int | None) -> dict[str, Any] | None:
+        """Sample, score, pair and train round ``r``; its row, or None when stopped inside it."""
+        config, online, started = self.config, self.config.online, time.perf_counter()
+        round_dir = self.output / f"round-{r:02d}"
+        policy = _policy_at(r, self.model, config, self.output)
+        row: dict[str, Any] = {"round": r, "policy": "initial" if r == 1 else f"after round {r - 1}"}
+        (prompts, samples), stats = self.sample_and_measure(round_dir, r, policy)
+        row |= stats
+        triples, counts = build_pairs(
+            [[s["reward"] for s in group] for group in samples],
+            [[s["completion_ids"] for s in group] for group in samples],
+            online.pair_rule,
+            online.min_gap,
+            seed=config.train.seed + r,
+        )
+        _write_pairs(round_dir / "pairs.jsonl", triples, samples, prompts)
+        row |= {key: value for key, value in vars(counts).items() if key != "per_prompt"}
+        print(f"round {r}/{online.rounds}: {_describe(row)}\n  {counts.summary()}", flush=True)
+        if not triples:
+            raise ConfigError(
+                f"round {r}: no pair could be built ({counts.summary()}); sample more per prompt "
+                "(online.samples_per_prompt), raise rollout.temperature, or lower online.min_gap"
+            )
+        pairs = [
+            TokenizedPair(prompts[p].ids, samples[p][a]["completion_ids"], samples[p][b]["completion_ids"], i)
+            for i, (p, a, b) in enumerate(triples)
+        ]
+        train_dir = round_dir / "train"
+        train_settings = dataclasses.replace(
+            config.train, output_dir=str(train_dir), resume=train_dir.exists(), overwrite=False
+        )
+        result = train(
+            dataclasses.replace(config, train=train_settings),
+            model=policy,
+            tokenizer=self.tokenizer,
+            train_data=pairs,
+            reference_model=self.initial if online.reference == "initial" else None,
+            stop_after=stop_after,
+        )
+        if result.final_dir is None:
+            return None
+        return row | _last_metrics(train_dir) | {"seconds": round(time.perf_counter() - started, 1)}
 
 
 # --------------------------------------------------------------------------- the round's pieces
