@@ -20,8 +20,8 @@ from preftune.synthetic import tiny_llama
 HERE = Path(__file__).parent
 
 
-def _launch(args: list[str], tmp_path: Path) -> str:
-    """The stdout of ``args``, which must succeed."""
+def _launch(args: list[str], tmp_path: Path, succeed: bool = True, timeout: float = 240) -> str:
+    """The stdout of ``args`` (with ``succeed=False``: its stderr, and it must fail)."""
     # This tree's sources, not whichever copy of preftune the environment has installed.
     path = os.pathsep.join([str(HERE), str(HERE.parent / "src")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
@@ -36,11 +36,14 @@ def _launch(args: list[str], tmp_path: Path) -> str:
         start_new_session=True,
     )
     try:
-        stdout, stderr = process.communicate(timeout=240)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         pytest.fail(f"timed out:\n{stderr[-3000:]}")
+    if not succeed:
+        assert process.returncode != 0, stdout[-2000:]
+        return stderr
     assert process.returncode == 0, stderr[-3000:]
     return stdout
 
@@ -96,3 +99,19 @@ def test_two_processes_share_the_precomputed_reference_and_equal_one_process(tmp
     assert [r["computed_when_reused"] for r in reports] == [0, 0]
     assert all(r["reused_equal"] for r in reports)
     assert all("computed for another model" in r["refused"] for r in reports)  # every rank stops
+
+
+def test_a_process_that_fails_ends_the_run_with_its_error_in_the_launchers_summary(tmp_path, tokenizer):
+    model_dir = tmp_path / "model"
+    tiny_llama(len(tokenizer), seed=8).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in sentiment_records(16, seed=4)))
+    script = [str(HERE / "distributed_failure.py"), str(model_dir), str(data), str(tmp_path / "out")]
+    # Rank 0 waits in a collective for the failed rank: gloo sees the peer gone, the launcher
+    # ends the group. A hang would hit the timeout and fail the test.
+    stderr = _launch([*TORCHRUN, *script], tmp_path, succeed=False, timeout=120)
+    summary = stderr[stderr.index("Root Cause") :]
+    assert "rank      : 1" in summary
+    assert "ValueError: a bad batch on rank 1" in summary
+    assert not (tmp_path / "out" / "final").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -380,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.exit_code
     except PreftuneError as err:
         print(f"preftune: error: {err}", file=sys.stderr)
+        _tell_launcher(err)
         return 2
     except BrokenPipeError:  # `preftune losses | head`
         return 0
@@ -388,7 +390,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "preftune: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr
         )
         return 130
+    except Exception as err:
+        _tell_launcher(err)
+        raise
     return 0
+
+
+def _tell_launcher(err: BaseException) -> None:
+    """Under ``torchrun`` / ``accelerate launch``, the failing process's error goes into the
+    launcher's closing summary (its root cause), not only into the interleaved logs. The
+    launcher ends the other processes as soon as one exits."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(err)
 
 
 if __name__ == "__main__":
