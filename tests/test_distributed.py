@@ -1,23 +1,33 @@
-"""Two CPU processes (gloo) under torchrun: data-parallel training equals one process with twice
-the batch; the precomputed reference is shared out and equals one process's."""
+"""Several CPU processes (gloo) under torchrun / accelerate launch: DDP and FSDP2 train like one
+process with the doubled batch, FSDP2 checkpoints resume, the precomputed reference is shared
+out and equals one process's, and a process that fails ends the run with its error."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import sentiment_records
+from accelerate.commands.config.config_args import ClusterConfig
+from accelerate.utils import DistributedType
+from helpers import quiet_config, sentiment_records
+from transformers import AutoModelForCausalLM
 
 from preftune.config import DataConfig
 from preftune.data import prepare_pairs
+from preftune.engine.sharding import check_distributed
+from preftune.errors import ConfigError
+from preftune.recipes.pairwise import train
 from preftune.reference import ModelReference, precompute
 from preftune.synthetic import tiny_llama
 
 HERE = Path(__file__).parent
+EXAMPLES = HERE.parent / "examples" / "accelerate"
 
 
 def _launch(args: list[str], tmp_path: Path, succeed: bool = True, timeout: float = 240) -> str:
@@ -115,3 +125,97 @@ def test_a_process_that_fails_ends_the_run_with_its_error_in_the_launchers_summa
     assert "rank      : 1" in summary
     assert "ValueError: a bad batch on rank 1" in summary
     assert not (tmp_path / "out" / "final").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tmp_path, tokenizer):
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(EXAMPLES / "fsdp2.yaml"),
+    ]
+    launch += ["--num_processes=2", f"--main_process_port={_free_port()}"]
+    stdout = _launch([*launch, str(HERE / "distributed_fsdp.py"), str(tmp_path)], tmp_path)
+    report = json.loads(
+        next(line for line in stdout.splitlines() if line.startswith("REPORT "))[len("REPORT ") :]
+    )
+    # Sharded for real: each decoder layer its own group, each process holding half of its rows.
+    assert report["shards"] == {"groups": 2, "local_rows": 32, "rows": 64}
+
+    single = train(
+        quiet_config(
+            str(tmp_path / "one"),
+            "train.batch_size=4",
+            "train.max_steps=4",
+            "train.scheduler=linear",
+            "train.eval_every=2",
+            "train.seed=3",
+            "train.max_grad_norm=0.5",
+        ),
+        model=tiny_llama(len(tokenizer), seed=8),
+        tokenizer=tokenizer,
+        train_data=sentiment_records(16, seed=4),
+        eval_data=sentiment_records(5, seed=9),
+    )
+    sharded = {h["step"]: h for h in report["full"] if "loss" in h}
+    one = {h["step"]: h for h in single.history if "loss" in h}
+    assert sorted(sharded) == sorted(one) == [1, 2, 3, 4]
+    for step, expected in one.items():
+        assert sharded[step]["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+        assert sharded[step]["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+        assert sharded[step]["learning_rate"] == pytest.approx(expected["learning_rate"])
+    assert one[1]["grad_norm"] > 0.5  # clipping was active, over the whole model
+    evals = [(h["step"], h["eval_loss"]) for h in report["full"] if "eval_loss" in h]
+    expected_evals = [(h["step"], h["eval_loss"]) for h in single.history if "eval_loss" in h]
+    assert [s for s, _ in evals] == [2, 4]
+    assert [v for _, v in evals] == pytest.approx([v for _, v in expected_evals], abs=1e-5)
+
+    # final/ holds the gathered weights, as transformers loads them.
+    gathered = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final").state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(single.final_dir).state_dict().items():
+        torch.testing.assert_close(gathered[name], tensor, atol=1e-5, rtol=0)
+
+    # Stopped after step 2 and resumed from its sharded run's checkpoint: steps 3 and 4 as uninterrupted.
+    resumed = {h["step"]: h for h in report["resumed"] if "loss" in h}
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step]["loss"] == pytest.approx(sharded[step]["loss"], abs=1e-5)
+        assert resumed[step]["grad_norm"] == pytest.approx(sharded[step]["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("config", "kind", "processes"),
+    [
+        ("ddp.yaml", DistributedType.MULTI_GPU, 8),
+        ("fsdp2.yaml", DistributedType.FSDP, 8),
+        ("multi-node.yaml", DistributedType.FSDP, 16),
+        ("zero2.yaml", DistributedType.DEEPSPEED, 8),
+        ("zero3.yaml", DistributedType.DEEPSPEED, 8),
+    ],
+)
+def test_each_example_accelerate_config_is_one_accelerate_reads(config, kind, processes):
+    read = ClusterConfig.from_yaml_file(EXAMPLES / config)
+    assert (read.distributed_type, read.num_processes) == (kind, processes)
+    if kind == DistributedType.FSDP:
+        assert read.fsdp_config["fsdp_version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "fsdp2", "refusal"),
+    [
+        (DistributedType.FSDP, False, "fsdp_version: 2"),
+        (DistributedType.DEEPSPEED, False, "not supported yet"),
+    ],
+)
+def test_fsdp1_and_deepspeed_are_refused_with_what_to_use_instead(kind, fsdp2, refusal):
+    launched = SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2)
+    with pytest.raises(ConfigError, match=refusal):
+        check_distributed(launched)
+    check_distributed(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))

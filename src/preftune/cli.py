@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -372,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default", UserWarning)
-    from .guard import StopRequested
+    from .guard import StopRequested, tell_launcher
 
     try:
         args.run(args)
@@ -381,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.exit_code
     except PreftuneError as err:
         print(f"preftune: error: {err}", file=sys.stderr)
-        _tell_launcher(err)
+        tell_launcher(err)
         return 2
     except BrokenPipeError:  # `preftune losses | head`
         return 0
@@ -391,20 +390,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     except Exception as err:
-        _tell_launcher(err)
+        tell_launcher(err)
         raise
     return 0
-
-
-def _tell_launcher(err: BaseException) -> None:
-    """Under ``torchrun`` / ``accelerate launch``, the failing process's error goes into the
-    launcher's closing summary (its root cause), not only into the interleaved logs. The
-    launcher ends the other processes as soon as one exits."""
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
-
-        get_error_handler().record_exception(err)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
