@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under ``accelerate launch --config_file
 examples/accelerate/fsdp2.yaml`` (2 CPU processes): FSDP2 training, then the same run stopped
-after 2 steps and resumed from its checkpoint.
+after 2 steps and resumed from its checkpoint; then 2 steps of reward-model training and of SFT.
 
 accelerate 1.15 turns FSDP on only for accelerator devices (on a CPU it falls back to DDP),
 while torch's ``fully_shard`` runs on CPU with gloo. So, for this test only, the distributed
@@ -20,7 +20,9 @@ from torch.distributed.tensor import DTensor
 
 import preftune.engine.harness as harness_module
 from preftune.recipes.pairwise import train
-from preftune.synthetic import build_tokenizer, tiny_llama
+from preftune.recipes.reward import train_reward_model
+from preftune.recipes.sft import train_sft
+from preftune.synthetic import build_tokenizer, tiny_llama, tiny_reward_model
 
 accelerate_accelerator = harness_module.Accelerator
 
@@ -55,13 +57,39 @@ def run(folder, *extra, stop_after=None):
 
 
 model, full = run("full")
-weight = model.model.layers[0].self_attn.q_proj.weight
+
+
+def rows(weight):
+    """(rows held here, rows in all): a sharded weight holds half of them on each process."""
+    return [weight.to_local().shape[0] if isinstance(weight, DTensor) else None, weight.shape[0]]
+
+
 shards = {
     "groups": sum(isinstance(m, FSDPModule) for m in model.modules()),
-    "local_rows": weight.to_local().shape[0] if isinstance(weight, DTensor) else None,
-    "rows": weight.shape[0],
+    "layer": rows(model.model.layers[0].self_attn.q_proj.weight),
+    "lm_head": rows(model.lm_head.weight),  # the chunked head reads it gathered, inside the forward
 }
 run("resumed", stop_after=2)
 _, resumed = run("resumed", "train.resume=true")
+records = sentiment_records(16, seed=4)
+short = ["train.batch_size=2", "train.max_steps=2"]
+reward = train_reward_model(
+    quiet_config(f"{output_dir}/rm", *short),
+    model=tiny_reward_model(len(tokenizer), seed=4),
+    tokenizer=tokenizer,
+    train_data=records,
+)
+sft = train_sft(
+    quiet_config(f"{output_dir}/sft", *short),
+    model=tiny_llama(len(tokenizer), seed=4),
+    tokenizer=tokenizer,
+    train_data=[{"prompt": r["prompt"], "completion": r["chosen"]} for r in records],
+)
 if os.environ["RANK"] == "0":
-    print("REPORT " + json.dumps({"full": full.history, "resumed": resumed.history, "shards": shards}))
+    histories = {
+        "full": full.history,
+        "resumed": resumed.history,
+        "reward": reward.history,
+        "sft": sft.history,
+    }
+    print("REPORT " + json.dumps({**histories, "shards": shards}))

@@ -23,8 +23,10 @@ from preftune.data import prepare_pairs
 from preftune.engine.sharding import check_distributed
 from preftune.errors import ConfigError
 from preftune.recipes.pairwise import train
+from preftune.recipes.reward import train_reward_model
+from preftune.recipes.sft import train_sft
 from preftune.reference import ModelReference, precompute
-from preftune.synthetic import tiny_llama
+from preftune.synthetic import tiny_llama, tiny_reward_model
 
 HERE = Path(__file__).parent
 EXAMPLES = HERE.parent / "examples" / "accelerate"
@@ -133,7 +135,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tmp_path, tokenizer):
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory) -> tuple[dict, Path]:
+    """One 2-process FSDP2 launch (tests/distributed_fsdp.py): its report and its folder."""
+    folder = tmp_path_factory.mktemp("fsdp2")
     launch = [
         sys.executable,
         "-m",
@@ -142,13 +147,23 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tmp_path, tokeni
         str(EXAMPLES / "fsdp2.yaml"),
     ]
     launch += ["--num_processes=2", f"--main_process_port={_free_port()}"]
-    stdout = _launch([*launch, str(HERE / "distributed_fsdp.py"), str(tmp_path)], tmp_path)
-    report = json.loads(
-        next(line for line in stdout.splitlines() if line.startswith("REPORT "))[len("REPORT ") :]
-    )
-    # Sharded for real: each decoder layer its own group, each process holding half of its rows.
-    assert report["shards"] == {"groups": 2, "local_rows": 32, "rows": 64}
+    stdout = _launch([*launch, str(HERE / "distributed_fsdp.py"), str(folder)], folder)
+    line = next(line for line in stdout.splitlines() if line.startswith("REPORT "))
+    return json.loads(line[len("REPORT ") :]), folder
 
+
+def _steps(history: list[dict]) -> dict[int, dict]:
+    return {h["step"]: h for h in history if "loss" in h}
+
+
+def test_fsdp2_on_two_processes_trains_like_one_process_with_the_doubled_batch(fsdp2, tmp_path, tokenizer):
+    report, folder = fsdp2
+    # Sharded for real: each decoder layer its own group, each process holding half of every weight.
+    assert report["shards"] == {
+        "groups": 2,
+        "layer": [32, 64],
+        "lm_head": [len(tokenizer) // 2, len(tokenizer)],
+    }
     single = train(
         quiet_config(
             str(tmp_path / "one"),
@@ -164,8 +179,7 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tmp_path, tokeni
         train_data=sentiment_records(16, seed=4),
         eval_data=sentiment_records(5, seed=9),
     )
-    sharded = {h["step"]: h for h in report["full"] if "loss" in h}
-    one = {h["step"]: h for h in single.history if "loss" in h}
+    sharded, one = _steps(report["full"]), _steps(single.history)
     assert sorted(sharded) == sorted(one) == [1, 2, 3, 4]
     for step, expected in one.items():
         assert sharded[step]["loss"] == pytest.approx(expected["loss"], abs=1e-5)
@@ -178,16 +192,42 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tmp_path, tokeni
     assert [v for _, v in evals] == pytest.approx([v for _, v in expected_evals], abs=1e-5)
 
     # final/ holds the gathered weights, as transformers loads them.
-    gathered = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final").state_dict()
+    gathered = AutoModelForCausalLM.from_pretrained(folder / "full" / "final").state_dict()
     for name, tensor in AutoModelForCausalLM.from_pretrained(single.final_dir).state_dict().items():
         torch.testing.assert_close(gathered[name], tensor, atol=1e-5, rtol=0)
 
-    # Stopped after step 2 and resumed from its sharded run's checkpoint: steps 3 and 4 as uninterrupted.
-    resumed = {h["step"]: h for h in report["resumed"] if "loss" in h}
+
+def test_fsdp2_run_stopped_after_step_2_resumes_to_the_uninterrupted_losses(fsdp2):
+    report, _ = fsdp2
+    uninterrupted, resumed = _steps(report["full"]), _steps(report["resumed"])
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
-        assert resumed[step]["loss"] == pytest.approx(sharded[step]["loss"], abs=1e-5)
-        assert resumed[step]["grad_norm"] == pytest.approx(sharded[step]["grad_norm"], rel=1e-4)
+        assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-5)
+        assert resumed[step]["grad_norm"] == pytest.approx(uninterrupted[step]["grad_norm"], rel=1e-4)
+
+
+def test_reward_models_and_sft_under_fsdp2_train_like_one_process(fsdp2, tmp_path, tokenizer):
+    report, _ = fsdp2
+    records = sentiment_records(16, seed=4)
+    short = ("train.batch_size=4", "train.max_steps=2")
+    reward = train_reward_model(
+        quiet_config(str(tmp_path / "rm"), *short),
+        model=tiny_reward_model(len(tokenizer), seed=4),
+        tokenizer=tokenizer,
+        train_data=records,
+    )
+    sft = train_sft(
+        quiet_config(str(tmp_path / "sft"), *short),
+        model=tiny_llama(len(tokenizer), seed=4),
+        tokenizer=tokenizer,
+        train_data=[{"prompt": r["prompt"], "completion": r["chosen"]} for r in records],
+    )
+    for name, one_process in (("reward", reward), ("sft", sft)):
+        two, one = _steps(report[name]), _steps(one_process.history)
+        assert sorted(two) == sorted(one) == [1, 2]
+        for step, expected in one.items():
+            assert two[step]["loss"] == pytest.approx(expected["loss"], abs=1e-5), name
+            assert two[step]["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), name
 
 
 @pytest.mark.parametrize(
