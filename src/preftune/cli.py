@@ -393,3 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tell_launcher(err)
         raise
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
