@@ -1,18 +1,39 @@
-"""Two data-parallel CPU processes (gloo) train exactly like one process with twice the batch."""
+"""Several CPU processes (gloo) under torchrun / accelerate launch: DDP and FSDP2 train like one
+process with the doubled batch, FSDP2 checkpoints resume, the precomputed reference is shared
+out and equals one process's, and a process that fails ends the run with its error."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from accelerate.commands.config.config_args import ClusterConfig
+from accelerate.utils import DistributedType
+from helpers import quiet_config, sentiment_records
+from transformers import AutoModelForCausalLM
+
+from preftune.config import DataConfig
+from preftune.data import prepare_pairs
+from preftune.engine.sharding import check_distributed
+from preftune.errors import ConfigError
+from preftune.recipes.pairwise import train
+from preftune.recipes.reward import train_reward_model
+from preftune.recipes.sft import train_sft
+from preftune.reference import ModelReference, precompute
+from preftune.synthetic import tiny_llama, tiny_reward_model
 
 HERE = Path(__file__).parent
+EXAMPLES = HERE.parent / "examples" / "accelerate"
 
 
-def _run(args: list[str], tmp_path: Path) -> list[dict]:
+def _launch(args: list[str], tmp_path: Path, succeed: bool = True, timeout: float = 240) -> str:
+    """The stdout of ``args`` (with ``succeed=False``: its stderr, and it must fail)."""
     # This tree's sources, not whichever copy of preftune the environment has installed.
     path = os.pathsep.join([str(HERE), str(HERE.parent / "src")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
@@ -27,22 +48,31 @@ def _run(args: list[str], tmp_path: Path) -> list[dict]:
         start_new_session=True,
     )
     try:
-        stdout, stderr = process.communicate(timeout=240)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         pytest.fail(f"timed out:\n{stderr[-3000:]}")
-    out = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [line for line in out.stdout.splitlines() if line.startswith("HISTORY ")]
-    assert len(lines) == 1, out.stdout[-2000:]  # only the main process reports
+    if not succeed:
+        assert process.returncode != 0, stdout[-2000:]
+        return stderr
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def _run(args: list[str], tmp_path: Path) -> list[dict]:
+    stdout = _launch(args, tmp_path)
+    lines = [line for line in stdout.splitlines() if line.startswith("HISTORY ")]
+    assert len(lines) == 1, stdout[-2000:]  # only the main process reports
     return json.loads(lines[0][len("HISTORY ") :])
 
 
+# --standalone: a private rendezvous on a free local port.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
 def test_two_processes_of_batch_2_match_one_process_of_batch_4(tmp_path):
-    # --standalone: a private rendezvous on a free local port.
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ddp = _run([*torchrun, str(HERE / "distributed_run.py"), str(tmp_path / "ddp"), "2"], tmp_path)
+    ddp = _run([*TORCHRUN, str(HERE / "distributed_run.py"), str(tmp_path / "ddp"), "2"], tmp_path)
     single = _run([sys.executable, str(HERE / "distributed_run.py"), str(tmp_path / "one"), "4"], tmp_path)
     train_ddp = [h for h in ddp if "loss" in h]
     train_one = [h for h in single if "loss" in h]
@@ -75,3 +105,177 @@ def test_kto_gathers_its_kl_estimate_across_processes(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert [h["step"] for h in ddp if "eval_loss" in h] == [2, 4]
+
+
+def test_two_processes_share_the_precomputed_reference_and_equal_one_process(tmp_path, tokenizer):
+    stdout = _launch([*TORCHRUN, str(HERE / "distributed_reference.py"), str(tmp_path)], tmp_path)
+    reports = sorted(
+        (json.loads(line[len("REPORT ") :]) for line in stdout.splitlines() if line.startswith("REPORT ")),
+        key=lambda report: report["rank"],
+    )
+    pairs, _ = prepare_pairs(sentiment_records(11, seed=2), tokenizer, DataConfig(), progress=False)
+    single = precompute(
+        ModelReference(tiny_llama(len(tokenizer), seed=6)),
+        pairs,
+        tokenizer.pad_token_id,
+        2,
+        torch.device("cpu"),
+    )
+    cached = torch.load(tmp_path / "reference_logps.pt", weights_only=True)
+    for rank in (0, 1):
+        gathered = torch.load(tmp_path / f"tables-rank{rank}.pt", weights_only=True)
+        for name, table in single.items():
+            torch.testing.assert_close(gathered[name], table, atol=1e-5, rtol=0, equal_nan=True)
+            assert torch.equal(gathered[name], cached[name])
+    assert [r["computed"] for r in reports] == [6, 5]  # each pair once, shared out
+    assert [r["computed_when_reused"] for r in reports] == [0, 0]
+    assert all(r["reused_equal"] for r in reports)
+    assert all("computed for another model" in r["refused"] for r in reports)  # every rank stops
+
+
+def test_a_process_that_fails_ends_the_run_with_its_error_in_the_launchers_summary(tmp_path, tokenizer):
+    model_dir = tmp_path / "model"
+    tiny_llama(len(tokenizer), seed=8).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in sentiment_records(16, seed=4)))
+    script = [str(HERE / "distributed_failure.py"), str(model_dir), str(data), str(tmp_path / "out")]
+    # Rank 0 waits in a collective for the failed rank: gloo sees the peer gone, the launcher
+    # ends the group. A hang would hit the timeout and fail the test.
+    stderr = _launch([*TORCHRUN, *script], tmp_path, succeed=False, timeout=120)
+    summary = stderr[stderr.index("Root Cause") :]
+    assert "rank      : 1" in summary
+    assert "ValueError: a bad batch on rank 1" in summary
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory) -> tuple[dict, Path]:
+    """One 2-process FSDP2 launch (tests/distributed_fsdp.py): its report and its folder."""
+    folder = tmp_path_factory.mktemp("fsdp2")
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(EXAMPLES / "fsdp2.yaml"),
+    ]
+    launch += ["--num_processes=2", f"--main_process_port={_free_port()}"]
+    stdout = _launch([*launch, str(HERE / "distributed_fsdp.py"), str(folder)], folder)
+    line = next(line for line in stdout.splitlines() if line.startswith("REPORT "))
+    return json.loads(line[len("REPORT ") :]), folder
+
+
+def _steps(history: list[dict]) -> dict[int, dict]:
+    return {h["step"]: h for h in history if "loss" in h}
+
+
+def test_fsdp2_on_two_processes_trains_like_one_process_with_the_doubled_batch(fsdp2, tmp_path, tokenizer):
+    report, folder = fsdp2
+    # Sharded for real: each decoder layer its own group, each process holding half of every weight.
+    assert report["shards"] == {
+        "groups": 2,
+        "layer": [32, 64],
+        "lm_head": [len(tokenizer) // 2, len(tokenizer)],
+    }
+    single = train(
+        quiet_config(
+            str(tmp_path / "one"),
+            "train.batch_size=4",
+            "train.max_steps=4",
+            "train.scheduler=linear",
+            "train.eval_every=2",
+            "train.seed=3",
+            "train.max_grad_norm=0.5",
+        ),
+        model=tiny_llama(len(tokenizer), seed=8),
+        tokenizer=tokenizer,
+        train_data=sentiment_records(16, seed=4),
+        eval_data=sentiment_records(5, seed=9),
+    )
+    sharded, one = _steps(report["full"]), _steps(single.history)
+    assert sorted(sharded) == sorted(one) == [1, 2, 3, 4]
+    for step, expected in one.items():
+        assert sharded[step]["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+        assert sharded[step]["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+        assert sharded[step]["learning_rate"] == pytest.approx(expected["learning_rate"])
+    assert one[1]["grad_norm"] > 0.5  # clipping was active, over the whole model
+    evals = [(h["step"], h["eval_loss"]) for h in report["full"] if "eval_loss" in h]
+    expected_evals = [(h["step"], h["eval_loss"]) for h in single.history if "eval_loss" in h]
+    assert [s for s, _ in evals] == [2, 4]
+    assert [v for _, v in evals] == pytest.approx([v for _, v in expected_evals], abs=1e-5)
+
+    # final/ holds the gathered weights, as transformers loads them.
+    gathered = AutoModelForCausalLM.from_pretrained(folder / "full" / "final").state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(single.final_dir).state_dict().items():
+        torch.testing.assert_close(gathered[name], tensor, atol=1e-5, rtol=0)
+
+
+def test_fsdp2_run_stopped_after_step_2_resumes_to_the_uninterrupted_losses(fsdp2):
+    report, _ = fsdp2
+    uninterrupted, resumed = _steps(report["full"]), _steps(report["resumed"])
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-5)
+        assert resumed[step]["grad_norm"] == pytest.approx(uninterrupted[step]["grad_norm"], rel=1e-4)
+
+
+def test_reward_models_and_sft_under_fsdp2_train_like_one_process(fsdp2, tmp_path, tokenizer):
+    report, _ = fsdp2
+    records = sentiment_records(16, seed=4)
+    short = ("train.batch_size=4", "train.max_steps=2")
+    reward = train_reward_model(
+        quiet_config(str(tmp_path / "rm"), *short),
+        model=tiny_reward_model(len(tokenizer), seed=4),
+        tokenizer=tokenizer,
+        train_data=records,
+    )
+    sft = train_sft(
+        quiet_config(str(tmp_path / "sft"), *short),
+        model=tiny_llama(len(tokenizer), seed=4),
+        tokenizer=tokenizer,
+        train_data=[{"prompt": r["prompt"], "completion": r["chosen"]} for r in records],
+    )
+    for name, one_process in (("reward", reward), ("sft", sft)):
+        two, one = _steps(report[name]), _steps(one_process.history)
+        assert sorted(two) == sorted(one) == [1, 2]
+        for step, expected in one.items():
+            assert two[step]["loss"] == pytest.approx(expected["loss"], abs=1e-5), name
+            assert two[step]["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), name
+
+
+@pytest.mark.parametrize(
+    ("config", "kind", "processes"),
+    [
+        ("ddp.yaml", DistributedType.MULTI_GPU, 8),
+        ("fsdp2.yaml", DistributedType.FSDP, 8),
+        ("multi-node.yaml", DistributedType.FSDP, 16),
+        ("zero2.yaml", DistributedType.DEEPSPEED, 8),
+        ("zero3.yaml", DistributedType.DEEPSPEED, 8),
+    ],
+)
+def test_each_example_accelerate_config_is_one_accelerate_reads(config, kind, processes):
+    read = ClusterConfig.from_yaml_file(EXAMPLES / config)
+    assert (read.distributed_type, read.num_processes) == (kind, processes)
+    if kind == DistributedType.FSDP:
+        assert read.fsdp_config["fsdp_version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "fsdp2", "refusal"),
+    [
+        (DistributedType.FSDP, False, "fsdp_version: 2"),
+        (DistributedType.DEEPSPEED, False, "not supported yet"),
+    ],
+)
+def test_fsdp1_and_deepspeed_are_refused_with_what_to_use_instead(kind, fsdp2, refusal):
+    launched = SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2)
+    with pytest.raises(ConfigError, match=refusal):
+        check_distributed(launched)
+    check_distributed(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))

@@ -92,13 +92,19 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep: int | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
+    """``checkpoint-N``; ``weights`` and ``optimizer_state`` are the gathered ones of a sharded
+    model (else the model's and the optimizer's own)."""
     final = output_dir / f"checkpoint-{step:07d}"
     tmp = _atomic_dir(final)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(
+            optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt"
+        )
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _save_rng_state(tmp)
         # Written last: a folder with this file is complete.
@@ -197,7 +203,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def _load_weights(path: Path, model: Any) -> None:
+def _load_full_weights(path: Path, model: Any) -> None:
     """Load a ``save_pretrained`` folder's weights into ``model`` in place."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -235,10 +241,8 @@ def _load_weights(path: Path, model: Any) -> None:
         )
 
 
-def load_checkpoint(
-    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; returns the trainer state."""
+def load_weights(path: Path, model: Any) -> None:
+    """A checkpoint's weights (or LoRA adapter) into ``model``, in place."""
     from safetensors.torch import load_file
 
     try:
@@ -257,13 +261,36 @@ def load_checkpoint(
                     f"{expected}; unexpected {list(result.unexpected_keys)[:3]}); use the same model.lora_* settings"
                 )
         else:
-            _load_weights(path, model)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+            _load_full_weights(path, model)
+    except CheckpointError:
+        raise
+    except Exception as err:  # corrupt or foreign files: name the folder, not a torch internals trace
+        raise CheckpointError(
+            f"{path}: cannot resume from this checkpoint ({type(err).__name__}: {err})"
+        ) from None
+
+
+def load_checkpoint(
+    path: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    load_optimizer: Any = None,
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; returns the trainer state.
+
+    ``model=None`` leaves the weights (a sharded run loads them before sharding, with
+    :func:`load_weights`); ``load_optimizer`` puts the optimizer state back (default: the
+    optimizer's own ``load_state_dict``).
+    """
+    if model is not None:
+        load_weights(path, model)
+    try:
+        saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        (load_optimizer or optimizer.load_state_dict)(saved)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
         _load_rng_state(path)
         return json.loads((path / STATE_FILE).read_text())
-    except CheckpointError:
-        raise
     except Exception as err:  # corrupt or foreign files: name the folder, not a torch internals trace
         raise CheckpointError(
             f"{path}: cannot resume from this checkpoint ({type(err).__name__}: {err})"
@@ -292,12 +319,19 @@ def _merged_state_dict(base: Any) -> dict[str, torch.Tensor]:
     return merged
 
 
-def save_final(output_dir: Path, model: Any, tokenizer: Any, card: str | None = None) -> Path:
+def save_final(
+    output_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    card: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """``output_dir/final``: full weights that any transformers/vLLM loader takes as is.
 
     LoRA adapters are merged into a copy (the live model keeps its adapters). A 4-bit (QLoRA)
     base cannot be merged without rounding, so there the folder holds the adapter, which
-    ``AutoModelForCausalLM.from_pretrained`` loads on top of its base model.
+    ``AutoModelForCausalLM.from_pretrained`` loads on top of its base model. ``weights``: the
+    gathered weights of a sharded model.
     """
     final = output_dir / "final"
     tmp = _atomic_dir(final)
@@ -305,7 +339,7 @@ def save_final(output_dir: Path, model: Any, tokenizer: Any, card: str | None = 
         base = model.get_base_model()
         base.save_pretrained(tmp, state_dict=_merged_state_dict(base), safe_serialization=True)
     else:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if card is not None:
         (tmp / "README.md").write_text(card, encoding="utf-8")

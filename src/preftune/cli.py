@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default", UserWarning)
-    from .guard import StopRequested
+    from .guard import StopRequested, tell_launcher
 
     try:
         args.run(args)
@@ -420,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.exit_code
     except PreftuneError as err:
         print(f"preftune: error: {err}", file=sys.stderr)
+        tell_launcher(err)
         return 2
     except BrokenPipeError:  # `preftune losses | head`
         return 0
@@ -428,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "preftune: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr
         )
         return 130
+    except Exception as err:
+        tell_launcher(err)
+        raise
     return 0
 
 

@@ -12,6 +12,7 @@ one host sync per step), so all ranks stop at the same step boundary:
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterable
@@ -74,9 +75,14 @@ def step_verdict(accelerator: Any, grad_norm: Tensor, loss_sum: Tensor, stop: bo
     return finite_count == accelerator.num_processes, stop_count > 0
 
 
-def check_finite_weights(model: nn.Module, what: str) -> None:
-    """Refuse to save weights that are not finite (they would replace good ones)."""
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+def check_finite_weights(model: nn.Module, what: str, weights: dict[str, Tensor] | None = None) -> None:
+    """Refuse to save weights that are not finite (they would replace good ones); ``weights``:
+    the gathered ones of a sharded model, checked in place of the model's."""
+    if weights is not None:
+        named = [(name, t) for name, t in weights.items() if t.is_floating_point()]
+    else:
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    bad = [name for name, tensor in named if not torch.isfinite(tensor).all()]
     if bad:
         raise NonFiniteError(f"{what}: not saved, {len(bad)} weight tensors are not finite (first: {bad[0]})")
 
@@ -89,3 +95,13 @@ def nonfinite_message(step: int, loss: float, grad_norm: float, records: Iterabl
         f"records {shown or '(unnamed)'}; the weights were not updated and {kept}. Lower "
         "train.learning_rate or set train.max_grad_norm and --resume, or --set train.nonfinite=skip"
     )
+
+
+def tell_launcher(err: BaseException) -> None:
+    """Under ``torchrun`` / ``accelerate launch``, a failing process's error goes into the
+    launcher's closing summary (its root cause), not only into the interleaved logs; the
+    launcher ends the other processes as soon as one exits."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(err)

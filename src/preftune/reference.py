@@ -20,9 +20,9 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,8 @@ from .layouts import Batch, SequenceBatch, collate_pairs
 from .logps import SequenceLogps, batch_logps
 
 __all__ = ["Reference", "ReferenceCacheError", "build_reference"]
+
+_T = TypeVar("_T")
 
 
 class Reference(Protocol):
@@ -131,20 +133,62 @@ def precompute(
     progress: bool = True,
 ) -> dict[str, Tensor]:
     """One pass over ``pairs``; returns :class:`PrecomputedReference`'s tables, ``[max index + 1]``
-    tensors indexed by ``pair.index``: the sums and the sums over LD-DPO's tails (cheap to keep)."""
+    tensors indexed by ``pair.index``: the sums and the sums over LD-DPO's tails (cheap to keep).
+
+    Under a launched group (``torchrun``, ``accelerate launch``) each process computes every
+    n-th pair of the longest-first order (so the shares cost alike) and the shares are gathered:
+    every process returns all the tables, each pair computed once.
+    """
+    rank, world = process_group()
     size = max(p.index for p in pairs) + 1
     tables = {name: torch.full((size,), float("nan")) for name in TABLES}
     # Longest first: the first batch shows an out-of-memory at once, not at the end.
     ordered = sorted(pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
-    starts = range(0, len(ordered), batch_size)
+    share = ordered[rank::world]
+    starts = range(0, len(share), batch_size)
     for start in tqdm(starts, desc="reference log-probs", disable=None if progress else True, leave=False):
-        batch = collate_pairs(ordered[start : start + batch_size], pad_token_id).to(device)
+        batch = collate_pairs(share[start : start + batch_size], pad_token_id).to(device)
         with autocast():
             sums, tails = (t.float().cpu() for t in reference.logps_and_tails(batch))
         keys, chosen, rejected = batch.pair_index.cpu(), batch.chosen.cpu(), batch.rejected.cpu()
         tables["chosen"][keys], tables["rejected"][keys] = sums[chosen], sums[rejected]
         tables["chosen_tail"][keys], tables["rejected_tail"][keys] = tails[chosen], tails[rejected]
+    if world > 1:
+        keys = torch.tensor([p.index for p in share], dtype=torch.long)
+        shares: list[Any] = [None] * world
+        torch.distributed.all_gather_object(shares, (keys, {name: t[keys] for name, t in tables.items()}))
+        for keys, values in shares:
+            for name, table in tables.items():
+                table[keys] = values[name]
     return tables
+
+
+def process_group() -> tuple[int, int]:
+    """(this process's rank, number of processes) of the launched group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def on_main(decide: Callable[[], _T]) -> _T:
+    """``decide()`` run by the main process alone; every process returns its result, or raises
+    its error (the others would otherwise wait for a main process that has failed)."""
+    rank, world = process_group()
+    if world == 1:
+        return decide()
+    outcome: Any = None
+    if rank == 0:
+        try:
+            outcome = ("value", decide())
+        except Exception as err:
+            torch.distributed.broadcast_object_list([("error", str(err))], src=0)
+            raise
+    box = [outcome]
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ReferenceCacheError(f"the main process failed: {value}")
+    return value
 
 
 def _param_digest(model: nn.Module, skip: str | None = None) -> str:
@@ -198,14 +242,22 @@ def load_or_precompute(
 ) -> PrecomputedReference:
     """Reuse ``cache_path`` when its fingerprint matches; refuse it when it differs or lacks the
     tails LD-DPO needs (or, with ``replace_stale``, for a run that replaces the one that wrote
-    it, recompute it); else compute it."""
+    it, recompute it); else compute it.
+
+    Under a launched group the main process alone reads and writes the cache (its verdict, its
+    tables or its error reach every process), and the pairs are computed shared out
+    (:func:`precompute`): nothing needs a file system the processes share.
+    """
     print_ = print if is_main else (lambda *a, **k: None)
-    key = fingerprint(source_model, pairs, extra)
-    if cache_path.exists():
+
+    def cached_tables() -> dict[str, Tensor] | None:
+        if not cache_path.exists():
+            return None
         try:
             cached = torch.load(cache_path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise ReferenceCacheError(f"{cache_path}: unreadable ({err}); delete it to recompute") from None
+        key = fingerprint(source_model, pairs, extra)
         if cached.get("fingerprint") != key and not replace_stale:
             raise ReferenceCacheError(
                 f"{cache_path}: reference log-probs were computed for another model, data or tokenization "
@@ -220,14 +272,22 @@ def load_or_precompute(
             )
         if cached.get("fingerprint") == key and complete:
             print_(f"reference log-probs: reusing {cache_path}")
-            return PrecomputedReference({name: cached[name] for name in TABLES if name in cached})
+            return {name: cached[name] for name in TABLES if name in cached}
+        return None
+
+    reused = on_main(cached_tables)
+    if reused is not None:
+        return PrecomputedReference(reused)
     tables = precompute(source, pairs, pad_token_id, batch_size, device, autocast, progress)
-    if is_main:
+
+    def write() -> None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp")
-        torch.save({"fingerprint": key, **tables}, tmp)
+        torch.save({"fingerprint": fingerprint(source_model, pairs, extra), **tables}, tmp)
         os.replace(tmp, cache_path)  # atomic: a crash never leaves half a cache
         print_(f"reference log-probs: computed for {len(pairs)} pairs, cached in {cache_path}")
+
+    on_main(write)  # the others wait for it, and stop with its error
     return PrecomputedReference(tables)
 
 

@@ -22,6 +22,7 @@ It runs single-process or under ``accelerate launch`` / ``torchrun`` unchanged.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -41,6 +42,7 @@ from ..checkpoint import (
     clear_previous_run,
     list_checkpoints,
     load_checkpoint,
+    load_weights,
     model_card,
     plan_output_dir,
     recover_stray,
@@ -58,6 +60,7 @@ from ..guard import (
     step_verdict,
 )
 from ..tracking import MetricsLog, MetricSums, check_trackers, console_line, read_window
+from . import sharding
 from .task import Task, TrainResult, data_stream
 
 
@@ -71,7 +74,7 @@ class Harness:
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         self.accelerator = Accelerator(mixed_precision=mixed)
-        _check_distributed(self.accelerator)
+        sharding.check_distributed(self.accelerator)
         set_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
         check_output_dir(self.output_dir)
@@ -112,7 +115,7 @@ class Harness:
             check_free_space(self.output_dir, int(1.1 * (weights + moments)))
             clear_previous_run(self._earlier_run)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(_json(to_dict(self.config)))
+            (self.output_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=2))
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ the loop
@@ -134,13 +137,16 @@ class Harness:
         cfg, accelerator = self.cfg, self.accelerator
         per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(task.examples) / per_step))
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        optimizer, scheduler = self._optimizer(trainable, total_steps)
+        sharding.check_and_plan(accelerator, model)
+        optimizer, scheduler = self._optimizer(sharding.trainable_parameters(module), total_steps)
+        if self.resume_from is not None:  # into the whole model, before any sharding
+            load_weights(self.resume_from, model)
         # The scheduler stays out of prepare(): accelerate would step it once per process.
         wrapped, optimizer = accelerator.prepare(module, optimizer)
+        trainable = sharding.trainable_parameters(wrapped)
 
         state = {"pairs_per_step": per_step, "total_steps": total_steps, "start_digest": start_digest}
-        start_step, tokens_seen = self._resume(model, optimizer, scheduler, state, task.unit)
+        start_step, tokens_seen = self._resume(wrapped, optimizer, scheduler, state, task.unit)
         self._take_output_dir(model, trainable)
         stream = data_stream(len(task.examples), cfg.seed, cfg.shuffle)
         for _ in range(start_step * per_step):
@@ -212,7 +218,7 @@ class Harness:
                 saving = cfg.save_every is not None and (step % cfg.save_every == 0 or step == total_steps)
                 if saving or stop:
                     state.update(pairs_seen=step * per_step, num_tokens=tokens_seen)
-                    saved = self._checkpoint(step, model, tokenizer, optimizer, scheduler, state)
+                    saved = self._checkpoint(step, wrapped, model, tokenizer, optimizer, scheduler, state)
                 if stop:
                     bar.close()
                     log.close()
@@ -248,10 +254,11 @@ class Harness:
         elif step == total_steps:
             if task.eval_examples and not (cfg.eval_every and step % cfg.eval_every == 0):
                 log.log(step, self.evaluate(wrapped, task))
+            weights = sharding.full_weights(self.accelerator, wrapped)  # every process gathers
             if self.is_main:
-                check_finite_weights(model, str(self.output_dir / "final"))
+                check_finite_weights(model, str(self.output_dir / "final"), weights)
                 text = model_card(self.output_dir, self.config, log.history, card or {})
-                final_dir = save_final(self.output_dir, model, tokenizer, text)
+                final_dir = save_final(self.output_dir, model, tokenizer, text, weights)
                 self.say(f"saved {final_dir}")
         log.close()
         # Every rank leaves together (the main one was saving). The process group stays up: it
@@ -285,7 +292,7 @@ class Harness:
             weight = None if task.weight is None else sum(task.weight(e) for e in examples)
             step_sums.add({"loss": losses, **metrics}, batch.num_examples, batch.num_tokens, weight)
         # An infinite limit only measures the norm.
-        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf).detach()
+        grad_norm = sharding.clip_gradients(accelerator, trainable, cfg.max_grad_norm or math.inf)
         return step_sums, records, grad_norm
 
     def _optimizer(self, trainable: list[nn.Parameter], total_steps: int) -> tuple[Any, Any]:
@@ -310,12 +317,13 @@ class Harness:
         return self.cfg.progress and self.is_main
 
     def _resume(
-        self, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any], unit: str
+        self, wrapped: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any], unit: str
     ) -> tuple[int, float]:
-        """Weights, optimizer, schedule and RNG from the checkpoint being resumed; (step, tokens seen)."""
+        """Optimizer, schedule and RNG of the checkpoint resumed (weights came before); (step, tokens)."""
         if self.resume_from is None:
             return 0, 0.0
-        saved = load_checkpoint(self.resume_from, model, optimizer, scheduler)
+        load_optimizer = sharding.optimizer_loader(self.accelerator, wrapped, optimizer)
+        saved = load_checkpoint(self.resume_from, None, optimizer, scheduler, load_optimizer)
         if saved.get("pairs_per_step", state["pairs_per_step"]) != state["pairs_per_step"]:
             raise ConfigError(
                 f"train.batch_size/grad_accum: {self.resume_from} was trained with {saved['pairs_per_step']} "
@@ -332,6 +340,7 @@ class Harness:
     def _checkpoint(
         self,
         step: int,
+        wrapped: nn.Module,
         model: nn.Module,
         tokenizer: Any,
         optimizer: Any,
@@ -339,8 +348,10 @@ class Harness:
         state: dict[str, Any],
     ) -> Path:
         path = self.output_dir / f"checkpoint-{step:07d}"
+        weights = sharding.full_weights(self.accelerator, wrapped)  # sharded: every process gathers
+        moments = sharding.optimizer_state(self.accelerator, wrapped, optimizer)
         if self.is_main:
-            check_finite_weights(model, str(path))
+            check_finite_weights(model, str(path), weights)
             save_checkpoint(
                 self.output_dir,
                 step,
@@ -350,6 +361,8 @@ class Harness:
                 scheduler,
                 state,
                 self.cfg.save_total_limit,
+                weights,
+                moments,
             )
         self.accelerator.wait_for_everyone()
         return path
@@ -362,39 +375,26 @@ class Harness:
         """Every metric averaged over the eval examples (sharded across processes), prefixed ``eval_``.
 
         Runs the unwrapped module: a DDP forward talks to the other ranks, and shards may hold
-        different numbers of batches. Only the final sum is collective.
+        different numbers of batches; only the final sum is collective. Under FSDP2 every forward
+        is: a process whose shard ran out repeats a batch and drops its numbers.
         """
-        accelerator = self.accelerator
+        accelerator, size = self.accelerator, self.cfg.batch_size
         unwrapped = accelerator.unwrap_model(module)
         was_training = unwrapped.training
         unwrapped.eval()
         shard = list(task.eval_examples)[accelerator.process_index :: accelerator.num_processes]
+        rounds = sharding.eval_batches(accelerator, len(task.eval_examples), len(shard), size)
         sums = MetricSums(self.device)
         with torch.no_grad():
-            for start in range(0, len(shard), self.cfg.batch_size):
-                batch = task.collate(shard[start : start + self.cfg.batch_size]).to(self.device)
+            for start in range(0, rounds * size, size):
+                examples = shard[start : start + size] or list(task.eval_examples[:1])
+                batch = task.collate(examples).to(self.device)
                 with accelerator.autocast():
                     losses, metrics = task.loss(unwrapped, batch)
-                examples = shard[start : start + self.cfg.batch_size]
+                if start >= len(shard):  # a repeated batch, run only to keep the processes together
+                    continue
                 weight = None if task.weight is None else sum(task.weight(e) for e in examples)
                 sums.add({"loss": losses, **metrics}, batch.num_examples, batch.num_tokens, weight)
         unwrapped.train(was_training)
         means, _, _ = sums.read(accelerator, sync_names=True)
         return {f"eval_{name}": value for name, value in task.summarize(means).items()}
-
-
-def _json(tree: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(tree, indent=2)
-
-
-def _check_distributed(accelerator: Accelerator) -> None:
-    from accelerate.utils import DistributedType
-
-    supported = {DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU}
-    if accelerator.distributed_type not in supported:
-        raise ConfigError(
-            f"accelerate: {accelerator.distributed_type.value} is not supported yet (checkpoints and gradient "
-            "clipping assume replicated weights); launch with plain DDP or a single process"
-        )

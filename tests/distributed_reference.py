@@ -1,0 +1,70 @@
+"""Run by tests/test_distributed.py under torchrun (2 CPU processes): the precomputed reference
+shared out, then reused from its cache, then a stale cache refused on every process."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from helpers import sentiment_records
+
+from preftune.config import DataConfig
+from preftune.data import prepare_pairs
+from preftune.reference import ModelReference, ReferenceCacheError, load_or_precompute
+from preftune.synthetic import build_tokenizer, tiny_llama
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+out = Path(sys.argv[1])
+tokenizer = build_tokenizer()
+pairs, _ = prepare_pairs(sentiment_records(11, seed=2), tokenizer, DataConfig(), progress=False)
+
+
+class Counted(ModelReference):
+    """Counts the pairs this process computed."""
+
+    pairs = 0
+
+    def logps_and_tails(self, batch):
+        Counted.pairs += batch.num_examples
+        return super().logps_and_tails(batch)
+
+
+reference = Counted(tiny_llama(len(tokenizer), seed=6))
+cache = out / "reference_logps.pt"
+
+
+def load(extra):
+    return load_or_precompute(
+        cache,
+        reference,
+        reference.model,
+        pairs,
+        tokenizer.pad_token_id,
+        2,
+        torch.device("cpu"),
+        extra,
+        progress=False,
+        is_main=rank == 0,
+    )
+
+
+tables = load({"dtype": "float32"}).tables
+computed = Counted.pairs
+torch.save(tables, out / f"tables-rank{rank}.pt")
+reused = load({"dtype": "float32"}).tables
+try:
+    load({"dtype": "bfloat16"})
+    refused = ""
+except ReferenceCacheError as err:
+    refused = str(err)
+report = {
+    "rank": rank,
+    "computed": computed,
+    "computed_when_reused": Counted.pairs - computed,
+    "reused_equal": all(torch.equal(reused[name], tables[name]) for name in tables),
+    "refused": refused,
+}
+print("REPORT " + json.dumps(report), flush=True)
+dist.destroy_process_group()
