@@ -368,3 +368,13 @@ def test_overwrite_with_bad_data_keeps_the_earlier_runs_checkpoints(model_dir, p
     bad.write_text('{"prompt": "Q:", "chosen": " a"\n')
     assert main(train_argv(model_dir, bad, output, *settings, "--set", "train.overwrite=true")) == 2
     assert (output / "checkpoint-0000001" / "trainer_state.json").is_file()
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "preftune.cli", "losses"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "sigmoid" in done.stdout
