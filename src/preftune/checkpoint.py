@@ -92,11 +92,16 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep: int | None = None,
+    extra_models: dict[str, Any] | None = None,
 ) -> Path:
+    """``checkpoint-<step>``: ``model`` at the top (it loads with ``from_pretrained`` as is), each of
+    ``extra_models`` (PPO's critic) in a subfolder of its name, then the training state."""
     final = output_dir / f"checkpoint-{step:07d}"
     tmp = _atomic_dir(final)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        for name, extra in (extra_models or {}).items():
+            extra.save_pretrained(tmp / name, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -235,29 +240,39 @@ def _load_weights(path: Path, model: Any) -> None:
         )
 
 
-def load_checkpoint(
-    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; returns the trainer state."""
+def _load_trained(path: Path, model: Any) -> None:
+    """A checkpoint's weights into ``model``: its LoRA adapter, or all of its weights."""
     from safetensors.torch import load_file
 
-    try:
-        if is_peft(model):
-            from peft import set_peft_model_state_dict
+    if not is_peft(model):
+        _load_weights(path, model)
+        return
+    from peft import set_peft_model_state_dict
 
-            adapter = load_file(str(path / "adapter_model.safetensors"))
-            result: Any = set_peft_model_state_dict(model, adapter)
-            # LoRA matrices, plus the whole modules peft trains beside them (a reward model's head).
-            expected = sum(
-                "lora_" in name or ".modules_to_save." in name for name, _ in model.named_parameters()
-            )
-            if result.unexpected_keys or len(adapter) != expected:
-                raise CheckpointError(
-                    f"{path}: its adapter does not fit this model's LoRA layers ({len(adapter)} tensors for "
-                    f"{expected}; unexpected {list(result.unexpected_keys)[:3]}); use the same model.lora_* settings"
-                )
-        else:
-            _load_weights(path, model)
+    adapter = load_file(str(path / "adapter_model.safetensors"))
+    result: Any = set_peft_model_state_dict(model, adapter)
+    # LoRA matrices, plus the whole modules peft trains beside them (a reward model's head).
+    expected = sum("lora_" in name or ".modules_to_save." in name for name, _ in model.named_parameters())
+    if result.unexpected_keys or len(adapter) != expected:
+        raise CheckpointError(
+            f"{path}: its adapter does not fit this model's LoRA layers ({len(adapter)} tensors for "
+            f"{expected}; unexpected {list(result.unexpected_keys)[:3]}); use the same model.lora_* settings"
+        )
+
+
+def load_checkpoint(
+    path: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra_models: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Restore weights (``model``'s and each of ``extra_models``' from its subfolder), optimizer,
+    scheduler and RNG from ``path``; returns the trainer state."""
+    try:
+        _load_trained(path, model)
+        for name, extra in (extra_models or {}).items():
+            _load_trained(path / name, extra)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
         _load_rng_state(path)
@@ -316,7 +331,8 @@ def save_final(output_dir: Path, model: Any, tokenizer: Any, card: str | None = 
 def model_card(output_dir: Path, config: Any, history: list[dict[str, Any]], extra: dict[str, Any]) -> str:
     """``final/README.md``: what this model is, what it was trained on and how, and how it ended.
 
-    ``extra`` holds the recipe's own lines (``kind``, ``objective``, …).
+    ``extra`` holds the recipe's own lines (``kind``, ``objective``, …; ``training data`` replaces
+    ``data.path``: PPO trains on prompts).
     """
     cfg = config.train
     last_train: dict[str, Any] = next((h for h in reversed(history) if "loss" in h), {})
@@ -335,8 +351,8 @@ def model_card(output_dir: Path, config: Any, history: list[dict[str, Any]], ext
         "| | |",
         "| --- | --- |",
         f"| base model | {config.model.name_or_path or '(a model object passed in Python)'} |",
-        f"| training data | {config.data.path or '(records passed in Python)'} |",
-        *(f"| {key} | {value} |" for key, value in extra.items() if key != "kind"),
+        f"| training data | {extra.get('training data') or config.data.path or '(records passed in Python)'} |",
+        *(f"| {key} | {value} |" for key, value in extra.items() if key not in ("kind", "training data")),
         f"| steps | {last_train.get('step', 0)} |",
         f"| learning rate | {cfg.learning_rate} ({cfg.scheduler}, warmup {cfg.warmup_steps or cfg.warmup_ratio}) |",
         f"| batch | {cfg.batch_size} per device × {cfg.grad_accum} accumulation |",

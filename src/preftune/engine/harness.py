@@ -104,7 +104,7 @@ class Harness:
         if self.cfg.resume and self.resume_from is None:
             self.say(f"resume: no checkpoint in {self.output_dir}; starting from the beginning")
 
-    def _take_output_dir(self, model: nn.Module, trainable: list[nn.Parameter]) -> None:
+    def take_output_dir(self, model: nn.Module, trainable: list[nn.Parameter]) -> None:
         """The models loaded: now an earlier run's files may go, if there is room for a checkpoint."""
         if self.is_main:
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -135,13 +135,13 @@ class Harness:
         per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(task.examples) / per_step))
         trainable = [p for p in module.parameters() if p.requires_grad]
-        optimizer, scheduler = self._optimizer(trainable, total_steps)
+        optimizer, scheduler = self.optimizer_for(trainable, total_steps)
         # The scheduler stays out of prepare(): accelerate would step it once per process.
         wrapped, optimizer = accelerator.prepare(module, optimizer)
 
         state = {"pairs_per_step": per_step, "total_steps": total_steps, "start_digest": start_digest}
         start_step, tokens_seen = self._resume(model, optimizer, scheduler, state, task.unit)
-        self._take_output_dir(model, trainable)
+        self.take_output_dir(model, trainable)
         stream = data_stream(len(task.examples), cfg.seed, cfg.shuffle)
         for _ in range(start_step * per_step):
             next(stream)
@@ -288,7 +288,7 @@ class Harness:
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf).detach()
         return step_sums, records, grad_norm
 
-    def _optimizer(self, trainable: list[nn.Parameter], total_steps: int) -> tuple[Any, Any]:
+    def optimizer_for(self, trainable: list[nn.Parameter], total_steps: int) -> tuple[Any, Any]:
         """AdamW over the trainable parameters, and the learning-rate schedule with its warmup."""
         cfg = self.cfg
         optimizer = torch.optim.AdamW(
