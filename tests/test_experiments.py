@@ -4,7 +4,9 @@ check what each experiment shows, are marked slow (``pytest -m slow``)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
 import pytest
 
@@ -68,6 +70,29 @@ def test_ranking_consistency_measures_the_reference_and_four_policies(quick):
     assert all(results["trajectories"][label] for label in results["models"] if label != "reference")
 
 
+def test_frontier_measures_every_method_and_gives_best_of_n_its_analytic_kl(quick):
+    results = json.loads((quick["frontier"] / "results.json").read_text())
+    methods = {p["method"] for p in results["points"]}
+    assert methods == {"DPO", "PPO (true reward)", "PPO (reward model)", "online DPO", "best-of-N"}
+    best_of = [p for p in results["points"] if p["method"] == "best-of-N"]
+    for point, n in zip(best_of, (1, 2, 4, 8), strict=True):
+        assert point["setting"] == f"N={n}" and point["kl"] == pytest.approx(
+            math.log(n) - (n - 1) / n, rel=1e-5
+        )
+    assert [p["reward"] for p in best_of] == sorted(
+        p["reward"] for p in best_of
+    )  # more draws, no less reward
+
+
+def test_expected_best_of_n_equals_the_mean_over_every_subset_of_the_pool():
+    from preftune.experiments.frontier import expected_best
+
+    pool = [0.3, -1.0, 0.5, 0.5, 0.0, 0.9]
+    for n in (1, 2, 3, 6):
+        subsets = list(itertools.combinations(pool, n))
+        assert expected_best(pool, n) == pytest.approx(sum(max(s) for s in subsets) / len(subsets))
+
+
 def test_the_same_seed_gives_the_same_numbers(quick, tmp_path):
     assert main(["experiment", "likelihood-drift", "--quick", "--seed", "3", "--output", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "results.json").read_text())
@@ -86,7 +111,7 @@ def test_an_unknown_experiment_is_one_clear_message(capsys, tmp_path):
     assert code == 2
     assert err.strip() == (
         "preftune: error: unknown experiment 'dpo-vs-exrm' (did you mean 'dporm-vs-exrm'?); there are: "
-        "dporm-vs-exrm, likelihood-drift, ranking-consistency (preftune experiment --list)"
+        "dporm-vs-exrm, frontier, likelihood-drift, ranking-consistency (preftune experiment --list)"
     )
     assert not (tmp_path / "out").exists()
 

@@ -402,6 +402,8 @@ def test_preftune_ppo_trains_from_files_and_saves_the_final_policy(tmp_path, tok
     out = capsys.readouterr().out
     assert "kl_coef 0.1 (k1)" in out and "critic: the policy's backbone" in out
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [2] and rows[0]["objective/kl_coef"] == 0.1  # log_every 10: the last
+    assert [row["step"] for row in rows] == [2] and rows[0][
+        "objective/kl_coef"
+    ] == 0.1  # log_every 10: the last
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
     assert "| kind" not in (tmp_path / "out" / "final" / "README.md").read_text()

@@ -166,4 +166,6 @@ def check_ppo(ppo: PPOConfig) -> None:
         need(math.isfinite(value) and value >= 0, f"ppo.{key}", f"must be >= 0, got {value}")
     for key in ("gamma", "lam"):
         need(getattr(ppo, key) <= 1, f"ppo.{key}", f"must be in [0, 1], got {getattr(ppo, key)}")
-    need(ppo.target_kl is None or ppo.target_kl > 0, "ppo.target_kl", "must be > 0 (or null: a fixed kl_coef)")
+    need(
+        ppo.target_kl is None or ppo.target_kl > 0, "ppo.target_kl", "must be > 0 (or null: a fixed kl_coef)"
+    )
