@@ -407,3 +407,11 @@ def test_preftune_ppo_trains_from_files_and_saves_the_final_policy(tmp_path, tok
     ] == 0.1  # log_every 10: the last
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
     assert "| kind" not in (tmp_path / "out" / "final" / "README.md").read_text()
+
+
+def test_with_lora_the_reference_is_the_policy_with_its_adapters_off(tmp_path, tokenizer):
+    result = run_ppo(tmp_path, tokenizer, "model.lora=true", "train.learning_rate=1e-2", "ppo.steps=2")
+    first, second = result.history
+    assert first["objective/kl"] == 0.0  # new adapters change nothing yet: policy and reference agree
+    assert second["objective/kl"] != 0.0  # the adapters trained; with them off, the reference did not move
+    assert (tmp_path / "ppo" / "final" / "model.safetensors").exists()  # merged, as train saves LoRA runs

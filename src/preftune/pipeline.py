@@ -5,6 +5,7 @@
       sft:  {kind: sft, model: {name_or_path: base/}, data: {path: sft.jsonl}, train: {...}}
       rm:   {kind: rm,  model: {name_or_path: "${sft.final}"}, data: {path: prefs.jsonl}}
       dpo:  {kind: dpo, model: {name_or_path: "${sft.final}"}, data: {path: prefs.jsonl}, objective: {loss: [dpo]}}
+      ppo:  {kind: ppo, model: {name_or_path: "${sft.final}"}, ppo: {prompts: prompts.jsonl, reward: "${rm.final}"}}
 
 A value may name an earlier stage's result: ``${NAME.final}`` (its ``final/`` folder) or
 ``${NAME.output}`` (its folder). Each stage runs in ``OUTPUT/NAME`` and records a fingerprint
@@ -52,6 +53,8 @@ def _train_stage(kind: str) -> Callable[[dict[str, Any]], dict[str, float]]:
             from .recipes.reward import train_reward_model as recipe
         elif kind == "sft":
             from .recipes.sft import train_sft as recipe  # type: ignore[no-redef]
+        elif kind == "ppo":
+            from .recipes.ppo import train_ppo as recipe  # type: ignore[no-redef, assignment]
         else:
             from .recipes.pairwise import train as recipe  # type: ignore[no-redef]
         history = recipe(config).history
@@ -111,9 +114,15 @@ KINDS: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {
     "dpo": _train_stage("dpo"),
     "eval": _eval_stage,
     "online": _not_built("online DPO (preftune online)"),
-    "ppo": _not_built("PPO (preftune ppo)"),
+    "ppo": _train_stage("ppo"),
 }
-HEADLINE = {"sft": "loss", "rm": "eval_accuracy", "dpo": "rewards/accuracies", "eval": "dpo_rm_accuracy"}
+HEADLINE = {
+    "sft": "loss",
+    "rm": "eval_accuracy",
+    "dpo": "rewards/accuracies",
+    "eval": "dpo_rm_accuracy",
+    "ppo": "objective/scores",
+}
 
 
 def load_pipeline(path: Path) -> tuple[Path, list[Stage]]:

@@ -60,6 +60,8 @@ from .online import RolloutFactory
 from .ppo_rollouts import Rollouts, build_critic, build_reference, chunks, collect, policy_tokens, step_seed
 
 CONSOLE = (("score", "objective/scores"), ("kl", "objective/kl"), ("vf", "loss/value_avg"))
+CURRENT = ("episode", "learning_rate", "objective/kl_coef")
+"""Logged as they are at the logged step; the other metrics are averaged over the steps since the last log."""
 
 
 @dataclass
@@ -164,6 +166,7 @@ def train_ppo(
             stop = bool(signals.received)
             if step % cfg.log_every == 0 or step == last_step or stop:
                 averaged = {name: _mean([v[name] for v in window if name in v]) for name in window[-1]}
+                averaged |= {name: window[-1][name] for name in CURRENT}  # where the run is now
                 log.log(step, averaged | ({"skipped_steps": float(skipped)} if skipped else {}))
                 bar.set_postfix({label: f"{averaged[name]:.4g}" for label, name in CONSOLE})
                 window = []
