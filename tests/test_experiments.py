@@ -154,3 +154,20 @@ def test_ranking_consistency_full(tmp_path):
     dpo, simpo = models["DPO (gentle)"], models["SimPO (gentle)"]
     assert dpo["dpo_rm_accuracy_train"] - dpo["ranking_consistency_train"] > 0.05
     assert simpo["ranking_consistency_train"] > dpo["ranking_consistency_train"]
+
+
+@pytest.mark.slow
+def test_frontier_full(tmp_path):
+    """Every method gains true reward over the reference, more with less KL regularization; PPO with
+    the true reward stands on or above DPO's frontier at KL > 1; best-of-N rises with N (measured
+    over seeds 0–2: see docs/experiments.md)."""
+    _, run = EXPERIMENTS["frontier"]
+    results = run(tmp_path, 0, False)
+    points = {(p["method"], p["setting"]): p for p in results["points"]}
+    dpo = [points["DPO", f"β={beta}"] for beta in (3.0, 1.0, 0.3, 0.1)]
+    assert [p["reward"] for p in dpo] == sorted(p["reward"] for p in dpo)  # smaller β, more reward
+    assert all(p["reward"] > results["reference_reward"] + 0.3 for p in dpo)
+    assert points["PPO (true reward)", "β=0.05"]["reward"] > 0.9
+    assert all(g["gap"] > 0 for g in results["gaps_to_dpo"]["PPO (true reward)"] if g["kl"] > 1)
+    best = [p["reward"] for p in results["points"] if p["method"] == "best-of-N"]
+    assert best == sorted(best)

@@ -285,14 +285,14 @@ class TrueReward:
         return true_reward(list(prompts), list(completions))
 
 
-def run_ppo(tmp_path, tokenizer, *overrides, **kwargs):
+def run_ppo(tmp_path, tokenizer, *overrides, scorer=None, **kwargs):
     with one_thread():  # tiny models: a second thread only waits on a busy machine
         return train_ppo(
             ppo_config(tmp_path, *overrides),
             model=tiny_llama(len(tokenizer), seed=0),
             tokenizer=tokenizer,
             prompts=[{"prompt": p} for p in SentimentTask().prompts(16, 0)],
-            scorer=Characters(),
+            scorer=scorer or Characters(),
             **kwargs,
         )
 
@@ -415,3 +415,74 @@ def test_with_lora_the_reference_is_the_policy_with_its_adapters_off(tmp_path, t
     assert first["objective/kl"] == 0.0  # new adapters change nothing yet: policy and reference agree
     assert second["objective/kl"] != 0.0  # the adapters trained; with them off, the reference did not move
     assert (tmp_path / "ppo" / "final" / "model.safetensors").exists()  # merged, as train saves LoRA runs
+
+
+def test_a_signal_finishes_the_step_checkpoints_it_and_the_resumed_run_ends_like_an_uninterrupted_one(
+    tmp_path, tokenizer
+):
+    import os
+    import signal
+
+    from preftune.guard import StopRequested
+
+    class SignalAtCall(Characters):
+        calls = 0
+
+        def __call__(self, prompts, completions):
+            SignalAtCall.calls += 1
+            if SignalAtCall.calls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__call__(prompts, completions)
+
+    run_ppo(tmp_path / "a", tokenizer)
+    with pytest.raises(StopRequested, match=r"after step 2; saved .*checkpoint-0000002") as stopped:
+        run_ppo(tmp_path / "b", tokenizer, scorer=SignalAtCall())
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    run_ppo(tmp_path / "b", tokenizer, "train.resume=true")
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / run / "ppo" / "final" / "model.safetensors") for run in ("a", "b"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_non_finite_update_stops_the_run_naming_the_step_or_is_skipped_and_counted(
+    tmp_path, tokenizer, monkeypatch
+):
+    import preftune.recipes.ppo as recipe
+    from preftune.guard import NonFiniteError
+    from preftune.losses.ppo import Clipped
+
+    def poisoned(*args, **kwargs):
+        out = value_loss(*args, **kwargs)
+        return Clipped(out.loss * float("nan"), out.clipped)
+
+    monkeypatch.setattr(recipe, "value_loss", poisoned)
+    with pytest.raises(NonFiniteError, match=r"step 1: the loss \(nan\) or gradient norm .* not finite"):
+        run_ppo(tmp_path / "stop", tokenizer)
+    result = run_ppo(tmp_path / "skip", tokenizer, "train.nonfinite=skip", "train.max_skipped_steps=100")
+    assert [row["skipped_updates"] for row in result.history] == [
+        4.0,
+        8.0,
+        12.0,
+    ]  # 2 epochs x 2 mini-batches a step
+    assert not (tmp_path / "stop" / "ppo" / "final").exists()
+
+
+def test_a_scorer_that_leaves_a_completion_unscored_stops_ppo_naming_it(tmp_path, tokenizer):
+    from preftune.errors import ScorerError
+
+    class Unscored:
+        name = "partial"
+
+        def __call__(self, prompts, completions):
+            return [None, *[1.0] * (len(completions) - 1)]
+
+    with pytest.raises(ScorerError, match="partial: no finite score for 1 of 8 completions"):
+        run_ppo(tmp_path, tokenizer, scorer=Unscored())
+
+
+def test_the_example_config_is_valid():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).parent.parent / "examples" / "ppo.yaml")
+    assert config.ppo.reward == "preftune.synthetic:true_reward" and config.train.output_dir == "runs/ppo"

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..data import Text
 from ..models import load_model
-from ..plots import COLORS, pyplot, save
+from ..plots import frontier_plot
 from ..recipes.online import train_online
 from ..recipes.ppo import train_ppo
 from ..recipes.reward import train_reward_model
@@ -178,7 +178,7 @@ def _run(lab: Lab) -> dict[str, Any]:
     points += best
 
     png = lab.output / f"{NAME}.png"
-    plotted = plot(points, reference_reward, png)
+    plotted = frontier_plot(points, reference_reward, png)
     results: dict[str, Any] = {
         "sizes": asdict(sizes),
         "dpo_betas": list(DPO_BETAS),
@@ -311,47 +311,6 @@ def table(points: list[dict[str, Any]], reference_reward: float) -> tuple[list[s
         tokens = f"{p['tokens']:.1f}" if p.get("tokens") is not None else "—"
         rows.append([p["method"], p["setting"], kl, f"{p['reward']:+.3f}", gain, tokens])
     return header, rows
-
-
-def plot(points: list[dict[str, Any]], reference_reward: float, png: Path) -> bool:
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    methods = list(dict.fromkeys(p["method"] for p in points))
-    markers = {
-        "DPO": "o",
-        "PPO (true reward)": "s",
-        "PPO (reward model)": "D",
-        "online DPO": "^",
-        "best-of-N": "x",
-    }
-    for color, method in zip(COLORS, methods, strict=False):
-        ours = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
-        ax.plot(
-            [0.0] + [p["kl"] for p in ours] if method == "best-of-N" else [p["kl"] for p in ours],
-            [reference_reward] + [p["reward"] for p in ours]
-            if method == "best-of-N"
-            else [p["reward"] for p in ours],
-            marker=markers.get(method, "o"),
-            linestyle="--" if method == "best-of-N" else ":",
-            color=color,
-            label=method,
-        )
-        for p in ours:
-            ax.annotate(
-                p["setting"], (p["kl"], p["reward"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
-            )
-    ax.scatter([0.0], [reference_reward], color="black", zorder=3, label="reference (SFT)")
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlabel("KL(π ‖ π_ref), nats per sequence (held-out samples; best-of-N: analytic)")
-    ax.set_ylabel("true reward of held-out samples")
-    ax.set_title("reward–KL frontier on the synthetic sentiment task", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    save(fig, png)
-    return True
 
 
 def report_text(

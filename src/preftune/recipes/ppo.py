@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,7 @@ def train_ppo(
             if step % cfg.log_every == 0 or step == last_step or stop:
                 averaged = {name: _mean([v[name] for v in window if name in v]) for name in window[-1]}
                 averaged |= {name: window[-1][name] for name in CURRENT}  # where the run is now
-                log.log(step, averaged | ({"skipped_steps": float(skipped)} if skipped else {}))
+                log.log(step, averaged | ({"skipped_updates": float(skipped)} if skipped else {}))
                 bar.set_postfix({label: f"{averaged[name]:.4g}" for label, name in CONSOLE})
                 window = []
             if (cfg.save_every is not None and (step % cfg.save_every == 0 or step == ppo.steps)) or stop:
@@ -241,7 +242,8 @@ def update(
 ) -> tuple[dict[str, float], int]:
     """``ppo_epochs`` passes of ``num_mini_batches`` updates over the rollouts. Each update's loss is
     the mean over its mini-batch's tokens, accumulated exactly over forwards of ``train.batch_size``
-    sequences. Returns the step's metrics (token means over every update) and the skipped count."""
+    sequences. Returns the step's metrics (token means over every update) and the count of updates
+    skipped so far (``train.nonfinite=skip``; ``train.max_skipped_steps`` bounds it)."""
     ppo, cfg, accelerator = config.ppo, config.train, harness.accelerator
     count, per_update = len(rollouts.sequences), len(rollouts.sequences) // ppo.num_mini_batches
     sums: dict[str, Tensor] = {}  # on the device, read once at the end of the step
@@ -298,7 +300,9 @@ def update(
                     )
                 harness.say(f"step {step}: a non-finite loss or gradient, update skipped ({skipped} so far)")
             learning_rate = scheduler.get_last_lr()[0]
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped update has no optimizer.step() before it
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     names = list(sums)
     totals = torch.stack([sums[name] for name in names]).tolist()

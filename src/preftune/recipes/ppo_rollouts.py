@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data.prompts import Prompt
 from ..data.sft import TokenizedSequence
-from ..errors import ConfigError
+from ..errors import ConfigError, ScorerError
 from ..layouts import SequenceBatch, collate_sequences
 from ..logps import SequenceLogps, batch_logps
 from ..losses.ppo import explained_variance, gae, kl_penalty, masked_mean, token_rewards, whiten
@@ -126,8 +126,9 @@ def collect(
         for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
     ]
     flat: dict[str, list[Tensor]] = {"logps": [], "ref_logps": [], "values": [], "entropy": []}
-    was_training = policy.training, critic.training
-    policy.eval(), critic.eval()
+    modes = [(model, model.training) for model in (policy, critic)]
+    for model, _ in modes:
+        model.eval()
     for index in chunks(len(sequences), config.train.batch_size):
         batch = collate_sequences([sequences[i] for i in index], tokenizer.pad_token_id).to(device)
         with autocast():
@@ -138,11 +139,18 @@ def collect(
         flat["logps"].append(ours.token_logps)  # type: ignore[arg-type]
         flat["ref_logps"].append(theirs.token_logps)  # type: ignore[arg-type]
         flat["entropy"].append(ours.extras["entropy"])
-    policy.train(was_training[0]), critic.train(was_training[1])
+    for model, training in modes:
+        model.train(training)
 
     counts = torch.tensor([len(c.ids) for c in completions])
     rows = {name: as_rows(torch.cat(values), counts) for name, values in flat.items() if name != "entropy"}
     mask = as_rows(torch.ones(int(counts.sum())), counts).to(device)
+    unscored = [prompts[i].where for i, s in enumerate(scored) if s["reward"] is None]
+    if unscored:
+        raise ScorerError(
+            f"{getattr(scorer, 'name', 'the reward')}: no finite score for {len(unscored)} of {len(scored)} "
+            f"completions (first: the prompt of {unscored[0]}); PPO needs a reward for every completion"
+        )
     scores = torch.tensor([s["reward"] for s in scored], dtype=torch.float32, device=device)
     kl = kl_penalty(rows["logps"], rows["ref_logps"], ppo.kl_estimator) * mask
     rewards = token_rewards(scores, kl, mask, kl_coef)
