@@ -106,6 +106,8 @@ def train_ppo(
     critic = prepare_for_training(critic, config.model, task_type="SEQ_CLS").to(device)
     if reference is not None:
         reference.to(device)
+    policy.train()  # from_pretrained leaves eval mode; gradient checkpointing acts in train mode only
+    critic.train()
     sampler: Rollout = (
         rollout_for(policy)
         if rollout_for is not None
