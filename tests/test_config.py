@@ -374,3 +374,12 @@ def test_config_path_that_is_a_directory_is_refused_naming_it(tmp_path):
 def test_yaml_bare_no_is_read_as_the_word_where_a_choice_expects_it(tmp_path):
     path = write_yaml(tmp_path, "train:\n  mixed_precision: no\n")
     assert load_config(path).train.mixed_precision == "no"
+
+
+def test_every_key_of_every_section_has_its_help_line_wherever_the_section_is_defined():
+    from preftune.coerce import describe
+    from preftune.config import RunConfig
+
+    rows = describe(RunConfig)
+    assert {key.split(".")[0] for key, *_ in rows} >= {"train", "rollout", "online", "ppo"}
+    assert [key for key, _, _, text in rows if not text] == []

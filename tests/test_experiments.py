@@ -4,7 +4,9 @@ check what each experiment shows, are marked slow (``pytest -m slow``)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
 import pytest
 
@@ -66,6 +68,29 @@ def test_ranking_consistency_measures_the_reference_and_four_policies(quick):
     ]  # fmt: skip
     assert results["models"]["reference"]["kl_to_reference"] == 0.0
     assert all(results["trajectories"][label] for label in results["models"] if label != "reference")
+
+
+def test_frontier_measures_every_method_and_gives_best_of_n_its_analytic_kl(quick):
+    results = json.loads((quick["frontier"] / "results.json").read_text())
+    methods = {p["method"] for p in results["points"]}
+    assert methods == {"DPO", "PPO (true reward)", "PPO (reward model)", "online DPO", "best-of-N"}
+    best_of = [p for p in results["points"] if p["method"] == "best-of-N"]
+    for point, n in zip(best_of, (1, 2, 4, 8), strict=True):
+        assert point["setting"] == f"N={n}" and point["kl"] == pytest.approx(
+            math.log(n) - (n - 1) / n, rel=1e-5
+        )
+    assert [p["reward"] for p in best_of] == sorted(
+        p["reward"] for p in best_of
+    )  # more draws, no less reward
+
+
+def test_expected_best_of_n_equals_the_mean_over_every_subset_of_the_pool():
+    from preftune.experiments.frontier import expected_best
+
+    pool = [0.3, -1.0, 0.5, 0.5, 0.0, 0.9]
+    for n in (1, 2, 3, 6):
+        subsets = list(itertools.combinations(pool, n))
+        assert expected_best(pool, n) == pytest.approx(sum(max(s) for s in subsets) / len(subsets))
 
 
 def test_the_same_seed_gives_the_same_numbers(quick, tmp_path):
@@ -149,3 +174,20 @@ def test_online_vs_offline_full(tmp_path):
     assert offline["true_reward"] > start["true_reward"] + 0.3
     assert online["true_reward"] > offline["true_reward"] + 0.1
     assert online["kl_to_start"] > offline["kl_to_start"]
+
+
+@pytest.mark.slow
+def test_frontier_full(tmp_path):
+    """Every method gains true reward over the reference, more with less KL regularization; PPO with
+    the true reward stands on or above DPO's frontier at KL > 1; best-of-N rises with N (measured
+    over seeds 0–2: see docs/experiments.md)."""
+    _, run = EXPERIMENTS["frontier"]
+    results = run(tmp_path, 0, False)
+    points = {(p["method"], p["setting"]): p for p in results["points"]}
+    dpo = [points["DPO", f"β={beta}"] for beta in (3.0, 1.0, 0.3, 0.1)]
+    assert [p["reward"] for p in dpo] == sorted(p["reward"] for p in dpo)  # smaller β, more reward
+    assert all(p["reward"] > results["reference_reward"] + 0.3 for p in dpo)
+    assert points["PPO (true reward)", "β=0.05"]["reward"] > 0.9
+    assert all(g["gap"] > 0 for g in results["gaps_to_dpo"]["PPO (true reward)"] if g["kl"] > 1)
+    best = [p["reward"] for p in results["points"] if p["method"] == "best-of-N"]
+    assert best == sorted(best)

@@ -132,12 +132,31 @@ def test_a_reference_to_a_later_or_unknown_stage_is_refused_naming_stage_and_key
         load_pipeline(_pipeline(tmp_path, inputs, stages))
 
 
-@pytest.mark.parametrize("kind, message", [("ppo", "PPO"), ("magic", "unknown 'magic'")])
-def test_a_stage_whose_recipe_is_missing_is_refused_before_anything_runs(tmp_path, inputs, kind, message):
-    stages = {**_stages(inputs), "late": {"kind": kind}}
-    with pytest.raises(ConfigError, match=message):
+def test_a_stage_of_an_unknown_kind_is_refused_before_anything_runs(tmp_path, inputs):
+    stages = {**_stages(inputs), "late": {"kind": "magic"}}
+    with pytest.raises(ConfigError, match="unknown 'magic'"):
         run_pipeline(_pipeline(tmp_path, inputs, stages))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ppo_stage_trains_the_policy_an_earlier_stage_saved_with_that_stages_reward_model(tmp_path, inputs):
+    stages = _stages(inputs)
+    ppo = {
+        "model": {"name_or_path": "${dpo.final}"},
+        "ppo": {
+            "prompts": str(inputs / "prefs.jsonl"),
+            "reward": "${rm.final}",
+            "steps": 2,
+            "rollouts_per_step": 4,
+        },
+        "rollout": {"max_new_tokens": 4},
+        "train": {key: value for key, value in FAST.items() if key != "max_steps"},
+    }
+    result = run_pipeline(_pipeline(tmp_path, inputs, {"rm": stages["rm"], "dpo": stages["dpo"], "ppo": ppo}))
+    assert [row["status"] for row in result["stages"]] == ["ran", "ran", "ran"]
+    assert "objective/scores" in result["stages"][2]
+    assert (tmp_path / "out" / "ppo" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "ppo" / "checkpoint-0000002" / "value" / "model.safetensors").exists()
 
 
 def test_an_eval_stage_scores_an_earlier_stages_policy_against_its_reference(tmp_path, inputs):

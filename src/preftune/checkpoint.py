@@ -94,13 +94,18 @@ def save_checkpoint(
     keep: int | None = None,
     weights: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    extra_models: dict[str, Any] | None = None,
 ) -> Path:
-    """``checkpoint-N``; ``weights`` and ``optimizer_state`` are the gathered ones of a sharded
-    model (else the model's and the optimizer's own)."""
+    """``checkpoint-N``: ``model`` at the top (it loads with ``from_pretrained`` as is), each of
+    ``extra_models`` (PPO's critic) in a subfolder of its name, then the training state.
+    ``weights`` and ``optimizer_state`` are the gathered ones of a sharded model (else the
+    model's and the optimizer's own)."""
     final = output_dir / f"checkpoint-{step:07d}"
     tmp = _atomic_dir(final)
     try:
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        for name, extra in (extra_models or {}).items():
+            extra.save_pretrained(tmp / name, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(
             optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt"
@@ -276,8 +281,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     load_optimizer: Any = None,
+    extra_models: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; returns the trainer state.
+    """Restore weights (``model``'s, and each of ``extra_models``' from its subfolder), optimizer,
+    scheduler and RNG from ``path``; returns the trainer state.
 
     ``model=None`` leaves the weights (a sharded run loads them before sharding, with
     :func:`load_weights`); ``load_optimizer`` puts the optimizer state back (default: the
@@ -285,6 +292,8 @@ def load_checkpoint(
     """
     if model is not None:
         load_weights(path, model)
+    for name, extra in (extra_models or {}).items():
+        load_weights(path / name, extra)
     try:
         saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         (load_optimizer or optimizer.load_state_dict)(saved)
@@ -345,49 +354,3 @@ def save_final(
         (tmp / "README.md").write_text(card, encoding="utf-8")
     _publish(tmp, final)
     return final
-
-
-def model_card(output_dir: Path, config: Any, history: list[dict[str, Any]], extra: dict[str, Any]) -> str:
-    """``final/README.md``: what this model is, what it was trained on and how, and how it ended.
-
-    ``extra`` holds the recipe's own lines (``kind``, ``objective``, …).
-    """
-    cfg = config.train
-    last_train: dict[str, Any] = next((h for h in reversed(history) if "loss" in h), {})
-    last_eval: dict[str, Any] = next((h for h in reversed(history) if "eval_loss" in h), {})
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [preftune, " + str(extra.get("kind", "preference-training")) + "]",
-        f"base_model: {config.model.name_or_path or 'unknown'}",
-        "---",
-        "",
-        f"# {output_dir.name or 'model'}",
-        "",
-        f"Trained with preftune ({extra.get('kind', 'preference training')}).",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| base model | {config.model.name_or_path or '(a model object passed in Python)'} |",
-        f"| training data | {config.data.path or '(records passed in Python)'} |",
-        *(f"| {key} | {value} |" for key, value in extra.items() if key != "kind"),
-        f"| steps | {last_train.get('step', 0)} |",
-        f"| learning rate | {cfg.learning_rate} ({cfg.scheduler}, warmup {cfg.warmup_steps or cfg.warmup_ratio}) |",
-        f"| batch | {cfg.batch_size} per device × {cfg.grad_accum} accumulation |",
-        f"| LoRA | {'r=' + str(config.model.lora_r) if config.model.lora else 'no'} |",
-        f"| seed | {cfg.seed} |",
-        "",
-        "## Final metrics",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-    ]
-    for name, value in {**last_train, **last_eval}.items():
-        if name != "step" and isinstance(value, int | float):
-            lines.append(f"| {name} | {value:.6g} |")
-    lines += [
-        "",
-        "The full configuration is in `../config.json`; every logged step in `../metrics.jsonl`.",
-        "",
-    ]
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""``preftune train | rm train | rm score | eval | experiment | demo | losses``."""
+"""``preftune train | sft | online | ppo | rm train | rm score | eval | experiment | demo | losses | …``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_sampling import add_sampling_commands
 from .config import RunConfig, load_config
 from .errors import ConfigError, DataError, PreftuneError
 
@@ -41,30 +42,6 @@ def _train(args: argparse.Namespace) -> None:
     from .recipes.pairwise import train
 
     train(_run_config(args))
-
-
-def _online(args: argparse.Namespace) -> None:
-    from .recipes.online import train_online
-
-    base: dict[str, object] = {}
-    for flag, key in (
-        ("model", "model.name_or_path"),
-        ("prompts", "online.prompts"),
-        ("reward", "online.reward"),
-        ("rounds", "online.rounds"),
-        ("samples_per_prompt", "online.samples_per_prompt"),
-        ("output", "train.output_dir"),
-    ):
-        if getattr(args, flag) is not None:
-            base[key] = getattr(args, flag)
-    if args.loss:
-        base["objective.loss"] = [name for name in args.loss.split(",") if name]
-    if args.resume:
-        base["train.resume"] = True
-    config = load_config(args.config, args.set or (), base)
-    if not config.model.name_or_path:
-        raise ConfigError("model.name_or_path: required (--model PATH_OR_NAME)")
-    train_online(config)
 
 
 def _sft(args: argparse.Namespace) -> None:
@@ -281,28 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_arguments(sft, "hub name or local folder of a causal LM", with_loss=False)
     sft.set_defaults(run=_sft)
 
-    online = commands.add_parser(
-        "online",
-        help="online DPO: sample from the policy, score with a reward model, pair, train; repeat",
-        epilog=KEYS_HELP + " (sections rollout and online)",
-    )
-    online.add_argument("--model", help="the starting policy: hub name or local folder of a causal LM")
-    online.add_argument("--prompts", help="prompts: any file train reads, with a 'prompt' field")
-    online.add_argument(
-        "--reward", help="a reward-model folder, or a function module:function / file.py:function"
-    )
-    online.add_argument("--loss", help="objective name(s), comma-separated (default dpo)")
-    online.add_argument("--rounds", type=int, help="rounds of sample -> score -> pair -> train (default 3)")
-    online.add_argument(
-        "--samples-per-prompt", type=int, metavar="K", help="completions per prompt (default 4)"
-    )
-    online.add_argument("--output", help="output folder (train.output_dir)")
-    online.add_argument("--config", help="YAML file with model/objective/train/rollout/online sections")
-    online.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
-    online.add_argument(
-        "--resume", action="store_true", help="continue: skip complete rounds, reuse saved samples"
-    )
-    online.set_defaults(run=_online)
+    add_sampling_commands(commands, KEYS_HELP)
 
     rm = commands.add_parser("rm", help="Bradley–Terry reward models: train, score")
     rm_commands = rm.add_subparsers(dest="rm_command", required=True)

@@ -139,8 +139,11 @@ def describe(root: type) -> list[tuple[str, str, str, str]]:
     import sys
 
     helps: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(sys.modules[root.__module__]))
-    for node in ast.walk(tree):
+    # Sections may live in other modules than the root (the sampling recipes' in config_rl).
+    sections = [typing.get_type_hints(root)[section.name] for section in dataclasses.fields(root)]
+    modules = dict.fromkeys(cls.__module__ for cls in [root, *sections])
+    trees = [ast.parse(inspect.getsource(sys.modules[name])) for name in modules]
+    for node in (node for tree in trees for node in ast.walk(tree)):
         if isinstance(node, ast.ClassDef):
             body = node.body
             for field_node, after in zip(body, [*body[1:], None], strict=True):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from .coerce import build, suggest
-from .config_rl import OnlineConfig, RolloutConfig, check_rl
+from .config_rl import OnlineConfig, PPOConfig, RolloutConfig, check_rl
 from .errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig", "check_objective", "load_config", "validate"]
@@ -217,7 +217,7 @@ class TrainConfig:
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-SECTIONS = ("model", "data", "objective", "reference", "train", "reward", "rollout", "online")
+SECTIONS = ("model", "data", "objective", "reference", "train", "reward", "rollout", "online", "ppo")
 
 
 @dataclass
@@ -240,6 +240,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 # --------------------------------------------------------------------------- building
@@ -344,7 +345,7 @@ def validate(config: RunConfig) -> None:
     check_objective(o)
     c = config.reward.center_rewards_coefficient
     need(c is None or c >= 0, "reward.center_rewards_coefficient", f"must be >= 0, got {c}")
-    check_rl(config.rollout, config.online)
+    check_rl(config.rollout, config.online, config.ppo)
 
 
 def check_objective(o: ObjectiveConfig) -> None:

@@ -1,5 +1,5 @@
 """Config sections of the recipes that sample from the policy: ``rollout`` (how completions are
-generated) and ``online`` (iterative DPO with a reward model).
+generated), ``online`` (iterative DPO with a reward model) and ``ppo`` (RLHF with PPO).
 
 Part of the ground floor beside :mod:`preftune.config`, which puts these sections into
 :class:`~preftune.config.RunConfig`; it imports nothing of preftune but its errors.
@@ -68,13 +68,60 @@ class OnlineConfig:
     """After the last round, sample the final policy too (its reward, KL and EOS rate)."""
 
 
-def check_rl(rollout: RolloutConfig, online: OnlineConfig) -> None:
-    """Ranges of the rollout and online settings. Raises :class:`ConfigError` naming the key."""
+@dataclass
+class PPOConfig:
+    """PPO with a KL penalty (Ouyang et al. 2022; the details of Huang et al. 2024, arXiv 2403.17031).
+    Each step samples one completion for each of ``rollouts_per_step`` prompts, scores it, and makes
+    ``ppo_epochs`` passes of ``num_mini_batches`` optimizer updates over those rollouts. Defaults are TRL's."""
 
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {message}")
+    prompts: str = ""
+    """Prompts: any file ``train`` reads with a ``prompt`` field (text or chat messages)."""
+    prompts_split: str = "train"
+    """Split of a hub dataset of prompts."""
+    max_prompts: int | None = None
+    """Use only the first N prompts (None: all)."""
+    reward: str = ""
+    """A reward-model folder, or a function ``module:function`` / ``file.py:function``."""
+    reward_batch_size: int = 16
+    """Completions per reward-model forward."""
+    steps: int = 100
+    """PPO steps: each is one rollout batch and its updates."""
+    rollouts_per_step: int = 64
+    """Prompts sampled per step (one completion each; drawn in a fresh seeded order every pass)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Optimizer updates per pass (each on rollouts_per_step / num_mini_batches rollouts, taken in
+    forwards of ``train.batch_size`` sequences)."""
+    kl_coef: float = 0.05
+    """β of the per-token penalty −β·KL_t folded into the reward (the initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimate: k1 = log π/π_ref; k3 = (r − 1) − log r with r = π_ref/π (never negative)."""
+    target_kl: float | None = None
+    """Adaptive coefficient (Ziegler et al. 2019): steer the rollouts' KL (nats per sequence) to this;
+    None: fixed ``kl_coef``."""
+    kl_horizon: int = 10_000
+    """Rollouts over which the adaptive coefficient moves by the (clipped) relative KL error."""
+    gamma: float = 1.0
+    """Discount γ of the generalized advantage estimate."""
+    lam: float = 0.95
+    """λ of the generalized advantage estimate (1: Monte Carlo returns, 0: one-step TD)."""
+    cliprange: float = 0.2
+    """ε of the clipped policy ratio, clip(r, 1 − ε, 1 + ε)."""
+    cliprange_value: float = 0.2
+    """Clip the value prediction to within this of its rollout-time value."""
+    vf_coef: float = 0.1
+    """Weight of the value loss beside the policy loss."""
+    whiten_advantages: bool = True
+    """Normalize the rollout batch's advantages to mean 0 and variance 1."""
+    value_model: str = "auto"
+    """The critic: ``reward`` (a copy of the reward model, head and all), ``policy`` (the policy's
+    backbone with a new zero-initialized head), a folder, or ``auto``: the reward model when the
+    reward is one that reads the policy's vocabulary, else the policy."""
 
+
+def check_rl(rollout: RolloutConfig, online: OnlineConfig, ppo: PPOConfig) -> None:
+    """Ranges of the rollout, online and PPO settings. Raises :class:`ConfigError` naming the key."""
     need(rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     need(
         math.isfinite(rollout.temperature) and rollout.temperature >= 0,
@@ -103,4 +150,30 @@ def check_rl(rollout: RolloutConfig, online: OnlineConfig) -> None:
         math.isfinite(online.min_gap) and online.min_gap >= 0,
         "online.min_gap",
         f"must be >= 0, got {online.min_gap}",
+    )
+    check_ppo(ppo)
+
+
+def need(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def check_ppo(ppo: PPOConfig) -> None:
+    need(ppo.max_prompts is None or ppo.max_prompts >= 1, "ppo.max_prompts", "must be >= 1")
+    need(ppo.reward_batch_size >= 1, "ppo.reward_batch_size", "must be >= 1")
+    for key in ("steps", "rollouts_per_step", "ppo_epochs", "num_mini_batches", "kl_horizon"):
+        need(getattr(ppo, key) >= 1, f"ppo.{key}", "must be >= 1")
+    need(
+        ppo.rollouts_per_step % ppo.num_mini_batches == 0,
+        "ppo.num_mini_batches",
+        f"must divide ppo.rollouts_per_step ({ppo.rollouts_per_step}), got {ppo.num_mini_batches}",
+    )
+    for key in ("kl_coef", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef"):
+        value = getattr(ppo, key)
+        need(math.isfinite(value) and value >= 0, f"ppo.{key}", f"must be >= 0, got {value}")
+    for key in ("gamma", "lam"):
+        need(getattr(ppo, key) <= 1, f"ppo.{key}", f"must be in [0, 1], got {getattr(ppo, key)}")
+    need(
+        ppo.target_kl is None or ppo.target_kl > 0, "ppo.target_kl", "must be > 0 (or null: a fixed kl_coef)"
     )

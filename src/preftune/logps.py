@@ -10,6 +10,7 @@ the lm_head at all.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,10 +60,12 @@ def label_logps(logits: Tensor, labels: Tensor) -> Tensor:
 class LogitTransform:
     """What a model's forward does to ``lm_head(h)`` before the softmax: a scale (Cohere's
     ``logit_scale``, Granite's ``1/logits_scaling``, Falcon-H1's ``lm_head_multiplier``),
-    then Gemma-2-style soft-capping ``c·tanh(x/c)``."""
+    then Gemma-2-style soft-capping ``c·tanh(x/c)``; then, as sampling does, a temperature (PPO
+    scores its samples under the distribution they were drawn from)."""
 
     scale: float = 1.0
     softcap: float | None = None
+    temperature: float = 1.0
 
     @staticmethod
     def of(config: Any) -> LogitTransform:
@@ -80,6 +83,8 @@ class LogitTransform:
             logits = logits * self.scale
         if self.softcap:
             logits = self.softcap * torch.tanh(logits / self.softcap)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         return logits
 
 
@@ -163,6 +168,7 @@ def sequence_logps(
     label_tail: Tensor | None = None,
     with_wpo: bool = False,
     extra_stats: tuple[str, ...] = (),
+    temperature: float = 1.0,
 ) -> SequenceLogps:
     """Per-sequence completion log-prob statistics of a causal LM over rows ``[R, T]``.
 
@@ -170,7 +176,7 @@ def sequence_logps(
     counts towards sequence ``label_sequence[i]``; the layout computed both on the host.
     ``label_tail`` (``[N]``) also sums the tokens it marks; ``with_wpo`` also sums WPO's
     per-token ``log p − log Σ p²``; ``extra_stats`` (``correct``, ``entropy``) are summed per
-    sequence into :attr:`SequenceLogps.extras`.
+    sequence into :attr:`SequenceLogps.extras`; ``temperature`` divides the logits first.
     """
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
@@ -182,7 +188,7 @@ def sequence_logps(
     labels = input_ids.reshape(-1).index_select(0, label_index)
     if chunk_size is None:
         chunk_size = auto_chunk_size(int(head.weight.shape[0]))
-    transform = LogitTransform.of(lm.config)
+    transform = dataclasses.replace(LogitTransform.of(lm.config), temperature=temperature)
     stats = ("mean",) * with_mean_logits + ("log_sum_sq",) * with_wpo + tuple(extra_stats)
     token_logps, extras = chunked_label_logps(selected, head, labels, chunk_size, transform, stats)
     sums = sequence_sums(
@@ -237,10 +243,12 @@ def batch_logps(
     with_tails: bool = False,
     with_wpo: bool = False,
     extra_stats: tuple[str, ...] = (),
+    temperature: float = 1.0,
 ) -> SequenceLogps:
     """:func:`sequence_logps` of every sequence of a :class:`~preftune.layouts.Batch`
     (``with_token_logps``: also each completion token's, in ``batch.label_index`` order;
-    ``with_tails``: also the sums over ``batch.label_tail``; ``with_wpo``: WPO's sums)."""
+    ``with_tails``: also the sums over ``batch.label_tail``; ``with_wpo``: WPO's sums;
+    ``temperature``: of the distribution ``logits / temperature``)."""
     return sequence_logps(
         model,
         batch.input_ids,
@@ -255,6 +263,7 @@ def batch_logps(
         batch.label_tail if with_tails else None,
         with_wpo,
         extra_stats,
+        temperature,
     )
 
 

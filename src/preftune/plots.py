@@ -164,3 +164,45 @@ def online_plot(rows: Sequence[dict[str, Any]], png: Path) -> bool:
     fig.tight_layout()
     save(fig, png)
     return True
+
+
+def frontier_plot(points: Sequence[dict[str, Any]], reference_reward: float, png: Path) -> bool:
+    """True reward against KL(π‖π_ref), one line per method (``preftune experiment frontier``)."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    markers = {
+        "DPO": "o",
+        "PPO (true reward)": "s",
+        "PPO (reward model)": "D",
+        "online DPO": "^",
+        "best-of-N": "x",
+    }
+    for color, method in zip(COLORS, methods, strict=False):
+        ours = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
+        ax.plot(
+            [0.0] + [p["kl"] for p in ours] if method == "best-of-N" else [p["kl"] for p in ours],
+            [reference_reward] + [p["reward"] for p in ours]
+            if method == "best-of-N"
+            else [p["reward"] for p in ours],
+            marker=markers.get(method, "o"),
+            linestyle="--" if method == "best-of-N" else ":",
+            color=color,
+            label=method,
+        )
+        for p in ours:
+            ax.annotate(
+                p["setting"], (p["kl"], p["reward"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
+    ax.scatter([0.0], [reference_reward], color="black", zorder=3, label="reference (SFT)")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("KL(π ‖ π_ref), nats per sequence (held-out samples; best-of-N: analytic)")
+    ax.set_ylabel("true reward of held-out samples")
+    ax.set_title("reward–KL frontier on the synthetic sentiment task", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    save(fig, png)
+    return True

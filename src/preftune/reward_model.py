@@ -66,3 +66,39 @@ class RewardModule(nn.Module):
         return sequence_rewards(
             self.model, batch.input_ids, batch.attention_mask, batch.last_index, batch.position_ids
         )
+
+
+# --------------------------------------------------------------------------- PPO's critic
+
+
+def token_values(model: nn.Module, batch: Any) -> Tensor:
+    """``[N]`` a critic's value of the state before each completion token: the head applied at
+    position ``label_index − 1`` (the hidden state the policy predicts that token from), in
+    ``batch.label_index`` order. A reward model read there scores every prefix of the completion."""
+    backbone, head = reward_parts(model)
+    hidden = backbone(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_index - 1)
+    return head(picked).squeeze(-1).float()
+
+
+def critic_from_causal_lm(policy: Any) -> nn.Module:
+    """A one-output sequence classifier holding a copy of ``policy``'s backbone and a new head set
+    to zero: at the start it predicts 0 everywhere instead of noise from a random head."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    critic = AutoModelForSequenceClassification.from_config(config)
+    backbone, head = reward_parts(critic)
+    backbone.load_state_dict(policy.get_decoder().state_dict())
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.zero_()
+    return critic.to(next(policy.parameters()).dtype)

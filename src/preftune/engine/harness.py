@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..card import model_card
 from ..checkpoint import (
     check_free_space,
     check_output_dir,
@@ -43,7 +44,6 @@ from ..checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_weights,
-    model_card,
     plan_output_dir,
     recover_stray,
     save_checkpoint,
@@ -107,7 +107,7 @@ class Harness:
         if self.cfg.resume and self.resume_from is None:
             self.say(f"resume: no checkpoint in {self.output_dir}; starting from the beginning")
 
-    def _take_output_dir(self, model: nn.Module, trainable: list[nn.Parameter]) -> None:
+    def take_output_dir(self, model: nn.Module, trainable: list[nn.Parameter]) -> None:
         """The models loaded: now an earlier run's files may go, if there is room for a checkpoint."""
         if self.is_main:
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -138,7 +138,7 @@ class Harness:
         per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(task.examples) / per_step))
         sharding.check_and_plan(accelerator, model)
-        optimizer, scheduler = self._optimizer(sharding.trainable_parameters(module), total_steps)
+        optimizer, scheduler = self.optimizer_for(sharding.trainable_parameters(module), total_steps)
         if self.resume_from is not None:  # into the whole model, before any sharding
             load_weights(self.resume_from, model)
         # The scheduler stays out of prepare(): accelerate would step it once per process.
@@ -147,7 +147,7 @@ class Harness:
 
         state = {"pairs_per_step": per_step, "total_steps": total_steps, "start_digest": start_digest}
         start_step, tokens_seen = self._resume(wrapped, optimizer, scheduler, state, task.unit)
-        self._take_output_dir(model, trainable)
+        self.take_output_dir(model, trainable)
         stream = data_stream(len(task.examples), cfg.seed, cfg.shuffle)
         for _ in range(start_step * per_step):
             next(stream)
@@ -295,7 +295,7 @@ class Harness:
         grad_norm = sharding.clip_gradients(accelerator, trainable, cfg.max_grad_norm or math.inf)
         return step_sums, records, grad_norm
 
-    def _optimizer(self, trainable: list[nn.Parameter], total_steps: int) -> tuple[Any, Any]:
+    def optimizer_for(self, trainable: list[nn.Parameter], total_steps: int) -> tuple[Any, Any]:
         """AdamW over the trainable parameters, and the learning-rate schedule with its warmup."""
         cfg = self.cfg
         optimizer = torch.optim.AdamW(

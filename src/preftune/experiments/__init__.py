@@ -26,6 +26,11 @@ _EXPERIMENTS = {
         "under prompt shift and under response shift, against the Bayes ceiling (Lin et al. 2024)",
         "dporm_vs_exrm",
     ),
+    "frontier": (
+        "true reward against KL(π‖π_ref): DPO at several β, PPO at several KL coefficients (true reward and a "
+        "learned reward model), online DPO, and best-of-N as the analytic reference (Rafailov et al. 2023, Fig. 2)",
+        "frontier",
+    ),
     "likelihood-drift": (
         "pairs whose rejected is the chosen with k = 1…16 tokens substituted: how DPO and DPOP move "
         "log p(chosen) as k grows (Pal et al. 2024)",

@@ -29,7 +29,8 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import model_card, save_final
+from ..card import model_card
+from ..checkpoint import save_final
 from ..config import RunConfig, to_dict, validate
 from ..data import TokenizedPair
 from ..data.prompts import Prompt, read_prompts
