@@ -91,6 +91,11 @@ class DataConfig:
     """Pairs whose chosen equals rejected: keep with a warning, drop, or stop."""
     chat_template: str | None = None
     """A Jinja chat template, or a path to a file holding one, for tokenizers without one."""
+    layout: Literal["auto", "padded", "prefix_shared", "packed"] = "auto"
+    """DPO family: ``padded`` (TRL's, a row per sequence), ``prefix_shared`` (a row per pair, the prompt
+    once), ``packed`` (several pairs a row); ``auto``: packed where the model's attention allows it."""
+    pack_tokens: int | None = None
+    """Tokens per row of the packed layout; None: the longest pair of the micro-batch."""
 
 
 @dataclass(frozen=True)
@@ -288,13 +293,13 @@ def load_config(
     return config
 
 
+def need(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
 def validate(config: RunConfig) -> None:
     """Ranges and cross-field rules. Raises :class:`ConfigError` naming the key; changes nothing."""
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {message}")
-
     t, d, r, m, o = config.train, config.data, config.reference, config.model, config.objective
     need(t.learning_rate > 0, "train.learning_rate", "must be > 0")
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -318,6 +323,8 @@ def validate(config: RunConfig) -> None:
         )
     need(d.max_length is None or d.max_length >= 2, "data.max_length", "must be >= 2")
     need(d.max_prompt_length is None or d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+    packs = d.pack_tokens is None or (d.pack_tokens >= 2 and d.layout in ("auto", "packed"))
+    need(packs, "data.pack_tokens", f"must be >= 2, for the packed layout (data.layout={d.layout})")
     if d.max_length is not None and d.max_prompt_length is not None:
         need(d.max_prompt_length < d.max_length, "data.max_prompt_length", "must be < data.max_length")
     if d.chat_template and not looks_like_template(d.chat_template):
@@ -338,11 +345,6 @@ def validate(config: RunConfig) -> None:
 
 def check_objective(o: ObjectiveConfig) -> None:
     """Ranges of the objective parameters (the registry checks which objectives use them)."""
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {message}")
-
     need(o.beta is None or o.beta > 0, "objective.beta", f"must be > 0, got {o.beta}")
     need(
         0 <= o.label_smoothing < 0.5,

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import pair_attention_mask
+
 if TYPE_CHECKING:
     from .data import TokenizedPair
     from .layouts import Batch, SequenceBatch
@@ -163,22 +165,29 @@ def sequence_logps(
     label_tail: Tensor | None = None,
     with_wpo: bool = False,
     extra_stats: tuple[str, ...] = (),
+    segment_ids: Tensor | None = None,
+    label_source: Tensor | None = None,
 ) -> SequenceLogps:
     """Per-sequence completion log-prob statistics of a causal LM over rows ``[R, T]``.
 
-    Token at flat position ``i`` (``label_index``) is predicted from position ``i − 1`` and
-    counts towards sequence ``label_sequence[i]``; the layout computed both on the host.
+    Token at flat position ``i`` (``label_index``) is predicted from position ``i − 1`` (or
+    ``label_source``) and counts towards sequence ``label_sequence[i]``; the layout computed them
+    on the host. ``segment_ids`` (rows holding several sequences) become the attention mask.
     ``label_tail`` (``[N]``) also sums the tokens it marks; ``with_wpo`` also sums WPO's
     per-token ``log p − log Σ p²``; ``extra_stats`` (``correct``, ``entropy``) are summed per
     sequence into :attr:`SequenceLogps.extras`.
     """
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
+    mask: Any = attention_mask
+    if segment_ids is not None:
+        mask = pair_attention_mask(segment_ids, lm.config, head.weight.dtype)
     hidden = lm.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     # Hidden state i−1 predicts token i: gather only those positions, [N, H].
-    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, label_index - 1)
+    source = label_index - 1 if label_source is None else label_source
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)
     labels = input_ids.reshape(-1).index_select(0, label_index)
     if chunk_size is None:
         chunk_size = auto_chunk_size(int(head.weight.shape[0]))
@@ -255,6 +264,8 @@ def batch_logps(
         batch.label_tail if with_tails else None,
         with_wpo,
         extra_stats,
+        getattr(batch, "segment_ids", None),
+        getattr(batch, "label_source", None),
     )
 
 
