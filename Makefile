@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.preftune-installed
 
-.PHONY: demo test test-slow lint install clean
+.PHONY: demo test test-slow lint install clean bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: lint
 
 test-slow: $(STAMP)  # the full experiments, 2–3 minutes
 	$(VENV)/bin/pytest -m slow
+
+bench: $(STAMP)  # preftune's layouts against TRL's trainers (the quick suite: a few minutes)
+	$(PY) bench/train_vs_trl.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,16 @@
-"""Memory probes shared by the benchmarks (each side runs in its own process)."""
+"""Pieces shared by the benchmarks: memory probes, Llama-style models from configs, synthetic pairs.
 
+Each side of a benchmark runs in its own process, so peak memory is per side.
+"""
+
+from __future__ import annotations
+
+import random
 import resource
+import statistics
+from dataclasses import dataclass
+
+import torch
 
 
 def rss_mib() -> float:
@@ -12,3 +22,84 @@ def rss_mib() -> float:
 def peak_mib() -> float:
     """Peak resident memory of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A randomly initialised Llama-style model (untied embeddings, SwiGLU, RoPE)."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+    def build(self, seed: int = 0) -> torch.nn.Module:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+    def parameters(self) -> int:
+        attention, mlp = 4 * self.hidden**2, 3 * self.hidden * self.intermediate
+        return 2 * self.vocab * self.hidden + self.layers * (attention + mlp + 2 * self.hidden) + self.hidden
+
+
+MODELS = {
+    "7m": ModelShape(vocab=32_000, hidden=96, layers=4, heads=4, intermediate=256),
+    "60m": ModelShape(vocab=32_000, hidden=512, layers=8, heads=8, intermediate=1376),
+    "128k": ModelShape(vocab=128_256, hidden=256, layers=4, heads=4, intermediate=688),
+}
+
+
+def case_lengths(case: str, count: int, seed: int) -> list[tuple[int, int, int]]:
+    """``count`` (prompt, chosen, rejected) token lengths: ``short`` 64/64/64, ``long`` 256/64/64,
+    ``ragged`` long-tailed (log-normal around 48 prompt and 32 completion tokens, capped at 512/256)."""
+    if case == "short":
+        return [(64, 64, 64)] * count
+    if case == "long":
+        return [(256, 64, 64)] * count
+    rng = random.Random(seed)
+
+    def draw(median_tokens: float, cap: int) -> int:
+        return max(4, min(cap, round(rng.lognormvariate(0, 0.9) * median_tokens)))
+
+    return [(draw(48, 512), draw(32, 256), draw(32, 256)) for _ in range(count)]
+
+
+def synthetic_records(tokenizer, lengths: list[tuple[int, int, int]], seed: int) -> list[dict[str, str]]:
+    """Records whose prompt tokenizes (with BOS) and whose completions tokenize (with the EOS both
+    trainers append) to exactly the lengths given: words the tokenizer keeps as one token."""
+    from preftune.synthetic import NEGATIVE, POSITIVE, TOPICS
+
+    words = [
+        w
+        for w in sorted(set(POSITIVE + NEGATIVE + TOPICS))
+        if len(tokenizer(" " + w, add_special_tokens=False).input_ids) == 1
+    ]
+    rng = random.Random(seed)
+
+    def text(tokens: int) -> str:
+        return "".join(" " + rng.choice(words) for _ in range(tokens - 1))
+
+    records = [{"prompt": text(p), "chosen": text(c), "rejected": text(r)} for p, c, r in lengths]
+    first = records[0]
+    assert len(tokenizer(first["prompt"]).input_ids) == lengths[0][0], "one token per word expected"
+    return records

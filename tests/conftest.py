@@ -3,13 +3,13 @@ import os
 import pytest
 import torch
 
+from preftune.synthetic import build_tokenizer
+
 # The test models are tiny: a second intra-op thread gains nothing on them, and on a busy machine
 # threads waiting for each other made runs many times slower. Launched subprocesses (torchrun,
 # accelerate) inherit the setting through the environment.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
-
-from preftune.synthetic import build_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from preftune.errors import DataError
 from preftune.eval_report import format_table
 from preftune.evaluate import EvalSet, evaluate, load_sets, parse_data_specs, set_report
 from preftune.layouts import collate_pairs
-from preftune.logps import PairLogps, batch_logps, pair_logps
+from preftune.logps import batch_logps
+from preftune.set_logps import PairLogps, pair_logps
 from preftune.synthetic import build_tokenizer, tiny_llama
 
 REQUIRED = {

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from preftune.data import TokenizedPair
-from preftune.logps import pair_logps
 from preftune.metrics import kl_estimate
 from preftune.rollout import Completion, cut_at_stop, left_pad
 from preftune.sampling import generate
+from preftune.set_logps import pair_logps
 from preftune.synthetic import tiny_llama
 
 VOCAB, EOS, PAD, LENGTH = 6, 2, 0, 3

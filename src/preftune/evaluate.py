@@ -29,7 +29,6 @@ from torch import Tensor, nn
 from .config import DataConfig
 from .data import PreferenceExample, Text, TokenizedPair, parse_example, prepare_pairs, read_records
 from .errors import ConfigError, DataError, ModelLoadError
-from .logps import PairLogps, pair_logps
 from .losses import PairStats
 from .metrics import (
     bucket_label,
@@ -42,6 +41,7 @@ from .metrics import (
 )
 from .sampling import sample_report
 from .scoring import Scorer
+from .set_logps import PairLogps, pair_logps
 
 
 @dataclass

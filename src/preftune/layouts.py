@@ -54,6 +54,16 @@ class Batch:
     """``[R, T]`` 1 on completion tokens (padded layout; for tests and plain reference paths)."""
     position_ids: Tensor | None = None
     """``[R, T]``; None: ``0 … T−1`` in every row."""
+    segment_ids: Tensor | None = None
+    """``[R, T]`` for rows holding more than one sequence (prefix-shared, packed): ``3·k + part``
+    for the k-th pair of the row (part 0 prompt, 1 chosen, 2 rejected), −1 on padding; the forward
+    turns it into the attention mask (:mod:`preftune.attention`). None: one sequence per row."""
+    label_source: Tensor | None = None
+    """``[N]`` flat position of the hidden state that predicts each label; None: ``label_index − 1``
+    (a rejected completion's first token is predicted from the end of a prompt it does not follow)."""
+    shared_tokens: Tensor | None = None
+    """Prompt tokens computed once for two sequences; ``num_tokens`` adds them back, so it counts
+    as the padded layout (and TRL) does."""
 
     @property
     def num_pairs(self) -> int:
@@ -70,7 +80,8 @@ class Batch:
 
     @property
     def num_tokens(self) -> Tensor:
-        return self.attention_mask.sum()
+        tokens = self.attention_mask.sum()
+        return tokens if self.shared_tokens is None else tokens + self.shared_tokens
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**_moved(self, device))

@@ -11,7 +11,6 @@ the lm_head at all.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import pair_attention_mask
+
 if TYPE_CHECKING:
-    from .data import TokenizedPair
     from .layouts import Batch, SequenceBatch
 
 
@@ -169,22 +169,29 @@ def sequence_logps(
     with_wpo: bool = False,
     extra_stats: tuple[str, ...] = (),
     temperature: float = 1.0,
+    segment_ids: Tensor | None = None,
+    label_source: Tensor | None = None,
 ) -> SequenceLogps:
     """Per-sequence completion log-prob statistics of a causal LM over rows ``[R, T]``.
 
-    Token at flat position ``i`` (``label_index``) is predicted from position ``i − 1`` and
-    counts towards sequence ``label_sequence[i]``; the layout computed both on the host.
+    Token at flat position ``i`` (``label_index``) is predicted from position ``i − 1`` (or
+    ``label_source``) and counts towards sequence ``label_sequence[i]``; the layout computed them
+    on the host. ``segment_ids`` (rows holding several sequences) become the attention mask.
     ``label_tail`` (``[N]``) also sums the tokens it marks; ``with_wpo`` also sums WPO's
     per-token ``log p − log Σ p²``; ``extra_stats`` (``correct``, ``entropy``) are summed per
     sequence into :attr:`SequenceLogps.extras`; ``temperature`` divides the logits first.
     """
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
+    mask: Any = attention_mask
+    if segment_ids is not None:
+        mask = pair_attention_mask(segment_ids, lm.config, head.weight.dtype)
     hidden = lm.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     # Hidden state i−1 predicts token i: gather only those positions, [N, H].
-    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, label_index - 1)
+    source = label_index - 1 if label_source is None else label_source
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)
     labels = input_ids.reshape(-1).index_select(0, label_index)
     if chunk_size is None:
         chunk_size = auto_chunk_size(int(head.weight.shape[0]))
@@ -264,6 +271,8 @@ def batch_logps(
         with_wpo,
         extra_stats,
         temperature,
+        getattr(batch, "segment_ids", None),
+        getattr(batch, "label_source", None),
     )
 
 
@@ -314,84 +323,3 @@ class PolicyLogps(nn.Module):
             with_wpo=self.with_wpo,
             extra_stats=self.extra_stats,
         )
-
-
-@dataclass
-class PairLogps:
-    """Per-pair completion statistics of one model, each ``[B]`` (float64, on the host), in the
-    pairs' order: what evaluation compares between a policy and its reference."""
-
-    chosen: Tensor
-    rejected: Tensor
-    chosen_tokens: Tensor
-    rejected_tokens: Tensor
-    chosen_norm: Tensor
-    """L2 norm of the chosen completion's per-token log-probs (RewardBench's reference-free score)."""
-    rejected_norm: Tensor
-
-
-@torch.no_grad()
-def pair_logps(
-    model: nn.Module,
-    pairs: Sequence[TokenizedPair],
-    pad_token_id: int,
-    batch_size: int = 8,
-    progress: bool = False,
-    desc: str = "log-probs",
-) -> PairLogps:
-    """:func:`batch_logps` of every pair, in eval mode, batched longest first (an out-of-memory
-    shows at the first batch); returned in the pairs' order."""
-    from tqdm.auto import tqdm
-
-    from .layouts import collate_pairs
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].prompt_ids) - len(pairs[i].chosen_ids))
-    columns = [torch.zeros(len(pairs), dtype=torch.float64) for _ in range(6)]
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, disable=None if progress else True, leave=False):
-        chunk = order[start : start + batch_size]
-        batch = collate_pairs([pairs[i] for i in chunk], pad_token_id).to(device)
-        out = batch_logps(model, batch, with_mean_logits=False, with_token_logps=True)
-        assert out.token_logps is not None
-        squares = torch.zeros_like(out.logps).index_add(0, batch.label_sequence, out.token_logps**2)
-        index = torch.tensor(chunk)
-        for k, values in enumerate((out.logps, out.tokens, squares.sqrt())):
-            columns[2 * k].index_copy_(0, index, values[batch.chosen].double().cpu())
-            columns[2 * k + 1].index_copy_(0, index, values[batch.rejected].double().cpu())
-    model.train(was_training)
-    return PairLogps(*columns)
-
-
-@torch.no_grad()
-def completion_logps(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    completions: Sequence[Sequence[int]],
-    pad_token_id: int,
-    batch_size: int = 8,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """``log π(completion | prompt)`` of each (prompt ids, completion ids), ``[N]`` float64 on the
-    host in the given order; eval mode, batched longest first, through the chunked head."""
-    from .data.sft import TokenizedSequence
-    from .layouts import collate_sequences
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows = [
-        TokenizedSequence([*p, *c], [0] * len(p) + [1] * len(c), i)
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
-    ]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].input_ids))
-    out = torch.zeros(len(rows), dtype=torch.float64)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = collate_sequences([rows[i] for i in chunk], pad_token_id).to(device)
-        sums = batch_logps(model, batch, chunk_size, with_mean_logits=False)
-        out.index_copy_(0, torch.tensor(chunk), sums.logps.double().cpu())
-    model.train(was_training)
-    return out

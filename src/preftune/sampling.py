@@ -18,10 +18,10 @@ from torch import nn
 from .config_rl import RolloutConfig
 from .data import Text, TokenizedPair
 from .data.prompts import Prompt
-from .logps import completion_logps, pair_logps
 from .metrics import kl_estimate
 from .rollout import Completion, TransformersRollout, eos_ids
 from .scoring import Scorer
+from .set_logps import completion_logps, pair_logps
 
 BATCH_SIZE = 64
 

@@ -8,7 +8,6 @@ records -> TokenizedPair -> Batch (a layout) -> log-probs per sequence, policy a
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -17,11 +16,12 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..engine import Harness, LossFn, Task, TrainResult
 from ..errors import ConfigError
-from ..layouts import Batch, collate_pairs
+from ..layouts import Batch
 from ..logps import PolicyLogps, SequenceLogps
 from ..losses import Objective, PairStats, build_objective, is_unpaired
 from ..metrics import preference_metrics
 from ..models import load_model, prepare_for_training
+from ..packing import choose_layout, collate_for
 from ..reference import Reference, build_reference, weights_digest
 from .common import load_pairs, tokenizer_for
 from .kto import train_kto
@@ -146,10 +146,16 @@ def train(
     named = "+".join(config.objective.loss)
     shown = named if named == objective.name else f"{named} ({objective.name})"  # `dpo` is `sigmoid`
     harness.say(f"objective: {shown}, beta={objective.params.beta}; reference: {strategy}")
+    # A live reference runs the same batches: its attention must take the mask too.
+    layout, notice = choose_layout(
+        config.data.layout, model, getattr(reference, "model", None), device_type=harness.device.type
+    )
+    if notice:
+        harness.say(notice)
 
     task = Task(
         examples=pairs,
-        collate=partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
+        collate=collate_for(layout, tokenizer.pad_token_id, config.data.pack_tokens),
         loss=pair_loss(objective, reference),
         eval_examples=eval_pairs,
         summarize=summarize,

@@ -71,6 +71,10 @@ def train_reward_model(
     model = prepare_for_training(model, config.model, task_type="SEQ_CLS")
     centering = config.reward.center_rewards_coefficient
     harness.say(f"reward model: Bradley–Terry{f', centering c={centering}' if centering else ''}")
+    if config.data.layout not in ("auto", "padded"):
+        harness.say(
+            f"data.layout: padded instead of {config.data.layout}: reward models train on padded rows"
+        )
 
     task = Task(
         examples=pairs,
