@@ -30,7 +30,7 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens with this much probability (1: all)."""
     batch_size: int = 16
-    """Prompts per ``generate`` call (each expands to its samples)."""
+    """Sequences per ``generate`` call (a prompt sampled K times counts K times)."""
     missing_eos_penalty: float | None = None
     """Subtracted from the reward of a completion that did not end with EOS (TRL's name); None: off."""
 

@@ -17,6 +17,7 @@ a round's saved samples and resumes its training from the round's last checkpoin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -90,8 +91,7 @@ def train_online(
 
     # The initial policy stays in memory, frozen: KL to it each round, and the reference of
     # reference=initial. A model object is copied before the first round trains it.
-    initial = load_model(config.model) if model is None else _frozen(model, copy_it=True)
-    _frozen(initial)
+    initial = _frozen(load_model(config.model) if model is None else copy.deepcopy(model))
     pad = tokenizer.pad_token_id
     stop = eos_ids(initial, tokenizer)
 
@@ -245,14 +245,11 @@ def prompt_slice(prompts: list[Prompt], r: int, per_round: int | None) -> list[P
     return [prompts[(start + i) % len(prompts)] for i in range(per_round)]
 
 
-def _frozen(model: nn.Module, copy_it: bool = False) -> nn.Module:
-    import copy
-
-    out = copy.deepcopy(model) if copy_it else model
-    out.eval()
-    for parameter in out.parameters():
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return out
+    return model
 
 
 def _policy_at(r: int, model: nn.Module | None, config: RunConfig, output: Path) -> nn.Module:
@@ -278,6 +275,12 @@ def _samples(
     path, k = folder / "samples.jsonl", config.online.samples_per_prompt
     if path.exists():
         flat = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if len(flat) != len(prompts) * k:
+            raise ConfigError(
+                f"{path}: holds {len(flat)} samples, but this run draws {len(prompts)} prompts x {k}; resume "
+                "with the run's online.samples_per_prompt / prompts settings, or start over with "
+                "train.overwrite=true"
+            )
         print(f"round {r}: reusing {len(flat)} saved samples from {path}")
     else:
         ids = [prompt.ids for prompt in prompts for _ in range(k)]
