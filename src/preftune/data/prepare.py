@@ -50,11 +50,16 @@ def _tokenized(
     if not chosen_ids or not rejected_ids:
         field_name = cfg.chosen_field if not chosen_ids else cfg.rejected_field
         raise DataError(f"{example.where}: field '{field_name}' tokenizes to no completion token")
-    report.prompt_lengths.append(len(prompt_ids))
-    report.chosen_lengths.append(len(chosen_ids))
-    report.rejected_lengths.append(len(rejected_ids))
-    report.completion_lengths.append(max(len(chosen_ids), len(rejected_ids)))
     pair = TokenizedPair(prompt_ids, chosen_ids, rejected_ids, index, example.where, example.margin)
+    return measure_and_truncate(pair, cfg, report)
+
+
+def measure_and_truncate(pair: TokenizedPair, cfg: DataConfig, report: DataReport) -> TokenizedPair | None:
+    """Count the pair's token lengths as in the data, then apply the truncation policy."""
+    report.prompt_lengths.append(len(pair.prompt_ids))
+    report.chosen_lengths.append(len(pair.chosen_ids))
+    report.rejected_lengths.append(len(pair.rejected_ids))
+    report.completion_lengths.append(max(len(pair.chosen_ids), len(pair.rejected_ids)))
     return truncate(pair, cfg, report)
 
 

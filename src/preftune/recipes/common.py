@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import RunConfig
-from ..data import DataReport, TokenizedPair, prepare_pairs, truncate
+from ..data import DataReport, TokenizedPair, prepare_pairs
+from ..data.prepare import measure_and_truncate
 from ..engine import Harness
 from ..models import load_tokenizer, prepare_tokenizer
 
@@ -56,11 +57,7 @@ def tokenized_pairs(pairs: list[TokenizedPair], data: Any) -> tuple[list[Tokeniz
     report = DataReport(records=len(pairs))
     kept = []
     for pair in pairs:
-        report.prompt_lengths.append(len(pair.prompt_ids))
-        report.chosen_lengths.append(len(pair.chosen_ids))
-        report.rejected_lengths.append(len(pair.rejected_ids))
-        report.completion_lengths.append(max(len(pair.chosen_ids), len(pair.rejected_ids)))
-        truncated = truncate(pair, data, report)
+        truncated = measure_and_truncate(pair, data, report)
         if truncated is not None:
             kept.append(truncated)
     report.kept = len(kept)
