@@ -9,6 +9,7 @@ import random
 import resource
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,50 @@ def rss_mib() -> float:
 def peak_mib() -> float:
     """Peak resident memory of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gemm_limit_gflops(size: int = 2048, tries: int = 5) -> float:
+    """This machine's fp32 matmul rate now, at the current thread count: the best of a few
+    ``size``-square products (GFLOP/s). The ceiling a training step's FLOP rate is measured against."""
+    import time
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def machine() -> dict[str, object]:
+    """What the figures were taken on: CPU model, cores, load average, package versions."""
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    versions = {}
+    for package in ("torch", "transformers", "trl", "accelerate", "preftune"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def median(values: list[float]) -> float:
@@ -58,8 +103,25 @@ class ModelShape:
         return LlamaForCausalLM(config)
 
     def parameters(self) -> int:
+        return self.vocab * self.hidden + self.body_parameters() + self.head_parameters()
+
+    def body_parameters(self) -> int:
+        """The decoder layers' and final norm's parameters: the ones every token's forward multiplies by."""
         attention, mlp = 4 * self.hidden**2, 3 * self.hidden * self.intermediate
-        return 2 * self.vocab * self.hidden + self.layers * (attention + mlp + 2 * self.hidden) + self.hidden
+        return self.layers * (attention + mlp + 2 * self.hidden) + self.hidden
+
+    def head_parameters(self) -> int:
+        return self.vocab * self.hidden
+
+    def step_flops(self, lengths: list[tuple[int, int, int]]) -> float:
+        """The useful work of one training step on these (prompt, chosen, rejected) pairs, forward and
+        backward, at 6 FLOPs per parameter per token: every distinct token (each prompt once) through
+        the decoder, and every completion token through the lm_head. A layout that computes a prompt
+        twice, or pads, or scores prompt positions does more work than this; attention's own
+        quadratic term is left out (as in the usual 6N count)."""
+        tokens = sum(p + c + r for p, c, r in lengths)
+        scored = sum(c + r for _, c, r in lengths)
+        return 6.0 * (self.body_parameters() * tokens + self.head_parameters() * scored)
 
 
 MODELS = {

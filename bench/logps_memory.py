@@ -41,6 +41,9 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
     attention_mask = torch.ones_like(input_ids)
     completion_mask = torch.zeros_like(input_ids)
     completion_mask[:, args.prompt :] = 1
+    # The completion tokens as flat positions, and the row (sequence) each counts towards.
+    label_index = completion_mask.reshape(-1).nonzero().squeeze(1)
+    label_sequence = label_index // length
     if args.variant == "trl":
         from trl.trainer.utils import add_fused_lm_head
 
@@ -53,7 +56,9 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
         if args.variant == "trl":
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
             return out.log_probs.sum(dim=1)
-        return sequence_logps(model, input_ids, attention_mask, completion_mask, args.chunk).logps
+        return sequence_logps(
+            model, input_ids, attention_mask, label_index, label_sequence, rows, args.chunk
+        ).logps
 
     compute().sum().backward()  # warm-up: allocator pools, lazy inits
     model.zero_grad(set_to_none=False)  # keep gradient buffers: every variant needs them

@@ -32,7 +32,16 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import torch
-from common import MODELS, case_lengths, median, peak_mib, rss_mib, synthetic_records
+from common import (
+    MODELS,
+    case_lengths,
+    gemm_limit_gflops,
+    machine,
+    median,
+    peak_mib,
+    rss_mib,
+    synthetic_records,
+)
 
 SIDES = ("trl", "padded", "prefix_shared", "packed")
 CASES = ("short", "long", "ragged")
@@ -42,10 +51,11 @@ SUITES = {
     "quick": ([("7m", case, "dpo") for case in CASES], 2),
     "full": (
         [(m, c, o) for m in ("7m", "60m") for c in CASES for o in OBJECTIVES] + [("128k", "short", "dpo")],
-        3,
+        2,
     ),
 }
 BATCH, LEARNING_RATE, MAX_LENGTH = 8, 1e-5, 1024
+RESULTS = Path(__file__).parent / "results"
 
 
 def _trl_trainer(args: argparse.Namespace, model, tokenizer, records, out: str, callbacks):
@@ -119,13 +129,16 @@ def _preftune_train(args: argparse.Namespace, model, tokenizer, records, out: st
 
 
 def run_side(args: argparse.Namespace) -> dict:
-    """One process, one side, one configuration: per-step seconds, extra peak memory, losses."""
+    """One process, one side, one configuration: per-step seconds, extra peak memory, losses, and
+    this machine's GEMM rate measured just before (so a busy machine lowers both alike)."""
     from preftune.synthetic import build_tokenizer
 
     torch.set_num_threads(args.threads)
+    gemm = gemm_limit_gflops()
     tokenizer = build_tokenizer(vocab_size=512)
     model = MODELS[args.model].build(seed=0)
-    records = synthetic_records(tokenizer, case_lengths(args.case, BATCH, seed=1), seed=2)
+    lengths = case_lengths(args.case, BATCH, seed=1)
+    records = synthetic_records(tokenizer, lengths, seed=2)
     stamps: list[float] = []
     baseline = rss_mib()
     with TemporaryDirectory() as out:
@@ -145,7 +158,29 @@ def run_side(args: argparse.Namespace) -> dict:
             )
     # Stamps at the end of every step: the intervals after the last warm-up step are the timed steps.
     steps = [b - a for a, b in itertools.pairwise(stamps)][args.warmup - 1 :]
-    return {"seconds_per_step": median(steps), "extra_peak_mib": peak_mib() - baseline, "losses": losses}
+    seconds = median(steps)
+    flops = MODELS[args.model].step_flops(lengths)
+    return {
+        "system": "trl" if args.side == "trl" else f"preftune-{args.side}",
+        "model": args.model,
+        "case": args.case,
+        "objective": args.objective,
+        "threads": args.threads,
+        "pairs_per_step": BATCH,
+        "tokens_per_step": sum(p + c + r for p, c, r in lengths),
+        "seconds_per_step": seconds,
+        "step_seconds": steps,
+        "pairs_per_s": BATCH / seconds,
+        "tokens_per_s": sum(p + c + r for p, c, r in lengths) / seconds,
+        "useful_gflops_per_step": flops / 1e9,
+        "achieved_gflops": flops / seconds / 1e9,
+        "gemm_limit_gflops": gemm,
+        "fraction_of_gemm_limit": flops / seconds / 1e9 / gemm,
+        "peak_mib": peak_mib(),
+        "extra_peak_mib": peak_mib() - baseline,
+        "losses": losses,
+        **machine(),
+    }
 
 
 def _spawn(args: argparse.Namespace, side: str, model: str, case: str, objective: str) -> dict:
@@ -158,24 +193,89 @@ def _spawn(args: argparse.Namespace, side: str, model: str, case: str, objective
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _report(model: str, case: str, objective: str, runs: dict[str, list[dict]]) -> list[str]:
-    shape = MODELS[model]
+def summarize(runs: list[dict]) -> dict[str, dict]:
+    """Medians per side of one configuration's runs, with ratios to TRL and to the padded layout."""
+    sides: dict[str, list[dict]] = {}
+    for run in runs:
+        sides.setdefault(run["system"].removeprefix("preftune-"), []).append(run)
+    table: dict[str, dict] = {}
+    for side, rs in sides.items():
+        table[side] = {
+            key: median([r[key] for r in rs])
+            for key in ("seconds_per_step", "pairs_per_s", "tokens_per_s", "extra_peak_mib")
+        }
+        table[side]["fraction_of_gemm_limit"] = median([r["fraction_of_gemm_limit"] for r in rs])
+        table[side]["runs"] = len(rs)
+    for side, row in table.items():
+        for peer in ("trl", "padded"):
+            if peer in table:
+                row[f"speed_vs_{peer}"] = row["pairs_per_s"] / table[peer]["pairs_per_s"]
+                row[f"memory_vs_{peer}"] = row["extra_peak_mib"] / table[peer]["extra_peak_mib"]
+        if "trl" in sides and side != "trl":
+            base, mine = sides["trl"][0]["losses"], sides[side][0]["losses"]
+            row["max_loss_gap_vs_trl"] = max(abs(a - b) for a, b in zip(base, mine, strict=True))
+    return table
+
+
+def _report(model: str, case: str, objective: str, runs: list[dict]) -> list[str]:
+    shape, table = MODELS[model], summarize(runs)
+    first = next(iter(table.values()))
     lines = [
         f"\n{model} ({shape.parameters() / 1e6:.1f}M params, vocab {shape.vocab}), {case}, {objective}: "
-        f"medians of {len(next(iter(runs.values())))} runs",
-        f"{'side':15}{'s/step':>9}{'peak MiB':>10}{'speed vs trl':>14}{'mem vs trl':>12}{'max |Δloss|':>13}",
+        f"medians of {first['runs']} runs; {runs[0]['tokens_per_step']} tokens a step",
+        f"{'side':15}{'s/step':>9}{'pairs/s':>9}{'% GEMM':>8}{'peak MiB':>10}"
+        f"{'speed vs trl':>14}{'mem vs trl':>12}{'vs padded':>11}{'max |Δloss|':>13}",
     ]
-    seconds = {side: median([r["seconds_per_step"] for r in rs]) for side, rs in runs.items()}
-    memory = {side: median([r["extra_peak_mib"] for r in rs]) for side, rs in runs.items()}
-    base = runs.get("trl")
-    for side in runs:
-        speed = f"{seconds['trl'] / seconds[side]:.2f}x" if base else "-"
-        mem = f"{memory[side] / memory['trl']:.2f}x" if base else "-"
-        gap = "-"
-        if base and side != "trl":
-            gap = f"{max(abs(a - b) for a, b in zip(base[0]['losses'], runs[side][0]['losses'], strict=True)):.1e}"
-        lines.append(f"{side:15}{seconds[side]:>9.3f}{memory[side]:>10.0f}{speed:>14}{mem:>12}{gap:>13}")
+    for side, row in table.items():
+        speed = f"{row['speed_vs_trl']:.2f}x" if "speed_vs_trl" in row else "-"
+        memory = f"{row['memory_vs_trl']:.2f}x" if "memory_vs_trl" in row else "-"
+        padded = f"{row['speed_vs_padded']:.2f}x" if "speed_vs_padded" in row else "-"
+        gap = f"{row['max_loss_gap_vs_trl']:.1e}" if "max_loss_gap_vs_trl" in row else "-"
+        lines.append(
+            f"{side:15}{row['seconds_per_step']:>9.3f}{row['pairs_per_s']:>9.2f}"
+            f"{100 * row['fraction_of_gemm_limit']:>7.0f}%{row['extra_peak_mib']:>10.0f}"
+            f"{speed:>14}{memory:>12}{padded:>11}{gap:>13}"
+        )
     return lines
+
+
+def _save(model: str, case: str, objective: str, runs: list[dict]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{model}-{case}-{objective}.json"
+    body = {"summary": summarize(runs), "runs": runs}
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(body, indent=1) + "\n")
+    partial.replace(path)
+    return path
+
+
+# The issue's targets: (what, model, case, objective, side, figure, at least (or at most, if < 0)).
+TARGETS = [
+    ("DPO long, ~60M: packed vs TRL's fastest", "60m", "long", "dpo", "packed", "speed_vs_trl", 3.0),
+    ("DPO long, ~60M: packed vs padded", "60m", "long", "dpo", "packed", "speed_vs_padded", 1.6),
+    ("DPO short, 7M: packed vs TRL", "7m", "short", "dpo", "packed", "speed_vs_trl", 2.0),
+    ("DPO short, ~60M: packed vs TRL", "60m", "short", "dpo", "packed", "speed_vs_trl", 2.0),
+    ("ragged, 7M: packed vs padded", "7m", "ragged", "dpo", "packed", "speed_vs_padded", 1.3),
+    ("ragged, ~60M: packed vs padded", "60m", "ragged", "dpo", "packed", "speed_vs_padded", 1.3),
+    ("SimPO ragged, 7M: packed vs CPOTrainer", "7m", "ragged", "simpo", "packed", "speed_vs_trl", 1.3),
+    ("SimPO long, ~60M: packed vs CPOTrainer", "60m", "long", "simpo", "packed", "speed_vs_trl", 1.3),
+    ("128k vocabulary: extra peak memory vs TRL", "128k", "short", "dpo", "packed", "memory_vs_trl", -0.35),
+    ("~60M long: FLOP rate / GEMM limit", "60m", "long", "dpo", "packed", "fraction_of_gemm_limit", 0.6),
+]
+
+
+def report_targets() -> None:
+    """The targets against every saved result in bench/results/."""
+    print(f"{'target':45}{'wanted':>9}{'measured':>10}  verdict")
+    for what, model, case, objective, side, figure, bound in TARGETS:
+        path = RESULTS / f"{model}-{case}-{objective}.json"
+        row = json.loads(path.read_text())["summary"].get(side, {}) if path.exists() else {}
+        wanted = f"{'<=' if bound < 0 else '>='}{abs(bound):g}"
+        if figure not in row:
+            print(f"{what:45}{wanted:>9}{'-':>10}  not measured")
+            continue
+        value, met = row[figure], row[figure] <= -bound if bound < 0 else row[figure] >= bound
+        print(f"{what:45}{wanted:>9}{value:>10.2f}  {'met' if met else 'MISSED'}")
 
 
 def main() -> None:
@@ -196,7 +296,11 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS))
     parser.add_argument("--case", choices=CASES)
     parser.add_argument("--objective", choices=OBJECTIVES)
+    parser.add_argument("--targets", action="store_true", help="print the targets against bench/results/")
     args = parser.parse_args()
+    if args.targets:
+        report_targets()
+        return
     if args.side:
         print(json.dumps(run_side(args)))
         return
@@ -211,11 +315,11 @@ def main() -> None:
         f"{args.warmup} warm-up + {args.steps} timed steps a run; sides interleaved, {repeats} runs each"
     )
     for model, case, objective in configurations:
-        runs: dict[str, list[dict]] = {side: [] for side in args.sides}
-        for _ in range(repeats):
-            for side in args.sides:
-                runs[side].append(_spawn(args, side, model, case, objective))
+        runs = [_spawn(args, side, model, case, objective) for _ in range(repeats) for side in args.sides]
         print("\n".join(_report(model, case, objective, runs)), flush=True)
+        print(f"saved {_save(model, case, objective, runs)}", flush=True)
+    print()
+    report_targets()
 
 
 if __name__ == "__main__":
