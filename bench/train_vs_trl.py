@@ -114,6 +114,7 @@ def _preftune_train(args: argparse.Namespace, model, tokenizer, records, out: st
             "train.mixed_precision=no",
             f"data.max_length={MAX_LENGTH}",
             f"data.layout={args.side}",
+            f"train.logps_chunk_size={args.logps_chunk_size or 'null'}",
             *objective,
         ]
     )
@@ -187,6 +188,8 @@ def _spawn(args: argparse.Namespace, side: str, model: str, case: str, objective
     command = [sys.executable, str(Path(__file__)), "--side", side, "--model", model, "--case", case]
     command += ["--objective", objective, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += ["--threads", str(args.threads)]
+    if args.logps_chunk_size:
+        command += ["--logps-chunk-size", str(args.logps_chunk_size)]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{side} {model}/{case}/{objective} failed:\n{out.stderr[-3000:]}")
@@ -296,6 +299,9 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS))
     parser.add_argument("--case", choices=CASES)
     parser.add_argument("--objective", choices=OBJECTIVES)
+    parser.add_argument(
+        "--logps-chunk-size", type=int, help="preftune's train.logps_chunk_size (default: its auto size)"
+    )
     parser.add_argument("--targets", action="store_true", help="print the targets against bench/results/")
     args = parser.parse_args()
     if args.targets:
