@@ -6,6 +6,13 @@ import math
 import random
 
 import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+)
 
 from preftune.config import ObjectiveConfig, RunConfig, load_config
 from preftune.losses import Objective, PairStats, build_objective
@@ -66,6 +73,55 @@ def quiet_config(output_dir: str, *overrides: str) -> RunConfig:
             *overrides,
         ]
     )
+
+
+# --------------------------------------------------------------------------- other model families
+
+
+def tiny_qwen2_config(vocab_size: int, **extra: object) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        **extra,
+    )
+
+
+def tiny_qwen2(vocab_size: int, seed: int = 0, **extra: object) -> Qwen2ForCausalLM:
+    """A tiny Qwen2 (grouped-query attention, biased q/k/v); ``extra`` goes to its config."""
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(tiny_qwen2_config(vocab_size, **extra))
+
+
+def tiny_qwen2_reward_model(
+    vocab_size: int, seed: int = 0, **extra: object
+) -> Qwen2ForSequenceClassification:
+    """The tiny Qwen2 with a one-output reward head."""
+    torch.manual_seed(seed)
+    return Qwen2ForSequenceClassification(tiny_qwen2_config(vocab_size, num_labels=1, **extra))
+
+
+def tiny_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
+    """A tiny GPT-2: learned absolute position embeddings (read through ``position_ids``), no dropout."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=512,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
 
 
 # --------------------------------------------------------------------------- objectives

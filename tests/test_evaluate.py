@@ -239,6 +239,21 @@ def test_eval_of_a_policy_against_itself_has_no_drift_and_no_kl(folders, tmp_pat
     assert report["ranking_consistency_policy"] == report["ranking_consistency_reference"]
 
 
+@pytest.mark.parametrize(("setting", "layout"), [((), "packed"), (("--set", "data.layout=padded"), "padded")])
+def test_eval_batches_pairs_in_the_configs_layout(folders, tmp_path, capsys, monkeypatch, setting, layout):
+    import preftune.packing
+
+    used, original = [], preftune.packing.collate_for
+    monkeypatch.setattr(
+        preftune.packing, "collate_for", lambda name, *a: used.append(name) or original(name, *a)
+    )
+    argv = ["eval", "--policy", str(folders / "policy"), "--reference", str(folders / "reference")]
+    code, _, _ = run(
+        capsys, *argv, "--data", f"id={folders / 'id.jsonl'}", "--output", str(tmp_path), *setting
+    )
+    assert code == 0 and used == [layout, layout]  # the policy's pairs, then the reference's
+
+
 def bad_eval(capsys, folders, tmp_path, *extra: str, data: str = "id.jsonl") -> str:
     argv = ["eval", "--policy", str(folders / "policy"), "--data", f"id={folders / data}"]
     code, _, err = run(capsys, *argv, "--output", str(tmp_path / "out"), *extra)

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from helpers import quiet_config, sentiment_records
+from helpers import quiet_config, sentiment_records, tiny_gpt2, tiny_qwen2
 from peft import LoraConfig, get_peft_model
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from preftune.attention import allowed_pairs
 from preftune.config import ConfigError, DataConfig, load_config
@@ -32,22 +31,13 @@ def _pairs(tokenizer):
     return prepare_pairs(RECORDS, tokenizer, DataConfig(), progress=False)[0]
 
 
-def tiny_qwen2(vocab_size, seed=0, **extra):
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        **extra,
-    )
-    return Qwen2ForCausalLM(config)
-
-
-MODELS = {"llama": lambda n: tiny_llama(n, seed=1), "qwen2": lambda n: tiny_qwen2(n, seed=1)}
+# GPT-2 reads its learned absolute position embeddings through position_ids, so a rejected
+# completion placed after chosen only matches its padded row if the layout's positions are used.
+MODELS = {
+    "llama": lambda n: tiny_llama(n, seed=1),
+    "qwen2": lambda n: tiny_qwen2(n, seed=1),
+    "gpt2": lambda n: tiny_gpt2(n, seed=1),
+}
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -119,6 +109,32 @@ def test_changing_chosen_leaves_rejected_logps_unchanged(tokenizer):
     a = batch_logps(model, collate_prefix_shared(pairs, 0)).logps
     b = batch_logps(model, collate_prefix_shared(other, 0)).logps
     assert a[1] == b[1] and a[0] != b[0]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_a_pair_without_a_prompt_gets_the_padded_layouts_numbers(tokenizer, layout):
+    """Without a prompt a completion's first token has no predecessor and is not scored, in every
+    layout; the last tokens (where a reward model reads) are the same tokens."""
+    pairs = [
+        TokenizedPair([], [30, 31, 2], [40, 2], index=0),
+        TokenizedPair([1, 20, 21], [50, 2], [60, 61, 2], index=1),
+        TokenizedPair([], [70, 2], [80], index=2),
+    ]
+    model = tiny_llama(len(tokenizer), seed=1)
+    padded_batch, shared_batch = collate_pairs(pairs, 0), LAYOUTS[layout](pairs, 0)
+    padded = batch_logps(model, padded_batch, with_token_logps=True)
+    shared = batch_logps(model, shared_batch, with_token_logps=True)
+    assert shared.tokens.tolist() == padded.tokens.tolist() == [2, 2, 1, 1, 3, 0]
+    torch.testing.assert_close(shared.logps, padded.logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.token_logps, padded.token_logps, rtol=1e-5, atol=1e-5)
+    last_tokens = [b.input_ids.view(-1)[b.last_index].tolist() for b in (padded_batch, shared_batch)]
+    assert last_tokens[0] == last_tokens[1] == [2, 2, 2, 2, 2, 80]
+
+
+def test_gpt2_takes_the_mask_and_position_ids_so_it_is_not_refused(tokenizer):
+    """GPT-2 builds its masks through transformers' masking utilities and reads position_ids, so
+    it gets the shared layouts (and the equality tests above run it on them), no fallback."""
+    assert choose_layout("auto", tiny_gpt2(len(tokenizer))) == ("packed", None)
 
 
 def test_first_fit_fills_rows_longest_first_within_the_budget():

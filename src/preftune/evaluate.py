@@ -240,11 +240,13 @@ def evaluate(
     progress: bool = False,
     names: dict[str, str | None] | None = None,
     rewards: dict[str, tuple[list[float], list[float]]] | None = None,
+    layout: str = "auto",
 ) -> EvalResult:
     """Every figure of ``preftune eval`` for models already in memory (see the module docstring).
 
     ``rewards``: the scorer's rewards of each set's chosen and rejected, when already computed
-    (:func:`score_sets`); the scorer still scores the samples."""
+    (:func:`score_sets`); the scorer still scores the samples. ``layout``: how pairs are batched
+    (``data.layout``; :func:`~preftune.set_logps.pair_logps`)."""
     if samples and reference is None:
         raise ConfigError("--samples: the KL estimate and the win rate need a reference (--reference)")
     pad = tokenizer.pad_token_id
@@ -254,10 +256,12 @@ def evaluate(
     per_pair: dict[str, list[dict[str, Any]]] = {}
     for eval_set in sets:
         name = eval_set.name
-        ours = pair_logps(policy, eval_set.pairs, pad, batch_size, progress, f"{name}: policy")
+        ours = pair_logps(policy, eval_set.pairs, pad, batch_size, progress, f"{name}: policy", layout)
         theirs = None
         if reference is not None:
-            theirs = pair_logps(reference, eval_set.pairs, pad, batch_size, progress, f"{name}: reference")
+            theirs = pair_logps(
+                reference, eval_set.pairs, pad, batch_size, progress, f"{name}: reference", layout
+            )
         set_rewards = None if rewards is None else rewards[name]
         report, per_pair[name] = set_report(eval_set.pairs, ours, theirs, set_rewards, beta)
         report["source"] = eval_set.source
@@ -277,6 +281,7 @@ def evaluate(
                 batch_size,
                 progress,
                 name,
+                layout,
             )
         summary["sets"][name] = report
     return EvalResult(summary, per_pair)

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from .config import RunConfig
 from .data import TokenizedPair
 from .errors import ConfigError, ReferenceCacheError
-from .layouts import Batch, SequenceBatch, collate_pairs
+from .layouts import Batch, SequenceBatch
 from .logps import SequenceLogps, batch_logps
+from .packing import choose_layout, collate_for
 
 __all__ = ["Reference", "ReferenceCacheError", "build_reference"]
 
@@ -131,9 +132,13 @@ def precompute(
     device: torch.device,
     autocast: Any = contextlib.nullcontext,
     progress: bool = True,
+    layout: str = "padded",
+    pack_tokens: int | None = None,
 ) -> dict[str, Tensor]:
     """One pass over ``pairs``; returns :class:`PrecomputedReference`'s tables, ``[max index + 1]``
     tensors indexed by ``pair.index``: the sums and the sums over LD-DPO's tails (cheap to keep).
+    Batches of ``batch_size`` pairs in the run's ``layout`` (a packed or prefix-shared row computes
+    each prompt once; the tables are the padded layout's, to float rounding).
 
     Under a launched group (``torchrun``, ``accelerate launch``) each process computes every
     n-th pair of the longest-first order (so the shares cost alike) and the shares are gathered:
@@ -146,8 +151,9 @@ def precompute(
     ordered = sorted(pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
     share = ordered[rank::world]
     starts = range(0, len(share), batch_size)
+    collate = collate_for(layout, pad_token_id, pack_tokens)
     for start in tqdm(starts, desc="reference log-probs", disable=None if progress else True, leave=False):
-        batch = collate_pairs(share[start : start + batch_size], pad_token_id).to(device)
+        batch = collate(share[start : start + batch_size]).to(device)
         with autocast():
             sums, tails = (t.float().cpu() for t in reference.logps_and_tails(batch))
         keys, chosen, rejected = batch.pair_index.cpu(), batch.chosen.cpu(), batch.rejected.cpu()
@@ -239,6 +245,8 @@ def load_or_precompute(
     is_main: bool = True,
     replace_stale: bool = False,
     needs_tails: bool = False,
+    layout: str = "padded",
+    pack_tokens: int | None = None,
 ) -> PrecomputedReference:
     """Reuse ``cache_path`` when its fingerprint matches; refuse it when it differs or lacks the
     tails LD-DPO needs (or, with ``replace_stale``, for a run that replaces the one that wrote
@@ -278,14 +286,18 @@ def load_or_precompute(
     reused = on_main(cached_tables)
     if reused is not None:
         return PrecomputedReference(reused)
-    tables = precompute(source, pairs, pad_token_id, batch_size, device, autocast, progress)
+    tables = precompute(
+        source, pairs, pad_token_id, batch_size, device, autocast, progress, layout, pack_tokens
+    )
 
     def write() -> None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp")
         torch.save({"fingerprint": fingerprint(source_model, pairs, extra), **tables}, tmp)
         os.replace(tmp, cache_path)  # atomic: a crash never leaves half a cache
-        print_(f"reference log-probs: computed for {len(pairs)} pairs, cached in {cache_path}")
+        print_(
+            f"reference log-probs: computed for {len(pairs)} pairs ({layout} layout), cached in {cache_path}"
+        )
 
     on_main(write)  # the others wait for it, and stop with its error
     return PrecomputedReference(tables)
@@ -344,6 +356,11 @@ def build_reference(
         "dtype": str(next(source_model.parameters()).dtype),
         "mixed_precision": config.train.mixed_precision,
     }
+    # The layout training would choose for this model; not in the fingerprint: every layout
+    # gives the same log-probs, so a cache serves a run with another layout.
+    layout, notice = choose_layout(config.data.layout, source_model, device_type=device.type)
+    if notice and is_main and source_model is not policy:  # the policy's own notice says it
+        print(f"reference log-probs: {notice}")
     precomputed = load_or_precompute(
         Path(config.train.output_dir) / "reference_logps.pt",
         source,
@@ -358,6 +375,8 @@ def build_reference(
         is_main,
         replace_stale=config.train.overwrite,
         needs_tails=config.objective.ld_alpha is not None,
+        layout=layout,
+        pack_tokens=config.data.pack_tokens,
     )
     if source_model is not policy and not getattr(source_model, "is_loaded_in_4bit", False):
         source_model.to("cpu")  # the tables are all training needs: free the device

@@ -6,6 +6,11 @@ without a pad token (padding with EOS, so the appended EOS counts as padding and
 read one token early) and left padding with a model that guesses positions. Here the
 position comes from the attention mask and the layout, never from token ids, and position
 ids follow the mask, so left and right padding give the same scores as no padding.
+
+The same reading serves the prefix-shared and packed layouts: the backbone runs over
+``[prompt | chosen | rejected]`` rows under the layout's mask (:mod:`preftune.attention`), and
+each score is read at the sequence's ``last_index`` (chosen's last token, rejected's last token),
+where the hidden state is the one the sequence's own padded row would give.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .attention import pair_attention_mask
 
 
 def reward_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -34,12 +41,33 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return torch.arange(rows, device=attention_mask.device) * width + last_in_row
 
 
+def backbone_hidden(
+    backbone: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor | None,
+    segment_ids: Tensor | None = None,
+) -> Tensor:
+    """``[R·T, H]`` the backbone's last hidden states, flat; rows holding several sequences
+    (``segment_ids``) run under the layout's mask (eager attention adds it to scores of the
+    weights' dtype)."""
+    mask: Any = attention_mask
+    if segment_ids is not None:
+        dtype = backbone.get_input_embeddings().weight.dtype
+        mask = pair_attention_mask(segment_ids, backbone.config, dtype)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
 def sequence_rewards(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
     last_index: Tensor | None = None,
     position_ids: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """``[S]`` rewards: the head at each sequence's last token (``last_index``, flat positions)."""
     backbone, head = reward_parts(model)
@@ -47,11 +75,8 @@ def sequence_rewards(
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     if last_index is None:
         last_index = last_token_index(attention_mask)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index)
-    return head(picked).squeeze(-1).float()
+    hidden = backbone_hidden(backbone, input_ids, attention_mask, position_ids, segment_ids)
+    return head(hidden.index_select(0, last_index)).squeeze(-1).float()
 
 
 class RewardModule(nn.Module):
@@ -64,7 +89,12 @@ class RewardModule(nn.Module):
 
     def forward(self, batch: Any) -> Tensor:
         return sequence_rewards(
-            self.model, batch.input_ids, batch.attention_mask, batch.last_index, batch.position_ids
+            self.model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.last_index,
+            batch.position_ids,
+            batch.segment_ids,
         )
 
 
@@ -76,14 +106,8 @@ def token_values(model: nn.Module, batch: Any) -> Tensor:
     position ``label_index − 1`` (the hidden state the policy predicts that token from), in
     ``batch.label_index`` order. A reward model read there scores every prefix of the completion."""
     backbone, head = reward_parts(model)
-    hidden = backbone(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).last_hidden_state
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_index - 1)
-    return head(picked).squeeze(-1).float()
+    hidden = backbone_hidden(backbone, batch.input_ids, batch.attention_mask, batch.position_ids)
+    return head(hidden.index_select(0, batch.label_index - 1)).squeeze(-1).float()
 
 
 def critic_from_causal_lm(policy: Any) -> nn.Module:

@@ -71,6 +71,7 @@ def sample_report(
     batch_size: int = 8,
     progress: bool = False,
     name: str = "",
+    layout: str = "auto",
 ) -> dict[str, Any]:
     """``per_prompt`` samples from policy and from reference for each prompt (token ids -> the
     text or messages a scorer reads): the KL(π‖π_ref) estimate, and with a scorer the samples'
@@ -98,9 +99,11 @@ def sample_report(
     pairs = [
         TokenizedPair(p, a, b, i) for i, (p, a, b) in enumerate(zip(prompt_ids, ours, theirs, strict=True))
     ]
-    under_policy = pair_logps(policy, pairs, pad, batch_size, progress, f"{name}: samples under the policy")
+    under_policy = pair_logps(
+        policy, pairs, pad, batch_size, progress, f"{name}: samples under the policy", layout
+    )
     under_reference = pair_logps(
-        reference, pairs, pad, batch_size, progress, f"{name}: samples under the reference"
+        reference, pairs, pad, batch_size, progress, f"{name}: samples under the reference", layout
     )
     kl, kl_stderr = kl_estimate(under_policy.chosen, under_reference.chosen)
     reverse_kl, _ = kl_estimate(under_reference.rejected, under_policy.rejected)

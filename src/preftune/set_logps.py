@@ -40,22 +40,29 @@ def pair_logps(
     batch_size: int = 8,
     progress: bool = False,
     desc: str = "log-probs",
+    layout: str = "auto",
+    pack_tokens: int | None = None,
 ) -> PairLogps:
     """:func:`batch_logps` of every pair, in eval mode, batched longest first (an out-of-memory
-    shows at the first batch); returned in the pairs' order."""
+    shows at the first batch); returned in the pairs' order.
+
+    ``layout`` (``data.layout``'s values; ``auto``: packed) is what the model's attention allows
+    (:func:`~preftune.packing.choose_layout`: padded when it cannot take the mask); every layout
+    gives the padded layout's numbers, the shared ones computing each prompt once."""
     from tqdm.auto import tqdm
 
-    from .layouts import collate_pairs
+    from .packing import choose_layout, collate_for
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    collate = collate_for(choose_layout(layout, model, device_type=device.type)[0], pad_token_id, pack_tokens)
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].prompt_ids) - len(pairs[i].chosen_ids))
     columns = [torch.zeros(len(pairs), dtype=torch.float64) for _ in range(6)]
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=None if progress else True, leave=False):
         chunk = order[start : start + batch_size]
-        batch = collate_pairs([pairs[i] for i in chunk], pad_token_id).to(device)
+        batch = collate([pairs[i] for i in chunk]).to(device)
         out = batch_logps(model, batch, with_mean_logits=False, with_token_logps=True)
         assert out.token_logps is not None
         squares = torch.zeros_like(out.logps).index_add(0, batch.label_sequence, out.token_logps**2)

@@ -25,8 +25,8 @@ from torch import nn
 from ..config import DataConfig
 from ..data import TokenizedPair
 from ..evaluate import evaluate, load_sets
-from ..layouts import collate_pairs
 from ..logps import batch_logps
+from ..packing import choose_layout, collate_for
 from ..plots import COLORS, pyplot, save
 from ..synthetic import SentimentTask
 from .common import MAX_LENGTH, Lab, markdown_table, one_thread, percent, substituted_pair, text_table
@@ -66,9 +66,10 @@ def substituted_and_shared(
 ) -> tuple[float, float]:
     """Mean over pairs of the chosen drift summed over the substituted tokens, and over the rest."""
     substituted = shared = 0.0
+    collate = collate_for(choose_layout("auto", policy, reference)[0], pad_token_id)
     for start in range(0, len(pairs), 64):
         chunk = pairs[start : start + 64]
-        batch = collate_pairs(chunk, pad_token_id)
+        batch = collate(chunk)
         ours = batch_logps(policy, batch, with_token_logps=True).token_logps
         theirs = batch_logps(reference, batch, with_token_logps=True).token_logps
         assert ours is not None and theirs is not None

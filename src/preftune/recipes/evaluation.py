@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..eval_report import format_table, write_outputs
 from ..evaluate import check_tokenizers, evaluate, load_sets, score_sets
 from ..models import load_model, load_tokenizer
+from ..packing import choose_layout
 from ..scoring import RewardModelScorer, Scorer, load_scorer
 
 
@@ -54,6 +55,9 @@ def run_eval(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = load_model(config.model).to(device)
     reference_model = load_model(config.model, reference).to(device) if reference else None
+    layout, notice = choose_layout(config.data.layout, policy, reference_model, device_type=device)
+    if notice:
+        say(notice)
     result = evaluate(
         policy,
         tokenizer,
@@ -67,6 +71,7 @@ def run_eval(
         seed=seed,
         progress=True,
         rewards=rewards,
+        layout=layout,
         names={"policy": config.model.name_or_path, "reference": reference, "reward": reward_model or reward},
     )
     say(format_table(result.summary))

@@ -5,14 +5,15 @@
 ``m`` is an optional per-pair margin column (Llama 2's margin loss, Touvron et al. 2023);
 the centering term (Eisenstein et al. 2023, arXiv 2312.09244; TRL's
 ``center_rewards_coefficient``) keeps rewards near zero so several models stay comparable.
-The same pairs, layout and harness as the DPO recipe; the model is an
-``AutoModelForSequenceClassification`` with one output, its score read at the last token.
+The same pairs, layouts and harness as the DPO recipe (``data.layout``: a packed or prefix-shared
+row computes the prompt once and reads chosen's and rejected's scores at their own last tokens);
+the model is an ``AutoModelForSequenceClassification`` with one output, its score read at the
+last token.
 Metrics carry TRL's ``RewardTrainer`` names.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch.nn.functional as F
@@ -20,8 +21,9 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..engine import Harness, LossFn, Task, TrainResult
-from ..layouts import Batch, collate_pairs
+from ..layouts import Batch
 from ..models import load_reward_model, prepare_for_training
+from ..packing import choose_layout, collate_for
 from ..reference import weights_digest
 from ..reward_model import RewardModule
 from .common import load_pairs, tokenizer_for
@@ -71,14 +73,13 @@ def train_reward_model(
     model = prepare_for_training(model, config.model, task_type="SEQ_CLS")
     centering = config.reward.center_rewards_coefficient
     harness.say(f"reward model: Bradley–Terry{f', centering c={centering}' if centering else ''}")
-    if config.data.layout not in ("auto", "padded"):
-        harness.say(
-            f"data.layout: padded instead of {config.data.layout}: reward models train on padded rows"
-        )
+    layout, notice = choose_layout(config.data.layout, model, device_type=harness.device.type)
+    if notice:
+        harness.say(notice)
 
     task = Task(
         examples=pairs,
-        collate=partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
+        collate=collate_for(layout, tokenizer.pad_token_id, config.data.pack_tokens),
         loss=bradley_terry_loss(centering),
         eval_examples=eval_pairs,
         console=(("loss", "loss"), ("acc", "accuracy"), ("margin", "margin")),
