@@ -213,7 +213,8 @@ def _load_full_weights(path: Path, model: Any) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    # The model's files only: a checkpoint's rng.safetensors beside them is no weight.
+    files = sorted(path.glob("model*.safetensors"))
     names: set[str] = set()
     for file in files:
         with safe_open(str(file), "pt") as handle:
