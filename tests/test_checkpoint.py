@@ -65,6 +65,16 @@ def test_a_corrupt_checkpoint_fails_with_a_message_naming_it(tmp_path, tokenizer
         load_checkpoint(path, model, *_optimizer(model))
 
 
+def test_a_deepspeed_checkpoint_resumed_without_deepspeed_says_which_launch_it_needs(tmp_path, tokenizer):
+    model = tiny_llama(len(tokenizer))
+    partitions = tmp_path / ".tmp-optimizer"
+    partitions.mkdir()  # what every DeepSpeed process wrote its optimizer file into
+    path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {}, optimizer_state=partitions)
+    assert (path / "optimizer").is_dir() and not (path / "optimizer.pt").exists()
+    with pytest.raises(CheckpointError, match="written by DeepSpeed"):
+        load_checkpoint(path, model, *_optimizer(model))
+
+
 def test_final_lora_folder_has_merged_weights_and_the_live_model_keeps_its_adapters(tmp_path, tokenizer):
     base = tiny_llama(len(tokenizer), seed=3)
     peft_model = get_peft_model(

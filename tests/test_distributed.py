@@ -1,7 +1,9 @@
-"""Several CPU processes (gloo) under torchrun / accelerate launch: DDP and FSDP2 train like one
-process with the doubled batch, FSDP2 checkpoints resume, the precomputed reference is shared
-out and equals one process's, and a process that fails ends the run with its error."""
+"""Several CPU processes (gloo) under torchrun / accelerate launch: DDP, FSDP2 and DeepSpeed
+ZeRO-2/3 train like one process with the doubled batch, sharded checkpoints resume, the
+precomputed reference is shared out and equals one process's, and a process that fails ends the
+run with its error."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -176,17 +178,12 @@ def _steps(history: list[dict]) -> dict[int, dict]:
     return {h["step"]: h for h in history if "loss" in h}
 
 
-def test_fsdp2_on_two_processes_trains_like_one_process_with_the_doubled_batch(fsdp2, tmp_path, tokenizer):
-    report, folder = fsdp2
-    # Sharded for real: each decoder layer its own group, each process holding half of every weight.
-    assert report["shards"] == {
-        "groups": 2,
-        "layer": [32, 64],
-        "lm_head": [len(tokenizer) // 2, len(tokenizer)],
-    }
-    single = train(
+@pytest.fixture(scope="module")
+def doubled_batch(tmp_path_factory, tokenizer):
+    """The sharded runs' training on one process, with the batch of two (4 steps, clipped, evaluated)."""
+    return train(
         quiet_config(
-            str(tmp_path / "one"),
+            str(tmp_path_factory.mktemp("one")),
             "train.batch_size=4",
             "train.max_steps=4",
             "train.scheduler=linear",
@@ -199,22 +196,38 @@ def test_fsdp2_on_two_processes_trains_like_one_process_with_the_doubled_batch(f
         train_data=sentiment_records(16, seed=4),
         eval_data=sentiment_records(5, seed=9),
     )
-    sharded, one = _steps(report["full"]), _steps(single.history)
+
+
+def _assert_trains_like_one_process(history: list[dict], run_dir: Path, single) -> None:
+    """Per-step losses, clipped gradient norms over the whole model, learning rates, evaluation
+    on uneven shards, and a final/ that transformers loads with the single process's weights."""
+    sharded, one = _steps(history), _steps(single.history)
     assert sorted(sharded) == sorted(one) == [1, 2, 3, 4]
     for step, expected in one.items():
         assert sharded[step]["loss"] == pytest.approx(expected["loss"], abs=1e-5)
         assert sharded[step]["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
         assert sharded[step]["learning_rate"] == pytest.approx(expected["learning_rate"])
     assert one[1]["grad_norm"] > 0.5  # clipping was active, over the whole model
-    evals = [(h["step"], h["eval_loss"]) for h in report["full"] if "eval_loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     expected_evals = [(h["step"], h["eval_loss"]) for h in single.history if "eval_loss" in h]
     assert [s for s, _ in evals] == [2, 4]
     assert [v for _, v in evals] == pytest.approx([v for _, v in expected_evals], abs=1e-5)
-
-    # final/ holds the gathered weights, as transformers loads them.
-    gathered = AutoModelForCausalLM.from_pretrained(folder / "full" / "final").state_dict()
+    gathered = AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
     for name, tensor in AutoModelForCausalLM.from_pretrained(single.final_dir).state_dict().items():
         torch.testing.assert_close(gathered[name], tensor, atol=1e-5, rtol=0)
+
+
+def test_fsdp2_on_two_processes_trains_like_one_process_with_the_doubled_batch(
+    fsdp2, doubled_batch, tokenizer
+):
+    report, folder = fsdp2
+    # Sharded for real: each decoder layer its own group, each process holding half of every weight.
+    assert report["shards"] == {
+        "groups": 2,
+        "layer": [32, 64],
+        "lm_head": [len(tokenizer) // 2, len(tokenizer)],
+    }
+    _assert_trains_like_one_process(report["full"], folder / "full", doubled_batch)
 
 
 def test_fsdp2_run_stopped_after_step_2_resumes_to_the_uninterrupted_losses(fsdp2):
@@ -267,15 +280,84 @@ def test_each_example_accelerate_config_is_one_accelerate_reads(config, kind, pr
         assert read.fsdp_config["fsdp_version"] == 2
 
 
+def _launched(
+    kind: DistributedType, fsdp2: bool = False, zero_stage: int | None = None, zero3_init: bool = False
+) -> SimpleNamespace:
+    plugin = SimpleNamespace(zero_stage=zero_stage, zero3_init_flag=zero3_init)
+    return SimpleNamespace(
+        distributed_type=kind, is_fsdp2=fsdp2, state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
+
+
 @pytest.mark.parametrize(
-    ("kind", "fsdp2", "refusal"),
+    ("launched", "refusal"),
     [
-        (DistributedType.FSDP, False, "fsdp_version: 2"),
-        (DistributedType.DEEPSPEED, False, "not supported yet"),
+        (_launched(DistributedType.FSDP, fsdp2=False), "fsdp_version: 2"),
+        (_launched(DistributedType.DEEPSPEED, zero_stage=1), "zero_stage: 2 or 3"),
+        (_launched(DistributedType.DEEPSPEED, zero_stage=0), "zero_stage: 2 or 3"),
+        (_launched(DistributedType.DEEPSPEED, zero_stage=3, zero3_init=True), "zero3_init_flag"),
+        (_launched(DistributedType.MEGATRON_LM), "not supported yet"),
     ],
 )
-def test_fsdp1_and_deepspeed_are_refused_with_what_to_use_instead(kind, fsdp2, refusal):
-    launched = SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2)
+def test_fsdp1_zero_0_and_1_zero3_init_and_megatron_are_refused_with_what_to_use_instead(launched, refusal):
     with pytest.raises(ConfigError, match=refusal):
         check_distributed(launched)
-    check_distributed(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))
+    check_distributed(_launched(DistributedType.FSDP, fsdp2=True))
+    check_distributed(_launched(DistributedType.DEEPSPEED, zero_stage=2))
+    check_distributed(_launched(DistributedType.DEEPSPEED, zero_stage=3))
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO-2 / ZeRO-3
+
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (pip install deepspeed): the ZeRO-2/3 runs need it",
+)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def zero(request, tmp_path_factory) -> tuple[int, dict, Path]:
+    """One 2-process DeepSpeed launch (tests/distributed_deepspeed.py): stage, report, folder."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install deepspeed): the ZeRO-2/3 runs need it")
+    stage = request.param
+    folder = tmp_path_factory.mktemp(f"zero{stage}")
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    launch += ["--config_file", str(EXAMPLES / f"zero{stage}.yaml")]
+    launch += ["--num_processes=2", f"--main_process_port={_free_port()}"]
+    stdout = _launch([*launch, str(HERE / "distributed_deepspeed.py"), str(folder)], folder)
+    line = next(line for line in stdout.splitlines() if line.startswith("REPORT "))
+    return stage, json.loads(line[len("REPORT ") :]), folder
+
+
+@needs_deepspeed
+def test_deepspeed_zero_on_two_processes_trains_like_one_process_with_the_doubled_batch(
+    zero, doubled_batch, tokenizer
+):
+    stage, report, folder = zero
+    lm_head = 64 * len(tokenizer)
+    # ZeRO-3: each process holds half of every weight; ZeRO-2: every weight whole.
+    held = {
+        2: {"layer": [64 * 64] * 2, "lm_head": [lm_head] * 2},
+        3: {"layer": [2048, 4096], "lm_head": [lm_head // 2, lm_head]},
+    }
+    assert report["shards"] == held[stage]
+    _assert_trains_like_one_process(report["full"], folder / "full", doubled_batch)
+
+
+@needs_deepspeed
+def test_deepspeed_zero_run_stopped_after_step_2_resumes_to_the_uninterrupted_losses(zero):
+    _, report, folder = zero
+    uninterrupted, resumed = _steps(report["full"]), _steps(report["resumed"])
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-5)
+        assert resumed[step]["grad_norm"] == pytest.approx(uninterrupted[step]["grad_norm"], rel=1e-4)
+    # The optimizer state as DeepSpeed wrote it, one file per process; the weights gathered.
+    checkpoint = folder / "resumed" / "checkpoint-0000002"
+    assert len(list((checkpoint / "optimizer" / "zero").glob("*optim_states.pt"))) == 2
+    saved = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
+    for name, tensor in (
+        AutoModelForCausalLM.from_pretrained(folder / "full" / "checkpoint-0000002").state_dict().items()
+    ):
+        torch.testing.assert_close(saved[name], tensor, atol=1e-6, rtol=0)

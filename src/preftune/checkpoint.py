@@ -9,6 +9,8 @@ when peft is installed).
 Nothing read back from a checkpoint can run code: weights are safetensors, the RNG state is
 JSON plus safetensors, and the optimizer and scheduler states are read with
 ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+The exception is a DeepSpeed run's ``optimizer/`` folder (one file per process, in DeepSpeed's
+own format), which only DeepSpeed reads back, as it wrote it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from .errors import CheckpointError, ConfigError
 from .models import is_peft
 
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 def _save_rng_state(folder: Path) -> None:
@@ -93,13 +97,14 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int | None = None,
     weights: dict[str, torch.Tensor] | None = None,
-    optimizer_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | Path | None = None,
     extra_models: dict[str, Any] | None = None,
 ) -> Path:
     """``checkpoint-N``: ``model`` at the top (it loads with ``from_pretrained`` as is), each of
     ``extra_models`` (PPO's critic) in a subfolder of its name, then the training state.
     ``weights`` and ``optimizer_state`` are the gathered ones of a sharded model (else the
-    model's and the optimizer's own)."""
+    model's and the optimizer's own); an ``optimizer_state`` folder (DeepSpeed's files, one per
+    process) is moved in as ``optimizer/``."""
     final = output_dir / f"checkpoint-{step:07d}"
     tmp = _atomic_dir(final)
     try:
@@ -107,9 +112,12 @@ def save_checkpoint(
         for name, extra in (extra_models or {}).items():
             extra.save_pretrained(tmp / name, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        torch.save(
-            optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt"
-        )
+        if isinstance(optimizer_state, Path):
+            os.replace(optimizer_state, tmp / "optimizer")
+        else:
+            torch.save(
+                optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER_FILE
+            )
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _save_rng_state(tmp)
         # Written last: a folder with this file is complete.
@@ -213,7 +221,8 @@ def _load_full_weights(path: Path, model: Any) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    # The model's files only: a checkpoint's rng.safetensors beside them is no weight.
+    files = sorted(path.glob("model*.safetensors"))
     names: set[str] = set()
     for file in files:
         with safe_open(str(file), "pt") as handle:
@@ -280,26 +289,30 @@ def load_checkpoint(
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    load_optimizer: Any = None,
+    load_optimizer: Callable[[Path], None] | None = None,
     extra_models: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Restore weights (``model``'s, and each of ``extra_models``' from its subfolder), optimizer,
     scheduler and RNG from ``path``; returns the trainer state.
 
     ``model=None`` leaves the weights (a sharded run loads them before sharding, with
-    :func:`load_weights`); ``load_optimizer`` puts the optimizer state back (default: the
-    optimizer's own ``load_state_dict``).
+    :func:`load_weights`); ``load_optimizer(path)`` puts the optimizer state back (default: the
+    optimizer's own ``load_state_dict`` of :func:`read_optimizer_file`).
     """
     if model is not None:
         load_weights(path, model)
     for name, extra in (extra_models or {}).items():
         load_weights(path / name, extra)
     try:
-        saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        (load_optimizer or optimizer.load_state_dict)(saved)
+        if load_optimizer is None:
+            optimizer.load_state_dict(read_optimizer_file(path))
+        else:
+            load_optimizer(path)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
         _load_rng_state(path)
         return json.loads((path / STATE_FILE).read_text())
+    except CheckpointError:
+        raise
     except Exception as err:  # corrupt or foreign files: name the folder, not a torch internals trace
         raise CheckpointError(
             f"{path}: cannot resume from this checkpoint ({type(err).__name__}: {err})"
@@ -326,6 +339,16 @@ def _merged_state_dict(base: Any) -> dict[str, torch.Tensor]:
                 weight = weight + layer.get_delta_weight(adapter).detach()
         merged[f"{name}.weight"] = weight.cpu()
     return merged
+
+
+def read_optimizer_file(path: Path) -> Any:
+    """The optimizer state a checkpoint holds whole (``optimizer.pt``)."""
+    if not (path / OPTIMIZER_FILE).is_file() and (path / "optimizer").is_dir():
+        raise CheckpointError(
+            f"{path}: its optimizer state was written by DeepSpeed (optimizer/); resume with the accelerate "
+            "config the run was started with"
+        )
+    return torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
 
 
 def save_final(

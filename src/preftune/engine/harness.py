@@ -110,8 +110,8 @@ class Harness:
     def take_output_dir(self, model: nn.Module, trainable: list[nn.Parameter]) -> None:
         """The models loaded: now an earlier run's files may go, if there is room for a checkpoint."""
         if self.is_main:
-            weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            moments = 2 * 4 * sum(p.numel() for p in trainable)  # AdamW's two fp32 moments
+            weights = sum(sharding.numel(p) * p.element_size() for p in model.parameters())
+            moments = 2 * 4 * sum(sharding.numel(p) for p in trainable)  # AdamW's two fp32 moments
             check_free_space(self.output_dir, int(1.1 * (weights + moments)))
             clear_previous_run(self._earlier_run)
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ class Harness:
         cfg, accelerator = self.cfg, self.accelerator
         per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(task.examples) / per_step))
-        sharding.check_and_plan(accelerator, model)
+        sharding.check_and_plan(accelerator, model, cfg)
         optimizer, scheduler = self.optimizer_for(sharding.trainable_parameters(module), total_steps)
         if self.resume_from is not None:  # into the whole model, before any sharding
             load_weights(self.resume_from, model)
@@ -288,11 +288,11 @@ class Harness:
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(wrapped):
                 with accelerator.autocast():
                     losses, metrics = task.loss(wrapped, batch)
-                accelerator.backward(losses.sum() / normalizer)
+                sharding.backward(accelerator, wrapped, losses.sum() / normalizer, last_micro)
             weight = None if task.weight is None else sum(task.weight(e) for e in examples)
             step_sums.add({"loss": losses, **metrics}, batch.num_examples, batch.num_tokens, weight)
         # An infinite limit only measures the norm.
-        grad_norm = sharding.clip_gradients(accelerator, trainable, cfg.max_grad_norm or math.inf)
+        grad_norm = sharding.clip_gradients(accelerator, wrapped, trainable, cfg.max_grad_norm or math.inf)
         return step_sums, records, grad_norm
 
     def optimizer_for(self, trainable: list[nn.Parameter], total_steps: int) -> tuple[Any, Any]:
@@ -349,7 +349,7 @@ class Harness:
     ) -> Path:
         path = self.output_dir / f"checkpoint-{step:07d}"
         weights = sharding.full_weights(self.accelerator, wrapped)  # sharded: every process gathers
-        moments = sharding.optimizer_state(self.accelerator, wrapped, optimizer)
+        moments = sharding.optimizer_state(self.accelerator, wrapped, optimizer, path)
         if self.is_main:
             check_finite_weights(model, str(path), weights)
             save_checkpoint(
