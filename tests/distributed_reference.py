@@ -66,5 +66,6 @@ report = {
     "reused_equal": all(torch.equal(reused[name], tables[name]) for name in tables),
     "refused": refused,
 }
-print("REPORT " + json.dumps(report), flush=True)
+# A file per process: two processes printing to one pipe may interleave their lines.
+(out / f"report-rank{rank}.json").write_text(json.dumps(report))
 dist.destroy_process_group()
