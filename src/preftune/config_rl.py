@@ -33,6 +33,13 @@ class RolloutConfig:
     """Sequences per ``generate`` call (a prompt sampled K times counts K times)."""
     missing_eos_penalty: float | None = None
     """Subtracted from the reward of a completion that did not end with EOS (TRL's name); None: off."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """``transformers``: ``model.generate`` on the training model. ``vllm``: one vLLM engine on the
+    training GPU, the policy's weights copied in before each rollout (``pip install vllm``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory the vLLM engine may take (its weights and KV cache)."""
+    vllm_sleep: bool = True
+    """Release the vLLM engine's GPU memory between rollouts, for training to use."""
 
 
 @dataclass
@@ -131,6 +138,11 @@ def check_rl(rollout: RolloutConfig, online: OnlineConfig, ppo: PPOConfig) -> No
     need(rollout.top_k >= 0, "rollout.top_k", "must be >= 0 (0: off)")
     need(0 < rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {rollout.top_p}")
     need(rollout.batch_size >= 1, "rollout.batch_size", "must be >= 1")
+    need(
+        0 < rollout.vllm_gpu_memory_utilization <= 1,
+        "rollout.vllm_gpu_memory_utilization",
+        f"must be in (0, 1], got {rollout.vllm_gpu_memory_utilization}",
+    )
     penalty = rollout.missing_eos_penalty
     need(
         penalty is None or (math.isfinite(penalty) and penalty >= 0),

@@ -38,7 +38,7 @@ from ..data.prompts import Prompt, read_prompts
 from ..errors import ConfigError
 from ..models import load_model
 from ..pair_rules import build_pairs
-from ..rollout import Rollout, TransformersRollout, eos_ids
+from ..rollout import Rollout, check_engine, eos_ids, rollout_factory
 from ..sampling import as_completion, sample_stats, score_samples
 from ..scoring import Scorer, load_scorer
 from .common import tokenizer_for
@@ -70,6 +70,8 @@ def train_online(
     ``scorer``). ``rollout_for(policy)`` gives each round's sampler (default: transformers).
     ``stop_in_round=(r, k)`` stops round r after k training steps, as if interrupted."""
     validate(config)
+    if rollout_for is None:
+        check_engine(config.rollout)
     online, cfg = config.online, config.train
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
@@ -95,10 +97,9 @@ def train_online(
     pad = tokenizer.pad_token_id
     stop = eos_ids(initial, tokenizer)
 
-    def make_rollout(policy: nn.Module) -> Rollout:
-        if rollout_for is not None:
-            return rollout_for(policy)
-        return TransformersRollout(policy, pad, stop, progress=cfg.progress)
+    make_rollout = rollout_for or rollout_factory(
+        config.rollout, config.model.name_or_path, pad, stop, cfg.progress
+    )
 
     run = OnlineRun(config, output, prompt_rows, scorer, tokenizer, initial, model, make_rollout)
     rows = [row for row in done if row["round"] <= online.rounds]

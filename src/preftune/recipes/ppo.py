@@ -54,7 +54,7 @@ from ..losses.ppo import KLController, policy_loss, value_loss
 from ..models import load_model, prepare_for_training
 from ..reference import weights_digest
 from ..reward_model import token_values
-from ..rollout import Rollout, TransformersRollout, eos_ids
+from ..rollout import Rollout, check_engine, eos_ids, rollout_factory
 from ..scoring import Scorer, load_scorer
 from ..tracking import MetricsLog, check_trackers, console_line
 from .common import tokenizer_for
@@ -91,6 +91,8 @@ def train_ppo(
     harness = Harness(config)
     ppo, cfg = config.ppo, config.train
     check_run(config, prompts is not None, scorer is not None)
+    if rollout_for is None:
+        check_engine(config.rollout)
     tokenizer = tokenizer_for(config, tokenizer)
     source = prompts if prompts is not None else ppo.prompts
     prompt_rows = read_prompts(source, config.data, ppo.prompts_split, tokenizer, ppo.max_prompts)
@@ -109,11 +111,14 @@ def train_ppo(
         reference.to(device)
     policy.train()  # from_pretrained leaves eval mode; gradient checkpointing acts in train mode only
     critic.train()
-    sampler: Rollout = (
-        rollout_for(policy)
-        if rollout_for is not None
-        else TransformersRollout(policy, tokenizer.pad_token_id, eos_ids(policy, tokenizer), cfg.progress)
+    make_rollout = rollout_for or rollout_factory(
+        config.rollout,
+        config.model.name_or_path,
+        tokenizer.pad_token_id,
+        eos_ids(policy, tokenizer),
+        cfg.progress,
     )
+    sampler: Rollout = make_rollout(policy)
     trainable = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
     optimizer, scheduler = harness.optimizer_for(trainable, ppo.steps * ppo.ppo_epochs * ppo.num_mini_batches)
     kl_control = KLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
