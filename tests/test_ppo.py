@@ -224,6 +224,23 @@ def test_settings_that_would_break_ppo_are_refused_before_any_model_loads(
 
 
 @pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"WORLD_SIZE": "2"}, "ppo: runs on one process for now"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "ppo: DEEPSPEED launches are not supported yet"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "ppo: FSDP launches are not supported yet"),
+    ],
+)
+def test_launches_ppo_cannot_honour_are_refused_before_any_model_loads(
+    tmp_path, tokenizer, monkeypatch, environment, message
+):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        train_ppo(ppo_config(tmp_path), model=object(), tokenizer=tokenizer, prompts=[{"prompt": "a"}])
+
+
+@pytest.mark.parametrize(
     ("override", "message"),
     [
         ("ppo.num_mini_batches=3", "ppo.num_mini_batches: must divide ppo.rollouts_per_step"),

@@ -217,6 +217,13 @@ def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool) -> None:
     ppo, rollout, cfg = config.ppo, config.rollout, config.train
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("ppo: runs on one process for now (generation is not sharded); launch it plainly")
+    sharded = [
+        name
+        for name in ("FSDP", "DEEPSPEED")
+        if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"
+    ]
+    if sharded:  # PPO's own loop prepares nothing through accelerate: the launch config would be ignored
+        raise ConfigError(f"ppo: {sharded[0]} launches are not supported yet; launch it plainly")
     if not has_prompts and not ppo.prompts:
         raise ConfigError("ppo.prompts: required (--prompts FILE)")
     if not has_scorer and not ppo.reward:
