@@ -32,6 +32,10 @@ class PairLogps:
     rejected_norm: Tensor
 
 
+def _row_length(pair: TokenizedPair) -> int:
+    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
 @torch.no_grad()
 def pair_logps(
     model: nn.Module,
@@ -57,7 +61,9 @@ def pair_logps(
     model.eval()
     device = next(model.parameters()).device
     collate = collate_for(choose_layout(layout, model, device_type=device.type)[0], pad_token_id, pack_tokens)
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].prompt_ids) - len(pairs[i].chosen_ids))
+    # Longest row first, as the reference precompute orders them: a padded row is the prompt and
+    # the longer completion, so neighbours in this order pad little.
+    order = sorted(range(len(pairs)), key=lambda i: -_row_length(pairs[i]))
     columns = [torch.zeros(len(pairs), dtype=torch.float64) for _ in range(6)]
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=None if progress else True, leave=False):
