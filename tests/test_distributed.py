@@ -1,7 +1,7 @@
 """Several CPU processes (gloo) under torchrun / accelerate launch: DDP, FSDP2 and DeepSpeed
 ZeRO-2/3 train like one process with the doubled batch, sharded checkpoints resume, the
-precomputed reference is shared out and equals one process's, and a process that fails ends the
-run with its error."""
+precomputed reference is shared out and equals one process's, a live reference is sharded like
+the policy, and a process that fails ends the run with its error."""
 
 import importlib.util
 import json
@@ -180,7 +180,8 @@ def _steps(history: list[dict]) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def doubled_batch(tmp_path_factory, tokenizer):
-    """The sharded runs' training on one process, with the batch of two (4 steps, clipped, evaluated)."""
+    """The sharded runs' training on one process, with the batch of two (4 steps, clipped, evaluated,
+    against a live reference other than the starting policy)."""
     return train(
         quiet_config(
             str(tmp_path_factory.mktemp("one")),
@@ -190,12 +191,24 @@ def doubled_batch(tmp_path_factory, tokenizer):
             "train.eval_every=2",
             "train.seed=3",
             "train.max_grad_norm=0.5",
+            "reference.strategy=copy",
         ),
         model=tiny_llama(len(tokenizer), seed=8),
         tokenizer=tokenizer,
         train_data=sentiment_records(16, seed=4),
         eval_data=sentiment_records(5, seed=9),
+        reference_model=tiny_llama(len(tokenizer), seed=9),
     )
+
+
+def _assert_held_alike(shards: dict[str, dict], expected: dict[str, list[int]]) -> None:
+    """The policy and the live reference hold the ``expected`` parts of their weights, the
+    reference frozen (``trainable``: [parameters that train, parameters])."""
+    for weights in (shards["policy"], shards["reference"]):
+        assert {name: weights[name] for name in expected} == expected
+    trainable, parameters = shards["policy"]["trainable"]
+    assert trainable == parameters > 0
+    assert shards["reference"]["trainable"] == [0, parameters]
 
 
 def _assert_trains_like_one_process(history: list[dict], run_dir: Path, single) -> None:
@@ -221,12 +234,11 @@ def test_fsdp2_on_two_processes_trains_like_one_process_with_the_doubled_batch(
     fsdp2, doubled_batch, tokenizer
 ):
     report, folder = fsdp2
-    # Sharded for real: each decoder layer its own group, each process holding half of every weight.
-    assert report["shards"] == {
-        "groups": 2,
-        "layer": [32, 64],
-        "lm_head": [len(tokenizer) // 2, len(tokenizer)],
-    }
+    # Sharded for real: each decoder layer its own group, each process holding half of every
+    # weight, of the policy and of the live reference alike (which stays frozen).
+    halves = {"groups": 2, "layer": [32, 64], "lm_head": [len(tokenizer) // 2, len(tokenizer)]}
+    _assert_held_alike(report["shards"], halves)
+    # Against that reference, the losses equal one process's with the whole reference.
     _assert_trains_like_one_process(report["full"], folder / "full", doubled_batch)
 
 
@@ -336,12 +348,13 @@ def test_deepspeed_zero_on_two_processes_trains_like_one_process_with_the_double
 ):
     stage, report, folder = zero
     lm_head = 64 * len(tokenizer)
-    # ZeRO-3: each process holds half of every weight; ZeRO-2: every weight whole.
+    # ZeRO-3: each process holds half of every weight, of the policy and of the frozen live
+    # reference alike; ZeRO-2: every weight whole.
     held = {
         2: {"layer": [64 * 64] * 2, "lm_head": [lm_head] * 2},
         3: {"layer": [2048, 4096], "lm_head": [lm_head // 2, lm_head]},
     }
-    assert report["shards"] == held[stage]
+    _assert_held_alike(report["shards"], held[stage])
     _assert_trains_like_one_process(report["full"], folder / "full", doubled_batch)
 
 
