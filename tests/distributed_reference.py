@@ -66,5 +66,7 @@ report = {
     "reused_equal": all(torch.equal(reused[name], tables[name]) for name in tables),
     "refused": refused,
 }
-print("REPORT " + json.dumps(report), flush=True)
+# One write per line: both processes print, and an unbuffered print writes its newline apart.
+sys.stdout.write(f"REPORT {json.dumps(report)}\n")
+sys.stdout.flush()
 dist.destroy_process_group()
