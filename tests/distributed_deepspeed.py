@@ -22,6 +22,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType
 from helpers import quiet_config, sentiment_records
 
 import preftune.engine.harness as harness_module
+from preftune.distributed import close_process_group
 from preftune.recipes.pairwise import train
 from preftune.synthetic import build_tokenizer, tiny_llama
 
@@ -88,6 +89,4 @@ run("resumed", stop_after=2)
 if os.environ["RANK"] == "0":
     print("REPORT " + json.dumps({"full": full.history, "resumed": resumed.history, "shards": shards}))
 
-# Leave without the interpreter's teardown, as tests/distributed_fsdp.py does (gloo's threads).
-sys.stdout.flush()
-os._exit(0)
+close_process_group()  # every process finished: the group ends before the interpreter's exit

@@ -20,6 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import preftune.engine.harness as harness_module
+from preftune.distributed import close_process_group
 from preftune.recipes.pairwise import train
 from preftune.recipes.reward import train_reward_model
 from preftune.recipes.sft import train_sft
@@ -101,8 +102,4 @@ if os.environ["RANK"] == "0":
     }
     print("REPORT " + json.dumps({**histories, "shards": shards}))
 
-# Both processes passed the run's closing barrier and the results are printed. Leave without
-# the interpreter's teardown: gloo's threads, destroyed at exit under a live process group,
-# once aborted (SIGABRT) a run that had finished, and the launcher then reports a failure.
-sys.stdout.flush()
-os._exit(0)
+close_process_group()  # every process finished: the group ends before the interpreter's exit

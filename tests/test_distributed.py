@@ -1,7 +1,8 @@
 """Several CPU processes (gloo) under torchrun / accelerate launch: DDP, FSDP2 and DeepSpeed
 ZeRO-2/3 train like one process with the doubled batch, sharded checkpoints resume, the
 precomputed reference is shared out and equals one process's, a live reference is sharded like
-the policy, and a process that fails ends the run with its error."""
+the policy, a finished command ends its process group, and a process that fails ends the run
+with its error."""
 
 import importlib.util
 import json
@@ -135,16 +136,36 @@ def test_two_processes_share_the_precomputed_reference_and_equal_one_process(tmp
     assert all("computed for another model" in r["refused"] for r in reports)  # every rank stops
 
 
-def test_a_process_that_fails_ends_the_run_with_its_error_in_the_launchers_summary(tmp_path, tokenizer):
+def _cli_run(tmp_path: Path, tokenizer, *extra: str) -> list[str]:
+    """``preftune train`` under torchrun (tests/distributed_cli.py) on a saved model and a data file."""
     model_dir = tmp_path / "model"
     tiny_llama(len(tokenizer), seed=8).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in sentiment_records(16, seed=4)))
-    script = [str(HERE / "distributed_failure.py"), str(model_dir), str(data), str(tmp_path / "out")]
+    return [
+        *TORCHRUN,
+        str(HERE / "distributed_cli.py"),
+        str(model_dir),
+        str(data),
+        str(tmp_path / "out"),
+        *extra,
+    ]
+
+
+def test_a_finished_cli_run_ends_its_process_group_and_exits_0_on_every_process(tmp_path, tokenizer):
+    stdout = _launch(_cli_run(tmp_path, tokenizer), tmp_path)  # exit status 0, no abort at the exit
+    reports = [
+        json.loads(line[len("REPORT ") :]) for line in stdout.splitlines() if line.startswith("REPORT ")
+    ]
+    assert sorted((r["rank"], r["code"], r["group"]) for r in reports) == [(0, 0, False), (1, 0, False)]
+    assert (tmp_path / "out" / "final" / "config.json").is_file()
+
+
+def test_a_process_that_fails_ends_the_run_with_its_error_in_the_launchers_summary(tmp_path, tokenizer):
     # Rank 0 waits in a collective for the failed rank: gloo sees the peer gone, the launcher
     # ends the group. A hang would hit the timeout and fail the test.
-    stderr = _launch([*TORCHRUN, *script], tmp_path, succeed=False, timeout=120)
+    stderr = _launch(_cli_run(tmp_path, tokenizer, "fail"), tmp_path, succeed=False, timeout=120)
     summary = stderr[stderr.index("Root Cause") :]
     assert "rank      : 1" in summary
     assert "ValueError: a bad batch on rank 1" in summary

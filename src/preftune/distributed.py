@@ -1,8 +1,9 @@
 """The process group of a launched run (``torchrun``, ``accelerate launch``): which process this
-is, and a decision taken by the main process for all."""
+is, a decision taken by the main process for all, and the group's end at a clean exit."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,3 +38,21 @@ def on_main(decide: Callable[[], _T], failure: Callable[[str], Exception]) -> _T
     if kind == "error":
         raise failure(f"the main process failed: {value}")
     return value
+
+
+def close_process_group() -> None:
+    """End a launched run's process group once every process has finished its work: called by
+    the command line after a command that succeeded, and by a script that trained through the
+    Python API under a launcher, at its end (no collective can run in the process after it).
+
+    Left to the interpreter's exit, the group is torn down in no set order with its threads
+    still running, which once aborted a finished run (SIGABRT: "terminate called without an
+    active exception"). The run's wrappers (DDP's reducer, FSDP's states, DeepSpeed's engines)
+    hold the group; they are unreachable by now and collected first, then every process waits
+    for the others and the group ends, its threads joined.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
