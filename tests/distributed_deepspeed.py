@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under ``accelerate launch --config_file
-examples/accelerate/zero2.yaml`` (or zero3.yaml), 2 CPU processes: DeepSpeed training, then the
-same run stopped after 2 steps and resumed from its checkpoint.
+examples/accelerate/zero2.yaml`` (or zero3.yaml), 2 CPU processes: DeepSpeed DPO training against
+a live reference (under ZeRO-3 partitioned like the policy), then the same run stopped after 2
+steps and resumed from its checkpoint.
 
 accelerate 1.15 turns DeepSpeed on only for accelerator devices (on a CPU its state counts one
 process), while DeepSpeed runs on the CPU with gloo. So, for this test only, accelerate starts
@@ -21,6 +22,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType
 from helpers import quiet_config, sentiment_records
 
 import preftune.engine.harness as harness_module
+from preftune.distributed import close_process_group
 from preftune.recipes.pairwise import train
 from preftune.synthetic import build_tokenizer, tiny_llama
 
@@ -46,23 +48,24 @@ harness_module.Accelerator = deepspeed_on_cpu
 output_dir = sys.argv[1]
 tokenizer = build_tokenizer()
 settings = ["train.batch_size=2", "train.max_steps=4", "train.scheduler=linear", "train.eval_every=2"]
-settings += ["train.seed=3", "train.save_every=2", "train.max_grad_norm=0.5"]
+settings += ["train.seed=3", "train.save_every=2", "train.max_grad_norm=0.5", "reference.strategy=copy"]
 
 
 def run(folder, *extra, stop_after=None):
-    model = tiny_llama(len(tokenizer), seed=8)
+    model, reference = tiny_llama(len(tokenizer), seed=8), tiny_llama(len(tokenizer), seed=9)
     result = train(
         quiet_config(f"{output_dir}/{folder}", *settings, *extra),
         model=model,
         tokenizer=tokenizer,
         train_data=sentiment_records(16, seed=4),
         eval_data=sentiment_records(5, seed=9),  # shards of 3 and 2: one process repeats a batch
+        reference_model=reference,  # a live one (strategy copy), under ZeRO-3 partitioned in place
         stop_after=stop_after,
     )
-    return model, result
+    return model, reference, result
 
 
-model, full = run("full")
+model, reference, full = run("full")
 
 
 def held(weight):
@@ -72,15 +75,18 @@ def held(weight):
     return [shard.numel(), getattr(weight, "ds_numel", weight.numel())]
 
 
-shards = {
-    "layer": held(model.model.layers[0].self_attn.q_proj.weight),
-    "lm_head": held(model.lm_head.weight),  # the chunked head reads it gathered, inside the forward
-}
+def weights(model):
+    return {
+        "layer": held(model.model.layers[0].self_attn.q_proj.weight),
+        "lm_head": held(model.lm_head.weight),  # the chunked head reads it gathered, inside the forward
+        "trainable": [sum(p.requires_grad for p in model.parameters()), len(list(model.parameters()))],
+    }
+
+
+shards = {"policy": weights(model), "reference": weights(reference)}
 run("resumed", stop_after=2)
-_, resumed = run("resumed", "train.resume=true")
+*_, resumed = run("resumed", "train.resume=true")
 if os.environ["RANK"] == "0":
     print("REPORT " + json.dumps({"full": full.history, "resumed": resumed.history, "shards": shards}))
 
-# Leave without the interpreter's teardown, as tests/distributed_fsdp.py does (gloo's threads).
-sys.stdout.flush()
-os._exit(0)
+close_process_group()  # every process finished: the group ends before the interpreter's exit

@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under ``accelerate launch --config_file
-examples/accelerate/fsdp2.yaml`` (2 CPU processes): FSDP2 training, then the same run stopped
-after 2 steps and resumed from its checkpoint; then 2 steps of reward-model training and of SFT.
+examples/accelerate/fsdp2.yaml`` (2 CPU processes): FSDP2 DPO training against a live reference
+sharded like the policy, then the same run stopped after 2 steps and resumed from its checkpoint;
+then 2 steps of reward-model training and of SFT.
 
 accelerate 1.15 turns FSDP on only for accelerator devices (on a CPU it falls back to DDP),
 while torch's ``fully_shard`` runs on CPU with gloo. So, for this test only, the distributed
@@ -19,6 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import preftune.engine.harness as harness_module
+from preftune.distributed import close_process_group
 from preftune.recipes.pairwise import train
 from preftune.recipes.reward import train_reward_model
 from preftune.recipes.sft import train_sft
@@ -40,23 +42,24 @@ harness_module.Accelerator = fsdp2_on_cpu
 output_dir = sys.argv[1]
 tokenizer = build_tokenizer()
 settings = ["train.batch_size=2", "train.max_steps=4", "train.scheduler=linear", "train.eval_every=2"]
-settings += ["train.seed=3", "train.save_every=2", "train.max_grad_norm=0.5"]
+settings += ["train.seed=3", "train.save_every=2", "train.max_grad_norm=0.5", "reference.strategy=copy"]
 
 
 def run(folder, *extra, stop_after=None):
-    model = tiny_llama(len(tokenizer), seed=8)
+    model, reference = tiny_llama(len(tokenizer), seed=8), tiny_llama(len(tokenizer), seed=9)
     result = train(
         quiet_config(f"{output_dir}/{folder}", *settings, *extra),
         model=model,
         tokenizer=tokenizer,
         train_data=sentiment_records(16, seed=4),
         eval_data=sentiment_records(5, seed=9),  # shards of 3 and 2: one process repeats a batch
+        reference_model=reference,  # a live one (strategy copy), sharded in place like the policy
         stop_after=stop_after,
     )
-    return model, result
+    return model, reference, result
 
 
-model, full = run("full")
+model, reference, full = run("full")
 
 
 def rows(weight):
@@ -64,13 +67,18 @@ def rows(weight):
     return [weight.to_local().shape[0] if isinstance(weight, DTensor) else None, weight.shape[0]]
 
 
-shards = {
-    "groups": sum(isinstance(m, FSDPModule) for m in model.modules()),
-    "layer": rows(model.model.layers[0].self_attn.q_proj.weight),
-    "lm_head": rows(model.lm_head.weight),  # the chunked head reads it gathered, inside the forward
-}
+def held(model):
+    return {
+        "groups": sum(isinstance(m, FSDPModule) for m in model.modules()),
+        "layer": rows(model.model.layers[0].self_attn.q_proj.weight),
+        "lm_head": rows(model.lm_head.weight),  # the chunked head reads it gathered, inside the forward
+        "trainable": [sum(p.requires_grad for p in model.parameters()), len(list(model.parameters()))],
+    }
+
+
+shards = {"policy": held(model), "reference": held(reference)}
 run("resumed", stop_after=2)
-_, resumed = run("resumed", "train.resume=true")
+*_, resumed = run("resumed", "train.resume=true")
 records = sentiment_records(16, seed=4)
 short = ["train.batch_size=2", "train.max_steps=2"]
 reward = train_reward_model(
@@ -94,8 +102,4 @@ if os.environ["RANK"] == "0":
     }
     print("REPORT " + json.dumps({**histories, "shards": shards}))
 
-# Both processes passed the run's closing barrier and the results are printed. Leave without
-# the interpreter's teardown: gloo's threads, destroyed at exit under a live process group,
-# once aborted (SIGABRT) a run that had finished, and the launcher then reports a failure.
-sys.stdout.flush()
-os._exit(0)
+close_process_group()  # every process finished: the group ends before the interpreter's exit

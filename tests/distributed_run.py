@@ -11,6 +11,7 @@ import sys
 
 from helpers import quiet_config, sentiment_records, unpaired_records
 
+from preftune.distributed import close_process_group
 from preftune.recipes.pairwise import train
 from preftune.synthetic import build_tokenizer, tiny_llama
 
@@ -43,8 +44,4 @@ result = train(
 if os.environ.get("RANK", "0") == "0":
     print("HISTORY " + json.dumps(result.history))
 
-# Both processes passed the run's closing barrier and the results are printed. Leave without
-# the interpreter's teardown: gloo's threads, destroyed at exit under a live process group,
-# once aborted (SIGABRT) a run that had finished, and the launcher then reports a failure.
-sys.stdout.flush()
-os._exit(0)
+close_process_group()  # every process finished: the group ends before the interpreter's exit

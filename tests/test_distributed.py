@@ -1,7 +1,8 @@
 """Several CPU processes (gloo) under torchrun / accelerate launch: DDP, FSDP2 and DeepSpeed
 ZeRO-2/3 train like one process with the doubled batch, sharded checkpoints resume, the
-precomputed reference is shared out and equals one process's, and a process that fails ends the
-run with its error."""
+precomputed reference is shared out and equals one process's, a live reference is sharded like
+the policy, a finished command ends its process group, and a process that fails ends the run
+with its error."""
 
 import importlib.util
 import json
@@ -132,16 +133,36 @@ def test_two_processes_share_the_precomputed_reference_and_equal_one_process(tmp
     assert all("computed for another model" in r["refused"] for r in reports)  # every rank stops
 
 
-def test_a_process_that_fails_ends_the_run_with_its_error_in_the_launchers_summary(tmp_path, tokenizer):
+def _cli_run(tmp_path: Path, tokenizer, *extra: str) -> list[str]:
+    """``preftune train`` under torchrun (tests/distributed_cli.py) on a saved model and a data file."""
     model_dir = tmp_path / "model"
     tiny_llama(len(tokenizer), seed=8).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in sentiment_records(16, seed=4)))
-    script = [str(HERE / "distributed_failure.py"), str(model_dir), str(data), str(tmp_path / "out")]
+    return [
+        *TORCHRUN,
+        str(HERE / "distributed_cli.py"),
+        str(model_dir),
+        str(data),
+        str(tmp_path / "out"),
+        *extra,
+    ]
+
+
+def test_a_finished_cli_run_ends_its_process_group_and_exits_0_on_every_process(tmp_path, tokenizer):
+    stdout = _launch(_cli_run(tmp_path, tokenizer), tmp_path)  # exit status 0, no abort at the exit
+    reports = [
+        json.loads(line[len("REPORT ") :]) for line in stdout.splitlines() if line.startswith("REPORT ")
+    ]
+    assert sorted((r["rank"], r["code"], r["group"]) for r in reports) == [(0, 0, False), (1, 0, False)]
+    assert (tmp_path / "out" / "final" / "config.json").is_file()
+
+
+def test_a_process_that_fails_ends_the_run_with_its_error_in_the_launchers_summary(tmp_path, tokenizer):
     # Rank 0 waits in a collective for the failed rank: gloo sees the peer gone, the launcher
     # ends the group. A hang would hit the timeout and fail the test.
-    stderr = _launch([*TORCHRUN, *script], tmp_path, succeed=False, timeout=120)
+    stderr = _launch(_cli_run(tmp_path, tokenizer, "fail"), tmp_path, succeed=False, timeout=120)
     summary = stderr[stderr.index("Root Cause") :]
     assert "rank      : 1" in summary
     assert "ValueError: a bad batch on rank 1" in summary
@@ -177,7 +198,8 @@ def _steps(history: list[dict]) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def doubled_batch(tmp_path_factory, tokenizer):
-    """The sharded runs' training on one process, with the batch of two (4 steps, clipped, evaluated)."""
+    """The sharded runs' training on one process, with the batch of two (4 steps, clipped, evaluated,
+    against a live reference other than the starting policy)."""
     return train(
         quiet_config(
             str(tmp_path_factory.mktemp("one")),
@@ -187,12 +209,24 @@ def doubled_batch(tmp_path_factory, tokenizer):
             "train.eval_every=2",
             "train.seed=3",
             "train.max_grad_norm=0.5",
+            "reference.strategy=copy",
         ),
         model=tiny_llama(len(tokenizer), seed=8),
         tokenizer=tokenizer,
         train_data=sentiment_records(16, seed=4),
         eval_data=sentiment_records(5, seed=9),
+        reference_model=tiny_llama(len(tokenizer), seed=9),
     )
+
+
+def _assert_held_alike(shards: dict[str, dict], expected: dict[str, list[int]]) -> None:
+    """The policy and the live reference hold the ``expected`` parts of their weights, the
+    reference frozen (``trainable``: [parameters that train, parameters])."""
+    for weights in (shards["policy"], shards["reference"]):
+        assert {name: weights[name] for name in expected} == expected
+    trainable, parameters = shards["policy"]["trainable"]
+    assert trainable == parameters > 0
+    assert shards["reference"]["trainable"] == [0, parameters]
 
 
 def _assert_trains_like_one_process(history: list[dict], run_dir: Path, single) -> None:
@@ -218,12 +252,11 @@ def test_fsdp2_on_two_processes_trains_like_one_process_with_the_doubled_batch(
     fsdp2, doubled_batch, tokenizer
 ):
     report, folder = fsdp2
-    # Sharded for real: each decoder layer its own group, each process holding half of every weight.
-    assert report["shards"] == {
-        "groups": 2,
-        "layer": [32, 64],
-        "lm_head": [len(tokenizer) // 2, len(tokenizer)],
-    }
+    # Sharded for real: each decoder layer its own group, each process holding half of every
+    # weight, of the policy and of the live reference alike (which stays frozen).
+    halves = {"groups": 2, "layer": [32, 64], "lm_head": [len(tokenizer) // 2, len(tokenizer)]}
+    _assert_held_alike(report["shards"], halves)
+    # Against that reference, the losses equal one process's with the whole reference.
     _assert_trains_like_one_process(report["full"], folder / "full", doubled_batch)
 
 
@@ -333,12 +366,13 @@ def test_deepspeed_zero_on_two_processes_trains_like_one_process_with_the_double
 ):
     stage, report, folder = zero
     lm_head = 64 * len(tokenizer)
-    # ZeRO-3: each process holds half of every weight; ZeRO-2: every weight whole.
+    # ZeRO-3: each process holds half of every weight, of the policy and of the frozen live
+    # reference alike; ZeRO-2: every weight whole.
     held = {
         2: {"layer": [64 * 64] * 2, "lm_head": [lm_head] * 2},
         3: {"layer": [2048, 4096], "lm_head": [lm_head // 2, lm_head]},
     }
-    assert report["shards"] == held[stage]
+    _assert_held_alike(report["shards"], held[stage])
     _assert_trains_like_one_process(report["full"], folder / "full", doubled_batch)
 
 

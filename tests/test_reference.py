@@ -1,5 +1,6 @@
 """Reference strategies give the same DPO numbers as an explicit frozen copy."""
 
+import contextlib
 import copy
 import math
 
@@ -11,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 import preftune.reference as reference_module
 from preftune.config import DataConfig
 from preftune.data import prepare_pairs
+from preftune.errors import ConfigError
 from preftune.layouts import collate_pairs
 from preftune.recipes.pairwise import train
 from preftune.reference import AdapterOffReference, ModelReference, ReferenceCacheError, choose_strategy
@@ -259,3 +261,55 @@ def test_a_cache_without_tails_is_refused_for_ld_dpo(tmp_path, tokenizer):
             tokenizer=tokenizer,
             train_data=RECORDS,
         )
+
+
+# --------------------------------------------------------------------------- sharded runs
+
+
+def _build(tmp_path, tokenizer, strategy, shard, policy=None):
+    pairs, _ = prepare_pairs(RECORDS, tokenizer, DataConfig(), progress=False)
+    return reference_module.build_reference(
+        quiet_config(str(tmp_path), f"reference.strategy={strategy}"),
+        True,
+        policy if policy is not None else tiny_llama(len(tokenizer), seed=5),
+        None,
+        pairs,
+        tokenizer.pad_token_id,
+        torch.device("cpu"),
+        contextlib.nullcontext,
+        True,
+        shard,
+    )
+
+
+def test_a_live_reference_is_scored_through_the_module_its_shard_function_returns(tmp_path, tokenizer):
+    """Under FSDP2 / ZeRO-3 that module is the sharded root; its forward gives the log-probs."""
+    given, calls = [], []
+
+    def shard(module):
+        given.append(module)
+
+        def counted(*args, **kwargs):
+            calls.append(kwargs)
+            return module(*args, **kwargs)
+
+        return counted
+
+    reference, strategy = _build(tmp_path, tokenizer, "copy", shard)
+    batch = _batch(tokenizer)
+    expected = ModelReference(tiny_llama(len(tokenizer), seed=5))
+    torch.testing.assert_close(reference.logps(batch), expected.logps(batch))
+    torch.testing.assert_close(reference.logps_and_tails(batch), expected.logps_and_tails(batch))
+    assert strategy == "copy" and len(given) == 1 and len(calls) == 2
+    assert not any(p.requires_grad for p in given[0].parameters())
+
+
+def test_the_precompute_reads_the_whole_model_and_never_shards_it(tmp_path, tokenizer):
+    reference, _ = _build(tmp_path, tokenizer, "precomputed", lambda module: pytest.fail("sharded"))
+    assert isinstance(reference, reference_module.PrecomputedReference)
+
+
+def test_a_lora_reference_is_refused_when_the_reference_would_be_sharded(tmp_path, tokenizer):
+    policy = get_peft_model(tiny_llama(len(tokenizer), seed=5), LoraConfig(r=4, target_modules="all-linear"))
+    with pytest.raises(ConfigError, match="cannot be sharded"):
+        _build(tmp_path, tokenizer, "copy", lambda module: module, policy=policy)

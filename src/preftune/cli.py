@@ -251,10 +251,12 @@ def _add_evaluation_commands(commands: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default", UserWarning)
+    from .distributed import close_process_group
     from .guard import StopRequested, tell_launcher
 
     try:
         args.run(args)
+        close_process_group()  # launched: every process finished; end the group before the exit
     except StopRequested as stop:  # a signal: the run saved a checkpoint and can be resumed
         print(f"preftune: {stop}", file=sys.stderr)
         return stop.exit_code

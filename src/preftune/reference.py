@@ -22,7 +22,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,14 +30,13 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import TokenizedPair
+from .distributed import on_main, process_group
 from .errors import ConfigError, ReferenceCacheError
 from .layouts import Batch, SequenceBatch
-from .logps import SequenceLogps, batch_logps
+from .logps import PolicyLogps, SequenceLogps
 from .packing import choose_layout, collate_for
 
 __all__ = ["Reference", "ReferenceCacheError", "build_reference"]
-
-_T = TypeVar("_T")
 
 
 class Reference(Protocol):
@@ -51,17 +50,23 @@ class Reference(Protocol):
 
 
 class _ModelLogps:
-    """A model's log-probs without gradients, inside ``model_context`` (what makes it the reference)."""
+    """A model's log-probs without gradients, inside ``model_context`` (what makes it the reference).
+
+    They are the forward of ``module`` (:class:`~preftune.logps.PolicyLogps` around ``model``):
+    when the reference is sharded (FSDP2, ZeRO-3) that module is the sharded root, whose call
+    gathers the embeddings and the lm_head the chunked head reads, as the policy's does.
+    """
 
     model: nn.Module
-    chunk_size: int | None
+    module: nn.Module
 
     def model_context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
     def _sequences(self, batch: Batch | SequenceBatch, tails: bool) -> SequenceLogps:
         with torch.no_grad(), self.model_context():
-            return batch_logps(self.model, batch, self.chunk_size, with_mean_logits=False, with_tails=tails)
+            sequences: SequenceLogps = self.module(batch, only_logps=not tails)
+            return sequences
 
     def logps(self, batch: Batch | SequenceBatch) -> Tensor:
         """Also of single sequences (KTO's examples and KL sequences), which only a live model scores."""
@@ -78,7 +83,7 @@ class ModelReference(_ModelLogps):
 
     def __init__(self, model: nn.Module, chunk_size: int | None = None, freeze: bool = True):
         self.model = model.eval().requires_grad_(False) if freeze else model
-        self.chunk_size = chunk_size
+        self.module = _logps_module(self.model, chunk_size)
 
 
 class AdapterOffReference(_ModelLogps):
@@ -86,10 +91,15 @@ class AdapterOffReference(_ModelLogps):
 
     def __init__(self, peft_model: nn.Module, chunk_size: int | None = None):
         self.model = peft_model
-        self.chunk_size = chunk_size
+        self.module = _logps_module(peft_model, chunk_size)
 
     def model_context(self) -> contextlib.AbstractContextManager[Any]:
         return self.model.disable_adapter()  # type: ignore[operator]
+
+
+def _logps_module(model: nn.Module, chunk_size: int | None) -> nn.Module:
+    """The log-probs, with the sums over LD-DPO's tails unless ``only_logps``; no logit means."""
+    return PolicyLogps(model, chunk_size, with_tails=True, with_mean_logits=False)
 
 
 class PrecomputedReference:
@@ -167,34 +177,6 @@ def precompute(
             for name, table in tables.items():
                 table[keys] = values[name]
     return tables
-
-
-def process_group() -> tuple[int, int]:
-    """(this process's rank, number of processes) of the launched group; (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def on_main(decide: Callable[[], _T]) -> _T:
-    """``decide()`` run by the main process alone; every process returns its result, or raises
-    its error (the others would otherwise wait for a main process that has failed)."""
-    rank, world = process_group()
-    if world == 1:
-        return decide()
-    outcome: Any = None
-    if rank == 0:
-        try:
-            outcome = ("value", decide())
-        except Exception as err:
-            torch.distributed.broadcast_object_list([("error", str(err))], src=0)
-            raise
-    box = [outcome]
-    torch.distributed.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise ReferenceCacheError(f"the main process failed: {value}")
-    return value
 
 
 def _param_digest(model: nn.Module, skip: str | None = None) -> str:
@@ -283,7 +265,7 @@ def load_or_precompute(
             return {name: cached[name] for name in TABLES if name in cached}
         return None
 
-    reused = on_main(cached_tables)
+    reused = on_main(cached_tables, ReferenceCacheError)
     if reused is not None:
         return PrecomputedReference(reused)
     tables = precompute(
@@ -299,7 +281,7 @@ def load_or_precompute(
             f"reference log-probs: computed for {len(pairs)} pairs ({layout} layout), cached in {cache_path}"
         )
 
-    on_main(write)  # the others wait for it, and stop with its error
+    on_main(write, ReferenceCacheError)  # the others wait for it, and stop with its error
     return PrecomputedReference(tables)
 
 
@@ -327,8 +309,13 @@ def build_reference(
     device: torch.device,
     autocast: Any,
     is_main: bool,
+    shard: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[Reference | None, str]:
-    """The reference the objective needs, per ``config.reference``; returns it and the strategy used."""
+    """The reference the objective needs, per ``config.reference``; returns it and the strategy used.
+
+    ``shard`` (FSDP2, ZeRO-3) places a live reference as the policy is placed: it takes the
+    module whose forward gives the log-probs and returns the one to call, each process holding
+    its shards; the whole model never goes to the device. Every call is then a collective."""
     from .models import is_peft, load_model
 
     chunk = config.train.logps_chunk_size
@@ -343,14 +330,23 @@ def build_reference(
     if source_model is None:
         # Precomputing reads the starting policy once; a live reference needs its own copy.
         source_model = policy if strategy == "precomputed" else frozen_copy(policy)
-    if not getattr(source_model, "is_loaded_in_4bit", False):  # bitsandbytes placed those already
+    live_shard = shard if strategy == "copy" else None  # precomputing reads the whole model, as before
+    if live_shard is not None and is_peft(source_model):
+        raise ConfigError(
+            "reference: a LoRA model (the policy's copy, or reference.path) cannot be sharded under FSDP2 "
+            "or DeepSpeed ZeRO-3 yet; use DDP (examples/accelerate/ddp.yaml), a merged reference.path, or "
+            "reference.strategy=precomputed"
+        )
+    if live_shard is None and not getattr(source_model, "is_loaded_in_4bit", False):  # bitsandbytes placed
         source_model.to(device)
-    source: Reference
+    source: AdapterOffReference | ModelReference
     if is_peft(source_model):
         source = AdapterOffReference(source_model, chunk)
     else:  # freezing the policy itself would stop its training
         source = ModelReference(source_model, chunk, freeze=source_model is not policy)
     if strategy == "copy":
+        if live_shard is not None:
+            source.module = live_shard(source.module)
         return source, strategy
     extra = {
         "dtype": str(next(source_model.parameters()).dtype),

@@ -261,8 +261,8 @@ class Harness:
                 final_dir = save_final(self.output_dir, model, tokenizer, text, weights)
                 self.say(f"saved {final_dir}")
         log.close()
-        # Every rank leaves together (the main one was saving). The process group stays up: it
-        # belongs to the launcher, and destroying it under a live DDP wrapper hangs gloo at exit.
+        # Every rank leaves together (the main one was saving). The group stays up (a script may
+        # train again); the command line ends it at its exit (distributed.close_process_group).
         self.accelerator.wait_for_everyone()
         return final_dir
 

@@ -27,10 +27,19 @@ finite, and updates, all in ``engine.step()``, which the harness calls where it 
 batch, accumulation and clipping entries of the DeepSpeed config; the accelerate config says
 only how to shard. The optimizer state is saved as DeepSpeed writes it, one file per process
 (resuming needs the same number of processes); the weights, gathered, as under FSDP2.
+
+A live reference (``reference.strategy=copy``, or ``reference.path``) is sharded like the
+policy when the policy's weights are (:func:`reference_placement`): under FSDP2 each
+transformer layer its own group plus the root, the module whose forward gives its log-probs;
+under ZeRO-3 an engine without an optimizer. It stays frozen and runs under ``no_grad``, and
+every call is a collective: each training micro-batch calls it as often on every process
+(a constant of the objective), evaluation equalizes its batches (:func:`eval_batches`). The
+precomputed reference reads the whole model once before training, unsharded, as before.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 from collections.abc import Callable
@@ -135,6 +144,64 @@ def _fill_deepspeed_config(accelerator: Accelerator, cfg: Any) -> None:
     # the object the learning-rate schedule steers) instead of DeepSpeed's compiled CPU Adam.
     config["zero_force_ds_cpu_optimizer"] = False
     config.setdefault("steps_per_print", 2**31 - 1)  # preftune logs the steps itself
+
+
+def reference_placement(accelerator: Accelerator) -> Callable[[nn.Module], nn.Module] | None:
+    """How a live reference is placed when the policy's weights are sharded: sharded the same
+    way (FSDP2, ZeRO-3), so that each process holds 4Ψ/N of an fp32 reference, not 4Ψ. None
+    (DDP, ZeRO-2): whole on every device. It takes the module whose forward gives the reference's
+    log-probs (frozen, under ``no_grad``) and returns the module to call."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return lambda module: _shard_frozen(accelerator, module)
+    if is_sharded(accelerator):
+        return lambda module: _zero3_frozen(accelerator, module)
+    return None
+
+
+def _shard_frozen(accelerator: Accelerator, module: nn.Module) -> nn.Module:
+    """FSDP2, as the policy: each transformer layer its own group, then ``module``, the root whose
+    call gathers the embeddings and lm_head; the policy's mesh, precision and offload settings.
+    Every group is resharded after its forward: no backward will need the gathered weights."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    model = module.get_submodule("model")  # the transformers model inside
+    layers = set(plugin.transformer_cls_names_to_wrap or getattr(model, "_no_split_modules", None) or ())
+    mesh = accelerator.torch_device_mesh
+    options: dict[str, Any] = {
+        "mesh": None if mesh is None else mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)],
+        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        "offload_policy": plugin.cpu_offload,
+        "reshard_after_forward": True,
+    }
+    for layer in model.modules():
+        if type(layer).__name__ in layers:
+            fully_shard(layer, **options)
+    fully_shard(module, **options)  # the frozen weights move to the mesh's device, shard by shard
+    return module
+
+
+def _zero3_frozen(accelerator: Accelerator, module: nn.Module) -> nn.Module:
+    """ZeRO-3: an engine without an optimizer, which partitions the weights as the policy's are
+    and gathers each layer's for its forward; the engine is the module to call. DeepSpeed moves
+    the whole model to the device before partitioning it (as it does the policy)."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config.pop("optimizer", None)  # no step: nothing to optimize, schedule or offload
+    config.pop("scheduler", None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    # Never stepped; DeepSpeed only checks that these entries agree with each other.
+    config.update(
+        train_micro_batch_size_per_gpu=1,
+        gradient_accumulation_steps=1,
+        train_batch_size=accelerator.num_processes,
+        gradient_clipping=0.0,
+    )
+    config.setdefault("steps_per_print", 2**31 - 1)
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    return engine  # type: ignore[no-any-return]
 
 
 def eval_batches(accelerator: Accelerator, examples: int, shard: int, batch_size: int) -> int:

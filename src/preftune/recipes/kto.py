@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data import TokenizedUnpaired, prepare_unpaired
 from ..data.unpaired import balance_warning
-from ..engine import Harness, LossFn, Task, TrainResult
+from ..engine import Harness, LossFn, Task, TrainResult, sharding
 from ..errors import ConfigError
 from ..layouts import UnpairedBatch, collate_unpaired
 from ..logps import PolicyLogps, SequenceLogps
@@ -143,6 +143,9 @@ def train_kto(
     harness.claim_output_dir()
 
     model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
+    # Resuming must start from the same weights, or a live reference would silently differ
+    # (taken before a sharded reference holds only its shards).
+    start_digest = weights_digest(model, reference_model)
     accelerator = harness.accelerator
     reference, strategy = build_reference(
         config,
@@ -154,6 +157,7 @@ def train_kto(
         harness.device,
         accelerator.autocast,
         harness.is_main,
+        sharding.reference_placement(accelerator),
     )
     assert isinstance(reference, ModelReference | AdapterOffReference)
     harness.say(
@@ -189,8 +193,7 @@ def train_kto(
         model,
         tokenizer,
         task,
-        # Resuming must start from the same weights, or the live reference would silently differ.
-        start_digest=weights_digest(model, reference_model),
+        start_digest=start_digest,
         card={
             "kind": "kto",
             "objective": objective.name,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RunConfig
-from ..engine import Harness, LossFn, Task, TrainResult
+from ..engine import Harness, LossFn, Task, TrainResult, sharding
 from ..errors import ConfigError
 from ..layouts import Batch
 from ..logps import PolicyLogps, SequenceLogps
@@ -132,6 +132,9 @@ def train(
     harness.claim_output_dir()
 
     model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
+    # Resuming must start from the same weights, or a live reference would silently differ
+    # (taken before a sharded reference holds only its shards).
+    start_digest = weights_digest(model, reference_model)
     reference, strategy = build_reference(
         config,
         objective.needs_reference,
@@ -142,6 +145,7 @@ def train(
         harness.device,
         harness.accelerator.autocast,
         harness.is_main,
+        sharding.reference_placement(harness.accelerator),
     )
     named = "+".join(config.objective.loss)
     shown = named if named == objective.name else f"{named} ({objective.name})"  # `dpo` is `sigmoid`
@@ -166,8 +170,7 @@ def train(
         model,
         tokenizer,
         task,
-        # Resuming must start from the same weights, or a live reference would silently differ.
-        start_digest=weights_digest(model, reference_model),
+        start_digest=start_digest,
         card={
             "kind": "dpo-family",
             "objective": objective.name,
