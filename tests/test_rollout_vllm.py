@@ -15,8 +15,8 @@ import torch
 from preftune.config import load_config
 from preftune.config_rl import RolloutConfig
 from preftune.errors import ConfigError
-from preftune.rollout import Completion, TransformersRollout, rollout_factory
-from preftune.rollout_vllm import _completion
+from preftune.rollout import Completion, TransformersRollout
+from preftune.rollout_vllm import _completion, rollout_factory
 from preftune.synthetic import tiny_llama
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

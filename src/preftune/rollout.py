@@ -11,7 +11,7 @@ completion's ids are what training reads back, so nothing is lost in a decode/en
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +19,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .config_rl import RolloutConfig
-from .errors import ConfigError
 
 
 @dataclass
@@ -126,34 +125,3 @@ class TransformersRollout:
             model.generation_config = saved
             model.train(was_training)
         return out
-
-
-def check_engine(params: RolloutConfig) -> None:
-    """Refuse a ``rollout.engine`` that cannot run here, before a run loads or writes anything."""
-    if params.engine == "vllm":
-        from .rollout_vllm import check_vllm_available
-
-        check_vllm_available()
-
-
-def rollout_factory(
-    params: RolloutConfig, model_name: str, pad_token_id: int, stop_ids: Sequence[int], progress: bool = False
-) -> Callable[[Any], Rollout]:
-    """The run's sampler for a policy, per ``rollout.engine``: ``model.generate`` on the policy
-    itself, or one vLLM engine for the whole run (built at the first call) that copies the
-    policy's weights in before each rollout."""
-    if params.engine == "transformers":
-        return lambda policy: TransformersRollout(policy, pad_token_id, stop_ids, progress)
-    from .rollout_vllm import VLLMEngine
-
-    check_engine(params)
-    if not model_name:
-        raise ConfigError("rollout.engine: vllm builds its engine from model.name_or_path, which is empty")
-    engines: list[VLLMEngine] = []
-
-    def on_vllm(policy: Any) -> Rollout:
-        if not engines:
-            engines.append(VLLMEngine(model_name, params, next(policy.parameters()).dtype, progress=progress))
-        return engines[0].rollout_for(policy, stop_ids)
-
-    return on_vllm

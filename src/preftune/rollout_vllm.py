@@ -1,5 +1,6 @@
-"""Rollouts on vLLM (a CUDA GPU and ``pip install vllm``): the :class:`~preftune.rollout.Rollout`
-interface again, so online DPO and PPO sample on vLLM by setting ``rollout.engine: vllm``.
+"""The choice of rollout engine (``rollout.engine``), and rollouts on vLLM (a CUDA GPU and
+``pip install vllm``): the :class:`~preftune.rollout.Rollout` interface again, so online DPO and
+PPO sample on vLLM by setting ``rollout.engine: vllm``.
 
 One ``vllm.LLM`` lives in the training process, on the training GPU (colocated), built once from
 the starting model's folder or hub name. Before every ``generate`` the current policy's weights
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from .config_rl import RolloutConfig
 from .errors import ConfigError
-from .rollout import Completion, cut_at_stop
+from .rollout import Completion, Rollout, TransformersRollout, cut_at_stop
 
 
 def check_vllm_available() -> None:
@@ -157,3 +158,30 @@ def _completion(output: Any, stop: set[int]) -> Completion:
         stop_token = int(reason) if isinstance(reason, int) else min(stop, default=None)
         completion = Completion([*completion.ids, *([] if stop_token is None else [stop_token])], True)
     return completion
+
+
+def check_engine(params: RolloutConfig) -> None:
+    """Refuse a ``rollout.engine`` that cannot run here, before a run loads or writes anything."""
+    if params.engine == "vllm":
+        check_vllm_available()
+
+
+def rollout_factory(
+    params: RolloutConfig, model_name: str, pad_token_id: int, stop_ids: Sequence[int], progress: bool = False
+) -> Callable[[Any], Rollout]:
+    """The run's sampler for a policy, per ``rollout.engine``: ``model.generate`` on the policy
+    itself, or one vLLM engine for the whole run (built at the first call) that copies the
+    policy's weights in before each rollout."""
+    if params.engine == "transformers":
+        return lambda policy: TransformersRollout(policy, pad_token_id, stop_ids, progress)
+    check_engine(params)
+    if not model_name:
+        raise ConfigError("rollout.engine: vllm builds its engine from model.name_or_path, which is empty")
+    engines: list[VLLMEngine] = []
+
+    def on_vllm(policy: Any) -> Rollout:
+        if not engines:
+            engines.append(VLLMEngine(model_name, params, next(policy.parameters()).dtype, progress=progress))
+        return engines[0].rollout_for(policy, stop_ids)
+
+    return on_vllm

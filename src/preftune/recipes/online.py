@@ -38,7 +38,8 @@ from ..data.prompts import Prompt, read_prompts
 from ..errors import ConfigError
 from ..models import load_model
 from ..pair_rules import build_pairs
-from ..rollout import Rollout, check_engine, eos_ids, rollout_factory
+from ..rollout import Rollout, eos_ids
+from ..rollout_vllm import check_engine, rollout_factory
 from ..sampling import as_completion, sample_stats, score_samples
 from ..scoring import Scorer, load_scorer
 from .common import tokenizer_for

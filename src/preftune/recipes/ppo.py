@@ -54,7 +54,8 @@ from ..losses.ppo import KLController, policy_loss, value_loss
 from ..models import load_model, prepare_for_training
 from ..reference import weights_digest
 from ..reward_model import token_values
-from ..rollout import Rollout, check_engine, eos_ids, rollout_factory
+from ..rollout import Rollout, eos_ids
+from ..rollout_vllm import check_engine, rollout_factory
 from ..scoring import Scorer, load_scorer
 from ..tracking import MetricsLog, check_trackers, console_line
 from .common import tokenizer_for
