@@ -149,7 +149,7 @@ def case_lengths(case: str, count: int, seed: int) -> list[tuple[int, int, int]]
 def synthetic_records(tokenizer, lengths: list[tuple[int, int, int]], seed: int) -> list[dict[str, str]]:
     """Records whose prompt tokenizes (with BOS) and whose completions tokenize (with the EOS both
     trainers append) to exactly the lengths given: words the tokenizer keeps as one token."""
-    from preftune.synthetic import NEGATIVE, POSITIVE, TOPICS
+    from preftune.experiments.synthetic import NEGATIVE, POSITIVE, TOPICS
 
     words = [
         w

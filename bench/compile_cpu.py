@@ -34,9 +34,9 @@ def main() -> None:
 
     from preftune.config import DataConfig
     from preftune.data import prepare_pairs
-    from preftune.logps import batch_logps
-    from preftune.packing import collate_for
-    from preftune.synthetic import build_tokenizer
+    from preftune.data.packing import collate_for
+    from preftune.experiments.synthetic import build_tokenizer
+    from preftune.model.logps import batch_logps
 
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(vocab_size=512)

@@ -33,9 +33,9 @@ def main() -> None:
 
     from preftune.config import DataConfig
     from preftune.data import prepare_pairs
-    from preftune.reference import ModelReference, precompute
-    from preftune.set_logps import pair_logps
-    from preftune.synthetic import build_tokenizer
+    from preftune.experiments.synthetic import build_tokenizer
+    from preftune.model.reference import ModelReference, precompute
+    from preftune.model.set_logps import pair_logps
 
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(vocab_size=512)

@@ -6,7 +6,7 @@ process so that peak RSS is not shared:
 * ``plain``    — ``model(...).logits`` then ``log_softmax`` and a gather: the textbook way
                  (and TRL 0.x's); the ``[rows, T, vocab]`` logits and log-softmax exist whole.
 * ``trl``      — TRL 1.16's fused LM head (``add_fused_lm_head``), the peer we match.
-* ``preftune`` — ``preftune.logps.sequence_logps``: only completion positions reach the
+* ``preftune`` — ``preftune.model.logps.sequence_logps``: only completion positions reach the
                  lm_head, in checkpointed chunks.
 
     .venv/bin/python bench/logps_memory.py            # Qwen2.5-like vocabulary (151,936)
@@ -29,8 +29,8 @@ from common import peak_mib, rss_mib
 
 
 def run_variant(args: argparse.Namespace) -> dict[str, float]:
-    from preftune.logps import full_logits_sequence_logps, sequence_logps
-    from preftune.synthetic import tiny_llama
+    from preftune.experiments.synthetic import tiny_llama
+    from preftune.model.logps import full_logits_sequence_logps, sequence_logps
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

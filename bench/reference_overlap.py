@@ -43,10 +43,10 @@ def main() -> None:
 
     from preftune.config import DataConfig
     from preftune.data import prepare_pairs
-    from preftune.logps import PolicyLogps
-    from preftune.packing import collate_for
-    from preftune.reference import ModelReference
-    from preftune.synthetic import build_tokenizer
+    from preftune.data.packing import collate_for
+    from preftune.experiments.synthetic import build_tokenizer
+    from preftune.model.logps import PolicyLogps
+    from preftune.model.reference import ModelReference
 
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(vocab_size=512)

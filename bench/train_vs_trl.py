@@ -94,7 +94,7 @@ def _trl_trainer(args: argparse.Namespace, model, tokenizer, records, out: str, 
 
 
 def _preftune_train(args: argparse.Namespace, model, tokenizer, records, out: str, on_step):
-    import preftune.recipes.pairwise as pairwise
+    import preftune.recipes.dpo as pairwise
     from preftune.config import load_config
 
     objective = (
@@ -132,7 +132,7 @@ def _preftune_train(args: argparse.Namespace, model, tokenizer, records, out: st
 def run_side(args: argparse.Namespace) -> dict:
     """One process, one side, one configuration: per-step seconds, extra peak memory, losses, and
     this machine's GEMM rate measured just before (so a busy machine lowers both alike)."""
-    from preftune.synthetic import build_tokenizer
+    from preftune.experiments.synthetic import build_tokenizer
 
     torch.set_num_threads(args.threads)
     gemm = gemm_limit_gflops()

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from preftune.synthetic import build_tokenizer
+from preftune.experiments.synthetic import build_tokenizer
 
 # The test models are tiny: a second intra-op thread gains nothing on them, and on a busy machine
 # threads waiting for each other made runs many times slower. Launched subprocesses (torchrun,

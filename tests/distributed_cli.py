@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-import preftune.recipes.pairwise as pairwise
+import preftune.recipes.dpo as pairwise
 from preftune.cli import main
 
 model_dir, data, output_dir = sys.argv[1:4]

@@ -23,8 +23,8 @@ from helpers import quiet_config, sentiment_records
 
 import preftune.engine.harness as harness_module
 from preftune.distributed import close_process_group
-from preftune.recipes.pairwise import train
-from preftune.synthetic import build_tokenizer, tiny_llama
+from preftune.experiments.synthetic import build_tokenizer, tiny_llama
+from preftune.recipes.dpo import train
 
 accelerate_accelerator = harness_module.Accelerator
 deepspeed.comm.torch.build_shm_op = lambda: None

@@ -21,10 +21,10 @@ from torch.distributed.tensor import DTensor
 
 import preftune.engine.harness as harness_module
 from preftune.distributed import close_process_group
-from preftune.recipes.pairwise import train
+from preftune.experiments.synthetic import build_tokenizer, tiny_llama, tiny_reward_model
+from preftune.recipes.dpo import train
 from preftune.recipes.reward import train_reward_model
 from preftune.recipes.sft import train_sft
-from preftune.synthetic import build_tokenizer, tiny_llama, tiny_reward_model
 
 accelerate_accelerator = harness_module.Accelerator
 

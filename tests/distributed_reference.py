@@ -11,8 +11,8 @@ from helpers import sentiment_records
 
 from preftune.config import DataConfig
 from preftune.data import prepare_pairs
-from preftune.reference import ModelReference, ReferenceCacheError, load_or_precompute
-from preftune.synthetic import build_tokenizer, tiny_llama
+from preftune.experiments.synthetic import build_tokenizer, tiny_llama
+from preftune.model.reference import ModelReference, ReferenceCacheError, load_or_precompute
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -12,8 +12,8 @@ import sys
 from helpers import quiet_config, sentiment_records, unpaired_records
 
 from preftune.distributed import close_process_group
-from preftune.recipes.pairwise import train
-from preftune.synthetic import build_tokenizer, tiny_llama
+from preftune.experiments.synthetic import build_tokenizer, tiny_llama
+from preftune.recipes.dpo import train
 
 output_dir, batch_size = sys.argv[1], int(sys.argv[2])
 kto = sys.argv[3:] == ["kto"]

@@ -15,8 +15,8 @@ from transformers import (
 )
 
 from preftune.config import ObjectiveConfig, RunConfig, load_config
+from preftune.experiments.synthetic import SentimentTask
 from preftune.losses import Objective, PairStats, build_objective
-from preftune.synthetic import SentimentTask
 
 # What TRL's DPOTrainer logs every step, and what preftune must log under the same names.
 TRL_METRICS = (

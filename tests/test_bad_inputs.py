@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from preftune.cli import main
-from preftune.synthetic import build_tokenizer, tiny_llama
+from preftune.experiments.synthetic import build_tokenizer, tiny_llama
 
 GOOD = {"prompt": "review of the park:", "chosen": " great calm", "rejected": " dull"}
 MESSAGES = {

@@ -7,9 +7,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from preftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_final
-from preftune.models import is_peft
-from preftune.synthetic import tiny_llama
+from preftune.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_final
+from preftune.experiments.synthetic import tiny_llama
+from preftune.model.load import is_peft
 
 
 def _optimizer(model):

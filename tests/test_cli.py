@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import preftune.recipes.pairwise
+import preftune.recipes.dpo
 from preftune.cli import main
-from preftune.synthetic import NEGATIVE, POSITIVE, TOPICS, tiny_llama
+from preftune.experiments.synthetic import NEGATIVE, POSITIVE, TOPICS, tiny_llama
 
 TRL_METRICS = {*helpers.TRL_METRICS, *helpers.THROUGHPUT_METRICS}
 QUIET = ["--set", "train.progress=false", "--set", "train.report_to=none"]
@@ -280,7 +280,7 @@ def test_interrupt_exits_130_and_suggests_resume(model_dir, pairs_file, tmp_path
     def interrupted(config, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(preftune.recipes.pairwise, "train", interrupted)
+    monkeypatch.setattr(preftune.recipes.dpo, "train", interrupted)
     assert main(train_argv(model_dir, pairs_file, tmp_path / "out")) == 130
     assert "--resume" in capsys.readouterr().err
 
@@ -375,6 +375,6 @@ def test_python_dash_m_runs_the_command_line():
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "preftune.cli", "losses"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "preftune", "losses"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "sigmoid" in done.stdout

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from preftune.config import ConfigError, load_config
+from preftune.experiments.synthetic import CHAT_TEMPLATE
 from preftune.losses import build_objective
-from preftune.synthetic import CHAT_TEMPLATE
 
 
 def write_yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -314,8 +314,8 @@ def test_config_file_that_is_not_a_mapping_is_refused(tmp_path):
 
 
 def test_chat_template_given_as_a_file_path_is_applied_to_the_tokenizer(tmp_path):
-    from preftune.models import prepare_tokenizer
-    from preftune.synthetic import build_tokenizer
+    from preftune.experiments.synthetic import build_tokenizer
+    from preftune.model.load import prepare_tokenizer
 
     template = tmp_path / "chat.jinja"
     template.write_text(CHAT_TEMPLATE, encoding="utf-8")
@@ -334,7 +334,7 @@ def test_chat_template_path_that_does_not_exist_is_refused(tmp_path):
 
 def test_a_config_built_in_python_is_validated_like_one_read_from_yaml(tmp_path, tokenizer):
     from preftune.config import RunConfig, TrainConfig
-    from preftune.recipes.pairwise import train
+    from preftune.recipes.dpo import train
 
     config = RunConfig(train=TrainConfig(output_dir=str(tmp_path / "run"), learning_rate=-1.0))
     with pytest.raises(ConfigError, match=r"^train.learning_rate: must be > 0"):
@@ -377,8 +377,8 @@ def test_yaml_bare_no_is_read_as_the_word_where_a_choice_expects_it(tmp_path):
 
 
 def test_every_key_of_every_section_has_its_help_line_wherever_the_section_is_defined():
-    from preftune.coerce import describe
     from preftune.config import RunConfig
+    from preftune.config.coerce import describe
 
     rows = describe(RunConfig)
     assert {key.split(".")[0] for key, *_ in rows} >= {"train", "rollout", "online", "ppo"}

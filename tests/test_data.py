@@ -18,7 +18,7 @@ import pytest
 
 from preftune.config import DataConfig
 from preftune.data import DataError, prepare_pairs, split_implicit_prompt
-from preftune.synthetic import build_tokenizer
+from preftune.experiments.synthetic import build_tokenizer
 
 PROMPT = "Question: what colour is the sky? Answer:"
 CHOSEN = " it is blue."

@@ -18,7 +18,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 
 from preftune.config import DataConfig  # noqa: E402
 from preftune.data import prepare_pairs  # noqa: E402
-from preftune.layouts import collate_pairs  # noqa: E402
+from preftune.data.layouts import collate_pairs  # noqa: E402
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 USER = {"role": "user", "content": "What colour is the sky?"}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from preftune.demo import run_demo
+from preftune.experiments.demo import run_demo
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,11 @@ from preftune.config import DataConfig
 from preftune.data import prepare_pairs
 from preftune.engine.sharding import check_distributed
 from preftune.errors import ConfigError
-from preftune.recipes.pairwise import train
+from preftune.experiments.synthetic import tiny_llama, tiny_reward_model
+from preftune.model.reference import ModelReference, precompute
+from preftune.recipes.dpo import train
 from preftune.recipes.reward import train_reward_model
 from preftune.recipes.sft import train_sft
-from preftune.reference import ModelReference, precompute
-from preftune.synthetic import tiny_llama, tiny_reward_model
 
 HERE = Path(__file__).parent
 EXAMPLES = HERE.parent / "examples" / "accelerate"

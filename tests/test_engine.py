@@ -9,10 +9,10 @@ from helpers import quiet_config, sentiment_records
 
 from preftune.config import ConfigError, DataConfig
 from preftune.data import prepare_pairs
-from preftune.layouts import collate_pairs, tail_of
-from preftune.logps import batch_logps
-from preftune.recipes.pairwise import pair_stats, train
-from preftune.synthetic import tiny_llama
+from preftune.data.layouts import collate_pairs, tail_of
+from preftune.experiments.synthetic import tiny_llama
+from preftune.model.logps import batch_logps
+from preftune.recipes.dpo import pair_stats, train
 
 RECORDS = sentiment_records(16, seed=5)
 

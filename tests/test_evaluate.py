@@ -13,13 +13,13 @@ import torch
 from preftune.cli import main
 from preftune.config import DataConfig
 from preftune.data import TokenizedPair, prepare_pairs
+from preftune.data.layouts import collate_pairs
 from preftune.errors import DataError
-from preftune.eval_report import format_table
-from preftune.evaluate import EvalSet, evaluate, load_sets, parse_data_specs, set_report
-from preftune.layouts import collate_pairs
-from preftune.logps import batch_logps
-from preftune.set_logps import PairLogps, pair_logps
-from preftune.synthetic import build_tokenizer, tiny_llama
+from preftune.evaluation.evaluate import EvalSet, evaluate, load_sets, parse_data_specs, set_report
+from preftune.evaluation.report import format_table
+from preftune.experiments.synthetic import build_tokenizer, tiny_llama
+from preftune.model.logps import batch_logps
+from preftune.model.set_logps import PairLogps, pair_logps
 
 REQUIRED = {
     "dpo_rm_accuracy",
@@ -241,11 +241,11 @@ def test_eval_of_a_policy_against_itself_has_no_drift_and_no_kl(folders, tmp_pat
 
 @pytest.mark.parametrize(("setting", "layout"), [((), "packed"), (("--set", "data.layout=padded"), "padded")])
 def test_eval_batches_pairs_in_the_configs_layout(folders, tmp_path, capsys, monkeypatch, setting, layout):
-    import preftune.packing
+    import preftune.model.set_logps
 
-    used, original = [], preftune.packing.collate_for
+    used, original = [], preftune.model.set_logps.collate_for
     monkeypatch.setattr(
-        preftune.packing, "collate_for", lambda name, *a: used.append(name) or original(name, *a)
+        preftune.model.set_logps, "collate_for", lambda name, *a: used.append(name) or original(name, *a)
     )
     argv = ["eval", "--policy", str(folders / "policy"), "--reference", str(folders / "reference")]
     code, _, _ = run(

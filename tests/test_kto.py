@@ -14,15 +14,15 @@ from helpers import quiet_config, sentiment_records, unpaired_records
 import preftune.data.unpaired as unpaired_data
 from preftune.config import DataConfig, ObjectiveConfig, load_config
 from preftune.data import DataError, prepare_unpaired
+from preftune.data.layouts import collate_unpaired, kl_partners
 from preftune.data.unpaired import balance_warning
 from preftune.errors import ConfigError
-from preftune.layouts import collate_unpaired, kl_partners
-from preftune.logps import PolicyLogps
+from preftune.experiments.synthetic import tiny_llama
 from preftune.losses import build_objective, build_unpaired_objective
+from preftune.model.logps import PolicyLogps
+from preftune.model.reference import ModelReference
+from preftune.recipes.dpo import train
 from preftune.recipes.kto import unpaired_loss
-from preftune.recipes.pairwise import train
-from preftune.reference import ModelReference
-from preftune.synthetic import tiny_llama
 
 NO_LIMIT = DataConfig(max_length=None)
 

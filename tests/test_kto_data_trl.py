@@ -22,7 +22,7 @@ from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference  # noqa: E
 
 from preftune.config import DataConfig  # noqa: E402
 from preftune.data import prepare_unpaired  # noqa: E402
-from preftune.layouts import SequenceBatch, collate_unpaired  # noqa: E402
+from preftune.data.layouts import SequenceBatch, collate_unpaired  # noqa: E402
 
 USER = {"role": "user", "content": "What colour is the sky?"}
 UNPAIRED_TEXT = [

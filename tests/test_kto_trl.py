@@ -13,8 +13,8 @@ import pytest
 from datasets import Dataset
 from helpers import quiet_config, sentiment_records, unpaired_records
 
-from preftune.recipes.pairwise import train
-from preftune.synthetic import tiny_llama
+from preftune.experiments.synthetic import tiny_llama
+from preftune.recipes.dpo import train
 
 trl = pytest.importorskip("trl")
 

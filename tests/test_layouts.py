@@ -5,14 +5,14 @@ import torch
 from helpers import quiet_config, sentiment_records, tiny_gpt2, tiny_qwen2
 from peft import LoraConfig, get_peft_model
 
-from preftune.attention import allowed_pairs
 from preftune.config import ConfigError, DataConfig, load_config
 from preftune.data import TokenizedPair, prepare_pairs
-from preftune.layouts import collate_pairs
-from preftune.logps import batch_logps
-from preftune.packing import choose_layout, collate_packed, collate_prefix_shared, first_fit
-from preftune.recipes.pairwise import train
-from preftune.synthetic import tiny_llama
+from preftune.data.layouts import collate_pairs
+from preftune.data.packing import collate_packed, collate_prefix_shared, first_fit
+from preftune.experiments.synthetic import tiny_llama
+from preftune.model.attention import allowed_pairs, choose_layout
+from preftune.model.logps import batch_logps
+from preftune.recipes.dpo import train
 
 RECORDS = [
     {"prompt": "review of the park:", "chosen": " great calm", "rejected": " dull"},

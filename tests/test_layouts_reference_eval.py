@@ -7,14 +7,14 @@ import pytest
 import torch
 from helpers import quiet_config, sentiment_records, tiny_qwen2
 
-import preftune.packing
+import preftune.model.set_logps
 from preftune.cli import main
 from preftune.config import DataConfig
 from preftune.data import TokenizedPair, prepare_pairs
-from preftune.recipes.pairwise import train
-from preftune.reference import ModelReference, precompute
-from preftune.set_logps import pair_logps
-from preftune.synthetic import tiny_llama
+from preftune.experiments.synthetic import tiny_llama
+from preftune.model.reference import ModelReference, precompute
+from preftune.model.set_logps import pair_logps
+from preftune.recipes.dpo import train
 
 # Prompts of different lengths, and one without a prompt: shared rows differ from padded ones.
 RECORDS = [
@@ -36,13 +36,13 @@ def _pairs(tokenizer):
 def _layouts_used(monkeypatch):
     """The layouts that collate functions are asked for from now on."""
     used = []
-    original = preftune.packing.collate_for
+    original = preftune.model.set_logps.collate_for
 
     def spy(layout, *args, **kwargs):
         used.append(layout)
         return original(layout, *args, **kwargs)
 
-    monkeypatch.setattr(preftune.packing, "collate_for", spy)
+    monkeypatch.setattr(preftune.model.set_logps, "collate_for", spy)
     return used
 
 

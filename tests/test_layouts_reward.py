@@ -7,11 +7,12 @@ from helpers import quiet_config, sentiment_records, tiny_qwen2_reward_model
 
 from preftune.config import DataConfig
 from preftune.data import TokenizedPair, prepare_pairs
-from preftune.layouts import collate_pairs
-from preftune.packing import choose_layout, collate_packed, collate_prefix_shared
+from preftune.data.layouts import collate_pairs
+from preftune.data.packing import collate_packed, collate_prefix_shared
+from preftune.experiments.synthetic import tiny_reward_model
+from preftune.model.attention import choose_layout
+from preftune.model.reward_head import RewardModule
 from preftune.recipes.reward import train_reward_model
-from preftune.reward_model import RewardModule
-from preftune.synthetic import tiny_reward_model
 
 RECORDS = [
     {"prompt": "review of the park:", "chosen": " great calm", "rejected": " dull"},
@@ -98,7 +99,7 @@ def _train(tmp_path, tokenizer, name, *overrides, model=None):
     return result.history
 
 
-@pytest.mark.parametrize("centering", [(), ("reward.center_rewards_coefficient=0.01",)])
+@pytest.mark.parametrize("centering", [(), ("rm.center_rewards_coefficient=0.01",)])
 def test_reward_training_logs_the_padded_layouts_losses_and_metrics(tmp_path, tokenizer, centering):
     padded = _train(tmp_path, tokenizer, "padded", "data.layout=padded", *centering)
     assert any("eval_loss" in row for row in padded)

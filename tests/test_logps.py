@@ -4,9 +4,9 @@ import torch
 
 from preftune.config import DataConfig
 from preftune.data import TokenizedPair, prepare_pairs
-from preftune.layouts import collate_pairs, tail_of
-from preftune.logps import batch_logps, full_logits_sequence_logps, label_logps
-from preftune.synthetic import tiny_llama
+from preftune.data.layouts import collate_pairs, tail_of
+from preftune.experiments.synthetic import tiny_llama
+from preftune.model.logps import batch_logps, full_logits_sequence_logps, label_logps
 
 RECORDS = [
     {"prompt": "review of the park:", "chosen": " great calm", "rejected": " dull"},

@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import DTYPE, neg_logsigmoid, objective, sigma, stats_of
 
+from preftune.evaluation.metrics import reward_metrics
 from preftune.losses import PairStats
-from preftune.metrics import reward_metrics
 
 # --------------------------------------------------------------------------- DPOP
 

@@ -20,8 +20,8 @@ import torch
 from trl_fakes import FakeModel, trl_compute_loss
 
 from preftune.config import ObjectiveConfig
+from preftune.evaluation.metrics import reward_metrics
 from preftune.losses import PairStats, build_objective
-from preftune.metrics import reward_metrics
 
 DTYPE = torch.float64
 ATOL = 1e-6

@@ -4,8 +4,8 @@ Both read more than per-sequence sums: LD-DPO splits each completion at the shor
 length, WPO needs each token's ``log Σ_v p(v)²``. Random per-token log-probs (policy and
 reference) and ``log Σ p²`` values go two ways:
 
-* preftune: a real padded :class:`~preftune.layouts.Batch` (its ``label_tail``), the reduction the
-  chunked path ends with (:func:`~preftune.logps.sequence_sums`), ``pair_stats`` of the recipe
+* preftune: a real padded :class:`~preftune.data.layouts.Batch` (its ``label_tail``), the reduction the
+  chunked path ends with (:func:`~preftune.model.logps.sequence_sums`), ``pair_stats`` of the recipe
   and the objective;
 * TRL: the same values on its shifted ``[rows, T − 1]`` grid, from a fake policy and a fake live
   reference (so TRL splits the reference's tokens itself), one pair per call.
@@ -19,10 +19,10 @@ from trl_fakes import FakeModel, trl_compute_loss
 
 from preftune.config import ObjectiveConfig
 from preftune.data import TokenizedPair
-from preftune.layouts import Batch, collate_pairs
-from preftune.logps import sequence_sums
+from preftune.data.layouts import Batch, collate_pairs
 from preftune.losses import build_objective
-from preftune.recipes.pairwise import pair_stats
+from preftune.model.logps import sequence_sums
+from preftune.recipes.dpo import pair_stats
 
 DTYPE = torch.float64
 ATOL = 1e-6

@@ -1,10 +1,9 @@
-"""preftune.metrics on hand-built pairs: implicit-reward accuracy, likelihood drift, ranking."""
+"""preftune.evaluation.metrics on hand-built pairs: implicit-reward accuracy, likelihood drift, ranking."""
 
 import pytest
 import torch
 
-from preftune.losses import PairStats
-from preftune.metrics import (
+from preftune.evaluation.metrics import (
     bucket_label,
     drift,
     edit_bucket,
@@ -15,6 +14,7 @@ from preftune.metrics import (
     preference_metrics,
     ranking,
 )
+from preftune.losses import PairStats
 
 
 def stats(pi_w, pi_l, n_w, n_l, rho_w=None, rho_l=None):

@@ -4,7 +4,7 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from preftune.config import ModelConfig
-from preftune.models import prepare_for_training
+from preftune.model.load import prepare_for_training
 
 
 def test_every_dropout_is_zeroed_and_the_saved_config_keeps_its_rates():
@@ -28,7 +28,7 @@ def test_every_dropout_is_zeroed_and_the_saved_config_keeps_its_rates():
 def test_a_tokenizer_without_pad_token_pads_with_eos(tokenizer):
     import copy
 
-    from preftune.models import prepare_tokenizer
+    from preftune.model.load import prepare_tokenizer
 
     no_pad = copy.deepcopy(tokenizer)
     no_pad.pad_token = None
@@ -37,7 +37,7 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tokenizer):
 
 
 def test_gradient_checkpointing_is_switched_on_in_the_decoder(tokenizer):
-    from preftune.synthetic import tiny_llama
+    from preftune.experiments.synthetic import tiny_llama
 
     model = prepare_for_training(tiny_llama(len(tokenizer)), ModelConfig(gradient_checkpointing=True))
     assert model.model.gradient_checkpointing is True
@@ -47,7 +47,7 @@ def test_an_uncached_hub_name_with_no_network_fails_at_once_in_one_line(monkeypa
     """No real connection is made: the cache lookup and the connection attempt are stubbed."""
     import huggingface_hub
 
-    import preftune.models as models
+    import preftune.model.load as models
     from preftune.errors import ModelLoadError
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
@@ -68,8 +68,8 @@ def test_an_uncached_hub_name_with_no_network_fails_at_once_in_one_line(monkeypa
 
 
 def test_a_local_folder_never_asks_the_hub(tmp_path, monkeypatch):
-    import preftune.models as models
-    from preftune.synthetic import build_tokenizer
+    import preftune.model.load as models
+    from preftune.experiments.synthetic import build_tokenizer
 
     build_tokenizer().save_pretrained(tmp_path)
     monkeypatch.setattr(models.socket, "create_connection", lambda *a, **k: pytest.fail("asked the hub"))

@@ -10,13 +10,13 @@ import torch
 from helpers import quiet_config
 
 from preftune.config import load_config
-from preftune.config_rl import RolloutConfig
+from preftune.config.rl import RolloutConfig
 from preftune.data.prompts import Prompt
 from preftune.errors import ConfigError, DataError
-from preftune.pair_rules import build_pairs
+from preftune.experiments.synthetic import SentimentTask, tiny_llama
+from preftune.generation.pair_rules import build_pairs
+from preftune.generation.rollout import Completion, TransformersRollout
 from preftune.recipes.online import score_samples, train_online
-from preftune.rollout import Completion, TransformersRollout
-from preftune.synthetic import SentimentTask, tiny_llama
 
 GREEDY = RolloutConfig(max_new_tokens=6, temperature=0.0, batch_size=8)
 
@@ -235,7 +235,7 @@ def test_a_prompts_file_without_prompts_names_the_line_and_field(tmp_path, token
     path.write_text('{"prompt": "review of the park:"}\n{"question": "x"}\n')
     with pytest.raises(DataError, match=r"prompts.jsonl:2: missing field 'prompt'"):
         train_online(
-            online_config(tmp_path, f"online.prompts={path}"),
+            online_config(tmp_path, f"prompts.path={path}"),
             model=tiny_llama(len(tokenizer)),
             tokenizer=tokenizer,
             scorer=LengthScorer(),
@@ -258,7 +258,7 @@ def test_bad_online_settings_are_refused_naming_the_key(override, message):
 
 def test_online_dpo_on_the_synthetic_task_raises_the_true_reward_of_the_starting_policy(tmp_path):
     from preftune.experiments.common import Lab, one_thread
-    from preftune.synthetic import true_reward
+    from preftune.experiments.synthetic import true_reward
 
     class TrueReward:
         name = "true reward"

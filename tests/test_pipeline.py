@@ -10,8 +10,8 @@ from helpers import sentiment_records
 
 from preftune.cli import main
 from preftune.errors import ConfigError
-from preftune.pipeline import load_pipeline, run_pipeline
-from preftune.synthetic import build_tokenizer, tiny_llama
+from preftune.experiments.synthetic import build_tokenizer, tiny_llama
+from preftune.recipes.pipeline import load_pipeline, run_pipeline
 
 FAST = {"max_steps": 2, "batch_size": 4, "progress": False, "report_to": ["none"], "mixed_precision": "no",
         "learning_rate": 1e-3, "log_every": 1}  # fmt: skip
@@ -88,7 +88,7 @@ def test_only_and_from_select_stages(tmp_path, inputs):
 
 
 def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path, inputs, monkeypatch):
-    import preftune.recipes.pairwise as pairwise
+    import preftune.recipes.dpo as pairwise
 
     build = pairwise.build_objective
     calls = []
@@ -143,9 +143,9 @@ def test_a_ppo_stage_trains_the_policy_an_earlier_stage_saved_with_that_stages_r
     stages = _stages(inputs)
     ppo = {
         "model": {"name_or_path": "${dpo.final}"},
+        "prompts": {"path": str(inputs / "prefs.jsonl")},
+        "reward": {"scorer": "${rm.final}"},
         "ppo": {
-            "prompts": str(inputs / "prefs.jsonl"),
-            "reward": "${rm.final}",
             "steps": 2,
             "rollouts_per_step": 4,
         },
@@ -162,7 +162,7 @@ def test_a_ppo_stage_trains_the_policy_an_earlier_stage_saved_with_that_stages_r
 def test_an_eval_stage_scores_an_earlier_stages_policy_against_its_reference(tmp_path, inputs):
     stages = _stages(inputs)
     stages = {"dpo": stages["dpo"], "eval": {
-        "policy": "${dpo.final}", "reference": str(inputs / "base"), "reward": "preftune.synthetic:true_reward",
+        "policy": "${dpo.final}", "reference": str(inputs / "base"), "reward": "preftune.experiments.synthetic:true_reward",
         "sets": {"id": str(inputs / "prefs.jsonl")},
     }}  # fmt: skip
     result = run_pipeline(_pipeline(tmp_path, inputs, stages))
@@ -184,23 +184,26 @@ def test_an_eval_stage_without_sets_is_refused_before_anything_runs(tmp_path, in
 
 def test_an_online_stage_samples_the_earlier_policy_scores_with_the_earlier_reward_model(tmp_path, inputs):
     stages = _stages(inputs)
-    online = {"prompts": str(inputs / "prefs.jsonl"), "reward": "${rm.final}", "rounds": 1, "max_prompts": 4}
+    sampling = {
+        "prompts": {"path": str(inputs / "prefs.jsonl"), "limit": 4},
+        "reward": {"scorer": "${rm.final}"},
+    }
     stages = {"rm": stages["rm"], "dpo": stages["dpo"], "online": {
-        "model": {"name_or_path": "${dpo.final}"}, "online": online, "rollout": {"max_new_tokens": 4}, "train": FAST,
+        "model": {"name_or_path": "${dpo.final}"}, **sampling, "online": {"rounds": 1}, "rollout": {"max_new_tokens": 4}, "train": FAST,
     }}  # fmt: skip
     result = run_pipeline(_pipeline(tmp_path, inputs, stages))
     assert [row["status"] for row in result["stages"]] == ["ran", "ran", "ran"]
     out = tmp_path / "out" / "online"
     config = json.loads((out / "config.json").read_text())
-    assert config["online"]["reward"] == str(tmp_path / "out" / "rm" / "final")
+    assert config["reward"]["scorer"] == str(tmp_path / "out" / "rm" / "final")
     assert config["model"]["name_or_path"] == str(tmp_path / "out" / "dpo" / "final")
     assert (out / "final" / "model.safetensors").exists() and (out / "round-01" / "pairs.jsonl").exists()
     assert isinstance(result["stages"][2]["reward_mean"], float)
 
 
 def test_an_online_stage_without_a_reward_is_refused_before_anything_runs(tmp_path, inputs):
-    stages = {"online": {"model": {"name_or_path": str(inputs / "base")}, "online": {"prompts": "p.jsonl"}}}
-    with pytest.raises(ConfigError, match=r"stages.online.online.reward: an online stage needs"):
+    stages = {"online": {"model": {"name_or_path": str(inputs / "base")}, "prompts": {"path": "p.jsonl"}}}
+    with pytest.raises(ConfigError, match=r"stages.online.reward.scorer: an online stage needs"):
         run_pipeline(_pipeline(tmp_path, inputs, stages))
     assert not (tmp_path / "out").exists()
 
@@ -210,7 +213,7 @@ def test_the_example_pipelines_load_and_every_stage_is_a_valid_config(name):
     from pathlib import Path
 
     from preftune.config import load_config
-    from preftune.pipeline import EVAL_OPTIONS, _dotted
+    from preftune.recipes.pipeline import EVAL_OPTIONS, _dotted
 
     _, stages = load_pipeline(Path(__file__).parent.parent / "examples" / name)
     assert {"sft", "rm", "dpo", "online"} <= {stage.kind for stage in stages}

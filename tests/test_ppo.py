@@ -11,18 +11,18 @@ import torch
 from helpers import quiet_config
 
 from preftune.config import load_config
+from preftune.data.layouts import collate_sequences
 from preftune.data.sft import TokenizedSequence
 from preftune.errors import ConfigError
+from preftune.evaluation.samples import sample_report
 from preftune.experiments.common import Lab, one_thread
-from preftune.layouts import collate_sequences
-from preftune.logps import batch_logps
+from preftune.experiments.synthetic import SentimentTask, tiny_llama, tiny_reward_model, true_reward
+from preftune.generation.scoring import RewardModelScorer
 from preftune.losses.ppo import value_loss
+from preftune.model.logps import batch_logps
+from preftune.model.reward_head import sequence_rewards, token_values
 from preftune.recipes.ppo import train_ppo
 from preftune.recipes.ppo_rollouts import build_critic
-from preftune.reward_model import sequence_rewards, token_values
-from preftune.sampling import sample_report
-from preftune.scoring import RewardModelScorer
-from preftune.synthetic import SentimentTask, tiny_llama, tiny_reward_model, true_reward
 
 # --------------------------------------------------------------------------- the critic
 
@@ -266,7 +266,7 @@ def test_preftune_ppo_trains_from_files_and_saves_the_final_policy(tmp_path, tok
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in SentimentTask().prompts(8, 0)))
     argv = [
         "ppo", "--model", str(tmp_path / "base"), "--prompts", str(prompts),
-        "--reward", "preftune.synthetic:true_reward", "--kl-coef", "0.1", "--steps", "2",
+        "--reward", "preftune.experiments.synthetic:true_reward", "--kl-coef", "0.1", "--steps", "2",
         "--output", str(tmp_path / "out"), "--set", "ppo.rollouts_per_step=4", "--set", "train.batch_size=4",
         "--set", "rollout.max_new_tokens=4", "--set", "train.report_to=none", "--set", "train.progress=false",
     ]  # fmt: skip
@@ -296,7 +296,7 @@ def test_a_signal_finishes_the_step_checkpoints_it_and_the_resumed_run_ends_like
     import os
     import signal
 
-    from preftune.guard import StopRequested
+    from preftune.engine.guard import StopRequested
 
     class SignalAtCall(Characters):
         calls = 0
@@ -322,7 +322,7 @@ def test_a_non_finite_update_stops_the_run_naming_the_step_or_is_skipped_and_cou
     tmp_path, tokenizer, monkeypatch
 ):
     import preftune.recipes.ppo as recipe
-    from preftune.guard import NonFiniteError
+    from preftune.engine.guard import NonFiniteError
     from preftune.losses.ppo import Clipped
 
     def poisoned(*args, **kwargs):
@@ -358,4 +358,7 @@ def test_the_example_config_is_valid():
     from pathlib import Path
 
     config = load_config(Path(__file__).parent.parent / "examples" / "ppo.yaml")
-    assert config.ppo.reward == "preftune.synthetic:true_reward" and config.train.output_dir == "runs/ppo"
+    assert (
+        config.reward.scorer == "preftune.experiments.synthetic:true_reward"
+        and config.train.output_dir == "runs/ppo"
+    )

@@ -9,14 +9,14 @@ import torch
 from helpers import quiet_config, sentiment_records
 from peft import LoraConfig, get_peft_model
 
-import preftune.reference as reference_module
+import preftune.model.reference as reference_module
 from preftune.config import DataConfig
 from preftune.data import prepare_pairs
+from preftune.data.layouts import collate_pairs
 from preftune.errors import ConfigError
-from preftune.layouts import collate_pairs
-from preftune.recipes.pairwise import train
-from preftune.reference import AdapterOffReference, ModelReference, ReferenceCacheError, choose_strategy
-from preftune.synthetic import tiny_llama
+from preftune.experiments.synthetic import tiny_llama
+from preftune.model.reference import AdapterOffReference, ModelReference, ReferenceCacheError, choose_strategy
+from preftune.recipes.dpo import train
 
 RECORDS = sentiment_records(12, seed=1)
 

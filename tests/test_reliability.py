@@ -13,12 +13,12 @@ import pytest
 import torch
 from helpers import quiet_config, sentiment_records
 
-import preftune.checkpoint as checkpoint_module
+import preftune.engine.checkpoint as checkpoint_module
 from preftune.cli import main
+from preftune.engine.guard import NonFiniteError
 from preftune.errors import CheckpointError, ConfigError
-from preftune.guard import NonFiniteError
-from preftune.recipes.pairwise import train
-from preftune.synthetic import build_tokenizer, tiny_llama
+from preftune.experiments.synthetic import build_tokenizer, tiny_llama
+from preftune.recipes.dpo import train
 
 RECORDS = sentiment_records(16, seed=11)
 
@@ -68,7 +68,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_records_and_saves_n
 def _on_objective_calls(monkeypatch, act):
     """Wrap the pairwise recipe's objective so that ``act(call_number, output)`` runs on every
     call (one call per step here): to poison a step with NaN, or to send the process a signal."""
-    import preftune.recipes.pairwise as pairwise
+    import preftune.recipes.dpo as pairwise
 
     build = pairwise.build_objective
 
@@ -230,7 +230,7 @@ def _signal_at_call(monkeypatch, call, number):
 def test_a_signal_finishes_the_step_checkpoints_it_and_resume_reproduces_the_uninterrupted_losses(
     tmp_path, tokenizer, monkeypatch, number, code
 ):
-    from preftune.guard import StopRequested
+    from preftune.engine.guard import StopRequested
 
     settings = ("train.max_steps=8", "train.save_every=4")
     whole = _train(tmp_path, tokenizer, *settings, name="whole")
@@ -249,8 +249,8 @@ def test_a_signal_finishes_the_step_checkpoints_it_and_resume_reproduces_the_uni
 def test_the_command_line_exits_with_128_plus_the_signal_and_says_how_to_resume(
     tmp_path, capsys, monkeypatch
 ):
-    import preftune.recipes.pairwise as pairwise
-    from preftune.guard import StopRequested
+    import preftune.recipes.dpo as pairwise
+    from preftune.engine.guard import StopRequested
 
     def stopped(config, **kwargs):
         raise StopRequested(

@@ -11,13 +11,13 @@ from transformers import AutoModelForSequenceClassification
 from preftune.cli import main
 from preftune.config import DataConfig
 from preftune.data import prepare_pairs
+from preftune.data.layouts import collate_pairs
 from preftune.errors import DataError, ScorerError
-from preftune.layouts import collate_pairs
+from preftune.experiments.synthetic import SentimentTask, build_tokenizer, tiny_llama, tiny_reward_model
+from preftune.generation.scoring import FunctionScorer, RewardModelScorer, load_scorer
+from preftune.model.reward_head import sequence_rewards
 from preftune.recipes.common import load_pairs
 from preftune.recipes.reward import bradley_terry_loss, train_reward_model
-from preftune.reward_model import sequence_rewards
-from preftune.scoring import FunctionScorer, RewardModelScorer, load_scorer
-from preftune.synthetic import SentimentTask, build_tokenizer, tiny_llama, tiny_reward_model
 
 RECORDS = sentiment_records(16, seed=3)
 
@@ -104,7 +104,7 @@ def test_a_tokenizer_without_pad_token_pads_with_eos_and_still_reads_the_final_e
     tokenizer = build_tokenizer()
     tokenizer.pad_token = None
     from preftune.config import ModelConfig
-    from preftune.models import prepare_tokenizer
+    from preftune.model.load import prepare_tokenizer
 
     tokenizer = prepare_tokenizer(tokenizer, ModelConfig())
     assert tokenizer.pad_token_id == tokenizer.eos_token_id

@@ -114,7 +114,7 @@ def test_five_steps_match_trl_reward_trainer(tmp_path, tokenizer, with_margin, c
         "data.layout=padded",
     ]
     if center is not None:
-        overrides.append(f"reward.center_rewards_coefficient={center}")
+        overrides.append(f"rm.center_rewards_coefficient={center}")
     cfg = quiet_config(str(tmp_path / "preftune"), *overrides)
     got = train_reward_model(cfg, model=ours_model, tokenizer=tokenizer, train_data=records).history
 

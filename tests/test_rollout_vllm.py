@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from preftune.config import load_config
-from preftune.config_rl import RolloutConfig
+from preftune.config.rl import RolloutConfig
 from preftune.errors import ConfigError
-from preftune.rollout import Completion, TransformersRollout
-from preftune.rollout_vllm import _completion, rollout_factory
-from preftune.synthetic import tiny_llama
+from preftune.experiments.synthetic import tiny_llama
+from preftune.generation.rollout import Completion, TransformersRollout
+from preftune.generation.vllm_engine import _completion, rollout_factory
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 ON_GPU_WITH_VLLM = HAS_VLLM and torch.cuda.is_available()

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from preftune.data import TokenizedPair
-from preftune.metrics import kl_estimate
-from preftune.rollout import Completion, cut_at_stop, left_pad
-from preftune.sampling import generate
-from preftune.set_logps import pair_logps
-from preftune.synthetic import tiny_llama
+from preftune.evaluation.metrics import kl_estimate
+from preftune.experiments.synthetic import tiny_llama
+from preftune.generation.rollout import Completion, cut_at_stop, left_pad
+from preftune.generation.sampling import generate
+from preftune.model.set_logps import pair_logps
 
 VOCAB, EOS, PAD, LENGTH = 6, 2, 0, 3
 PROMPT = [1, 4]

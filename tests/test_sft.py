@@ -9,7 +9,7 @@ from preftune.cli import main
 from preftune.config import DataConfig
 from preftune.data.sft import prepare_sft, tokenize_sft
 from preftune.errors import DataError
-from preftune.synthetic import tiny_llama
+from preftune.experiments.synthetic import tiny_llama
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

@@ -10,8 +10,8 @@ from datasets import Dataset
 from helpers import quiet_config, sentiment_records
 from transformers import TrainerCallback
 
+from preftune.experiments.synthetic import tiny_llama
 from preftune.recipes.sft import train_sft
-from preftune.synthetic import tiny_llama
 
 trl = pytest.importorskip("trl")
 

@@ -8,8 +8,8 @@ from helpers import THROUGHPUT_METRICS, TRL_METRICS, quiet_config, sentiment_rec
 from transformers import AutoModelForCausalLM
 
 from preftune.config import ConfigError
-from preftune.recipes.pairwise import train
-from preftune.synthetic import tiny_llama
+from preftune.experiments.synthetic import tiny_llama
+from preftune.recipes.dpo import train
 
 RECORDS = sentiment_records(16)
 
@@ -151,7 +151,7 @@ def test_tensorboard_events_are_written_when_enabled(tmp_path, tokenizer):
 
 
 def test_resume_from_other_starting_weights_is_refused(tmp_path, tokenizer):
-    from preftune.checkpoint import CheckpointError
+    from preftune.engine.checkpoint import CheckpointError
 
     settings = ("train.batch_size=4", "train.max_steps=4", "train.save_every=2")
     _run(tmp_path, "run", tokenizer, *settings, stop_after=2)

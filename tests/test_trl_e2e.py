@@ -7,8 +7,8 @@ import pytest
 from datasets import Dataset
 from helpers import TRL_METRICS, quiet_config, sentiment_records
 
-from preftune.recipes.pairwise import train
-from preftune.synthetic import tiny_llama
+from preftune.experiments.synthetic import tiny_llama
+from preftune.recipes.dpo import train
 
 trl = pytest.importorskip("trl")
 

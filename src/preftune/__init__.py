@@ -27,7 +27,7 @@ _EXPORTS = {
     "DataError": "data",
     "TokenizedPair": "data",
     "prepare_pairs": "data",
-    "sequence_logps": "logps",
+    "sequence_logps": "model.logps",
     "LossOutput": "losses",
     "PairStats": "losses",
     "build_objective": "losses",
@@ -35,9 +35,14 @@ _EXPORTS = {
     "Harness": "engine",
     "Task": "engine",
     "TrainResult": "engine",
-    "train": "recipes.pairwise",
+    "train": "recipes.dpo",
+    "train_kto": "recipes.kto",
+    "train_sft": "recipes.sft",
     "train_reward_model": "recipes.reward",
-    "load_scorer": "scoring",
+    "train_online": "recipes.online",
+    "train_ppo": "recipes.ppo",
+    "run_eval": "evaluation.run",
+    "load_scorer": "generation.scoring",
 }
 __all__ = sorted(_EXPORTS)
 

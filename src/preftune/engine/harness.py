@@ -36,8 +36,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..card import model_card
-from ..checkpoint import (
+from ..config import RunConfig, to_dict, validate
+from ..errors import CheckpointError, ConfigError
+from . import sharding
+from .card import model_card
+from .checkpoint import (
     check_free_space,
     check_output_dir,
     clear_previous_run,
@@ -49,9 +52,7 @@ from ..checkpoint import (
     save_checkpoint,
     save_final,
 )
-from ..config import RunConfig, to_dict, validate
-from ..errors import CheckpointError, ConfigError
-from ..guard import (
+from .guard import (
     NonFiniteError,
     Signals,
     StopRequested,
@@ -59,9 +60,8 @@ from ..guard import (
     nonfinite_message,
     step_verdict,
 )
-from ..tracking import MetricsLog, MetricSums, check_trackers, console_line, read_window
-from . import sharding
 from .task import Task, TrainResult, data_stream
+from .tracking import MetricsLog, MetricSums, check_trackers, console_line, read_window
 
 
 class Harness:

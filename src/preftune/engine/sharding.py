@@ -14,7 +14,7 @@ every parameter as a ``DTensor``, so:
 * every forward is a collective (each layer all-gathers its weights), so evaluation runs the
   same number of batches on every process.
 
-The wrapper the data-parallel engine sees is :class:`~preftune.logps.PolicyLogps` (the call
+The wrapper the data-parallel engine sees is :class:`~preftune.model.logps.PolicyLogps` (the call
 must be its forward), whose transformers model sits under the attribute ``model``; transformer
 layers become their own shard groups from the model's ``_no_split_modules``, which accelerate
 would otherwise look up on the wrapper and not find.
@@ -51,8 +51,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
-from ..checkpoint import read_optimizer_file
 from ..errors import CheckpointError, ConfigError
+from .checkpoint import read_optimizer_file
 
 WRAPPER_PREFIX = "model."
 """Where the transformers model sits inside the module the harness trains."""
@@ -114,7 +114,7 @@ def check_and_plan(accelerator: Accelerator, model: nn.Module, cfg: Any) -> None
     make each transformer layer a shard group (the transformers model's ``_no_split_modules``)
     unless the accelerate config names the layer class; under DeepSpeed fill its config from
     ``cfg`` (the run's ``train`` settings)."""
-    from ..models import is_peft
+    from ..model.load import is_peft
 
     if not (is_sharded(accelerator) or is_deepspeed(accelerator)):
         return

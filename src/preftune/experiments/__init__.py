@@ -14,7 +14,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from ..coerce import suggest
+from ..config.coerce import suggest
 from ..errors import ConfigError
 
 RunFn = Callable[[Path, int, bool], dict[str, Any]]

@@ -1,6 +1,6 @@
 """What every experiment shares: the synthetic world, quiet training runs, and the write-up.
 
-The world is :mod:`preftune.synthetic`'s: a local BPE tokenizer (every task word is one
+The world is :mod:`preftune.experiments.synthetic`'s: a local BPE tokenizer (every task word is one
 token), tiny Llamas, and the sentiment task whose true reward is known, so that accuracies
 are measured against Bradley–Terry labels with a known best possible score.
 """
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import RunConfig, load_config
 from ..engine import TrainResult
-from ..synthetic import NEGATIVE, POSITIVE, SentimentTask, build_tokenizer, tiny_llama
+from .synthetic import NEGATIVE, POSITIVE, SentimentTask, build_tokenizer, tiny_llama
 
 VOCAB_SIZE = 512
 MAX_LENGTH = 96
@@ -115,7 +115,7 @@ class Lab:
 
     def sft(self, task: SentimentTask, steps: int, run: str = "sft", seed_offset: int = 0) -> nn.Module:
         """A tiny Llama taught to write the task's reviews: the reference (or another policy)."""
-        from ..recipes.pairwise import train
+        from ..recipes.dpo import train
 
         rng = random.Random(self.seed + seed_offset)
         records = [
@@ -142,7 +142,7 @@ class Lab:
         eval_records: Sequence[dict[str, Any]] | None = None,
     ) -> tuple[nn.Module, TrainResult]:
         """A copy of ``reference`` trained with the DPO family (``settings``: objective and schedule)."""
-        from ..recipes.pairwise import train
+        from ..recipes.dpo import train
 
         model = copy.deepcopy(reference)
         result = self.train(run, train, model, records, settings, eval_records)

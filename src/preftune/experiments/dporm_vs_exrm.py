@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
-from ..evaluate import evaluate, load_sets, score_sets
-from ..plots import grouped_bars, pyplot, save
+from ..evaluation.evaluate import evaluate, load_sets, score_sets
+from ..evaluation.plots import grouped_bars, pyplot, save
+from ..generation.sampling import sample
+from ..generation.scoring import RewardModelScorer
 from ..recipes.reward import train_reward_model
-from ..sampling import sample
-from ..scoring import RewardModelScorer
-from ..synthetic import TOPICS, SentimentTask, tiny_reward_model
 from .common import MAX_LENGTH, Lab, bradley_terry, markdown_table, one_thread, percent, text_table
+from .synthetic import TOPICS, SentimentTask, tiny_reward_model
 
 NAME = "dporm-vs-exrm"
 TRAIN_TOPICS, SHIFT_TOPICS = TOPICS[:8], TOPICS[8:]

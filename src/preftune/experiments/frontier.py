@@ -31,17 +31,18 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data import Text
-from ..models import load_model
-from ..plots import frontier_plot
+from ..evaluation.plots import frontier_plot
+from ..evaluation.samples import sample_report
+from ..generation.rollout import eos_ids
+from ..generation.sampling import generate
+from ..generation.scoring import load_scorer
+from ..model.load import load_model
 from ..recipes.online import train_online
 from ..recipes.ppo import train_ppo
 from ..recipes.reward import train_reward_model
-from ..rollout import eos_ids
-from ..sampling import generate, sample_report
-from ..scoring import load_scorer
-from ..synthetic import TOPICS, SentimentTask, tiny_reward_model
 from .common import Lab, bradley_terry, markdown_table, one_thread, text_table
 from .ranking_consistency import TrueReward
+from .synthetic import TOPICS, SentimentTask, tiny_reward_model
 
 NAME = "frontier"
 TRAIN_TOPICS, HELD_OUT_TOPICS = TOPICS[:8], TOPICS[8:]

@@ -24,12 +24,13 @@ from torch import nn
 
 from ..config import DataConfig
 from ..data import TokenizedPair
-from ..evaluate import evaluate, load_sets
-from ..logps import batch_logps
-from ..packing import choose_layout, collate_for
-from ..plots import COLORS, pyplot, save
-from ..synthetic import SentimentTask
+from ..data.packing import collate_for
+from ..evaluation.evaluate import evaluate, load_sets
+from ..evaluation.plots import COLORS, pyplot, save
+from ..model.attention import choose_layout
+from ..model.logps import batch_logps
 from .common import MAX_LENGTH, Lab, markdown_table, one_thread, percent, substituted_pair, text_table
+from .synthetic import SentimentTask
 
 NAME = "likelihood-drift"
 KS = (1, 2, 4, 8, 16)

@@ -30,14 +30,14 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..data import Text
-from ..models import load_model
-from ..plots import grouped_bars, pyplot, save
+from ..evaluation.plots import grouped_bars, pyplot, save
+from ..evaluation.samples import sample_report
+from ..generation.scoring import RewardModelScorer
+from ..model.load import load_model
 from ..recipes.online import train_online
 from ..recipes.reward import train_reward_model
-from ..sampling import sample_report
-from ..scoring import RewardModelScorer
-from ..synthetic import TOPICS, SentimentTask, tiny_reward_model
 from .common import Lab, markdown_table, one_thread, percent, text_table
+from .synthetic import TOPICS, SentimentTask, tiny_reward_model
 
 NAME = "online-vs-offline"
 

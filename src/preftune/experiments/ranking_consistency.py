@@ -24,11 +24,11 @@ from typing import Any
 
 from ..config import DataConfig
 from ..data import Text
-from ..evaluate import evaluate, load_sets
-from ..plots import COLORS, grouped_bars, pyplot, save
-from ..sampling import sample_report
-from ..synthetic import NEGATIVE, POSITIVE, TOPICS, SentimentTask
+from ..evaluation.evaluate import evaluate, load_sets
+from ..evaluation.plots import COLORS, grouped_bars, pyplot, save
+from ..evaluation.samples import sample_report
 from .common import MAX_LENGTH, Lab, markdown_table, one_thread, percent, text_table
+from .synthetic import NEGATIVE, POSITIVE, TOPICS, SentimentTask
 
 NAME = "ranking-consistency"
 RATES = {"gentle": 5e-4, "strong": 2e-3}

@@ -8,7 +8,7 @@ from ..config import RunConfig
 from ..data import DataReport, TokenizedPair, prepare_pairs
 from ..data.prepare import measure_and_truncate
 from ..engine import Harness
-from ..models import load_tokenizer, prepare_tokenizer
+from ..model.load import load_tokenizer, prepare_tokenizer
 
 
 def tokenizer_for(config: RunConfig, tokenizer: Any = None) -> Any:

@@ -5,7 +5,7 @@ and each prompt with another example's completion for the KL estimate) -> log-pr
 policy and reference -> UnpairedStats (with the micro-batch's KL estimate) -> objective
 -> per-example losses and metrics -> the harness (accumulation, steps, logs, saves)
 
-``preftune train --loss kto`` comes here: :func:`preftune.recipes.pairwise.train` hands every
+``preftune train --loss kto`` comes here: :func:`preftune.recipes.dpo.train` hands every
 unpaired objective to :func:`train_kto`, so the command, pipeline stages and the Python ``train``
 need nothing new. The KL estimate is per micro-batch, averaged over the processes, as TRL's
 (:mod:`preftune.losses.unpaired`).
@@ -23,14 +23,14 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data import TokenizedUnpaired, prepare_unpaired
+from ..data.layouts import UnpairedBatch, collate_unpaired
 from ..data.unpaired import balance_warning
 from ..engine import Harness, LossFn, Task, TrainResult, sharding
 from ..errors import ConfigError
-from ..layouts import UnpairedBatch, collate_unpaired
-from ..logps import PolicyLogps, SequenceLogps
 from ..losses import UnpairedObjective, UnpairedOutput, UnpairedStats, build_unpaired_objective, kl_estimate
-from ..models import load_model, prepare_for_training
-from ..reference import AdapterOffReference, ModelReference, build_reference, weights_digest
+from ..model.load import load_model, prepare_for_training
+from ..model.logps import PolicyLogps, SequenceLogps
+from ..model.reference import AdapterOffReference, ModelReference, build_reference, weights_digest
 from .common import tokenizer_for
 
 

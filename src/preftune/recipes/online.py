@@ -30,20 +30,22 @@ from typing import Any
 
 from torch import nn
 
-from ..card import model_card
-from ..checkpoint import save_final
 from ..config import RunConfig, to_dict, validate
 from ..data import TokenizedPair
 from ..data.prompts import Prompt, read_prompts
+from ..engine.card import model_card
+from ..engine.checkpoint import save_final
 from ..errors import ConfigError
-from ..models import load_model
-from ..pair_rules import build_pairs
-from ..rollout import Rollout, eos_ids
-from ..rollout_vllm import check_engine, rollout_factory
-from ..sampling import as_completion, sample_stats, score_samples
-from ..scoring import Scorer, load_scorer
+from ..evaluation.metrics import kl_estimate
+from ..generation.pair_rules import build_pairs
+from ..generation.rollout import Rollout, eos_ids
+from ..generation.sampling import as_completion, score_samples
+from ..generation.scoring import Scorer, load_scorer
+from ..generation.vllm_engine import check_engine, rollout_factory
+from ..model.load import load_model
+from ..model.set_logps import completion_logps
 from .common import tokenizer_for
-from .pairwise import train
+from .dpo import train
 
 RolloutFactory = Callable[[nn.Module], Rollout]
 
@@ -67,7 +69,7 @@ def train_online(
     stop_in_round: tuple[int, int] | None = None,
 ) -> OnlineResult:
     """``config.online.rounds`` rounds of online DPO from ``config.model`` (or ``model``) on
-    ``config.online.prompts`` (or the records given), scored by ``config.online.reward`` (or
+    ``config.prompts`` (or the records given), scored by ``config.reward`` (or
     ``scorer``). ``rollout_for(policy)`` gives each round's sampler (default: transformers).
     ``stop_in_round=(r, k)`` stops round r after k training steps, as if interrupted."""
     validate(config)
@@ -78,15 +80,15 @@ def train_online(
         raise ConfigError(
             "online: runs on one process for now (generation is not sharded); launch it plainly"
         )
-    if prompts is None and not online.prompts:
-        raise ConfigError("online.prompts: required (--prompts FILE)")
-    if scorer is None and not online.reward:
-        raise ConfigError("online.reward: required (--reward RM_FOLDER or module:function)")
+    if prompts is None and not config.prompts.path:
+        raise ConfigError("prompts.path: required (--prompts FILE)")
+    if scorer is None and not config.reward.scorer:
+        raise ConfigError("reward.scorer: required (--reward RM_FOLDER or module:function)")
     tokenizer = tokenizer_for(config, tokenizer)
-    source = prompts if prompts is not None else online.prompts
-    prompt_rows = read_prompts(source, config.data, online.prompts_split, tokenizer, online.max_prompts)
+    source = prompts if prompts is not None else config.prompts.path
+    prompt_rows = read_prompts(source, config.data, config.prompts.split, tokenizer, config.prompts.limit)
     if scorer is None:
-        scorer = load_scorer(online.reward, allow_unscored=True, batch_size=online.reward_batch_size)
+        scorer = load_scorer(config.reward.scorer, allow_unscored=True, batch_size=config.reward.batch_size)
     output = Path(cfg.output_dir)
     done = _claim(output, cfg.resume, cfg.overwrite)
     output.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,7 @@ def train_online(
             "kind": "online-dpo",
             "objective": "+".join(config.objective.loss),
             "rounds": online.rounds,
-            "reward": online.reward or getattr(scorer, "name", "a scorer object"),
+            "reward": config.reward.scorer or getattr(scorer, "name", "a scorer object"),
             "pair rule": online.pair_rule,
         },
     )
@@ -349,7 +351,7 @@ def _describe(row: dict[str, Any]) -> str:
 def _write_summary(
     output: Path, config: RunConfig, rows: list[dict[str, Any]], final: dict[str, Any] | None
 ) -> None:
-    from ..plots import online_plot
+    from ..evaluation.plots import online_plot
 
     summary = {
         "config": to_dict(config)["online"],
@@ -361,3 +363,32 @@ def _write_summary(
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, output / "online.json")
     online_plot([*rows, *([final] if final else [])], output / "online.png")
+
+
+def sample_stats(
+    samples: list[list[dict[str, Any]]],
+    policy: nn.Module,
+    initial: nn.Module,
+    prompts: list[Prompt],
+    pad: int,
+    batch_size: int,
+    is_initial: bool,
+) -> dict[str, Any]:
+    """Mean and max reward, EOS rate, length, and KL(π‖π_initial) estimated on the samples."""
+    flat = [s for group in samples for s in group]
+    rewards = [s["reward"] for s in flat if s["reward"] is not None]
+    kl, kl_stderr = 0.0, 0.0
+    if not is_initial:
+        prompt_ids = [prompts[s["prompt_index"]].ids for s in flat]
+        completion_ids = [s["completion_ids"] for s in flat]
+        under_policy = completion_logps(policy, prompt_ids, completion_ids, pad, batch_size)
+        under_initial = completion_logps(initial, prompt_ids, completion_ids, pad, batch_size)
+        kl, kl_stderr = kl_estimate(under_policy, under_initial)
+    return {
+        "reward_mean": sum(rewards) / len(rewards) if rewards else None,
+        "reward_max": max(rewards) if rewards else None,
+        "eos_rate": sum(s["eos"] for s in flat) / len(flat),
+        "completion_tokens": sum(len(s["completion_ids"]) for s in flat) / len(flat),
+        "kl_to_initial": kl,
+        "kl_to_initial_stderr": kl_stderr,
+    }

@@ -35,13 +35,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..card import model_card
-from ..checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_final
 from ..config import RunConfig, to_dict
+from ..data.layouts import collate_sequences
 from ..data.prompts import read_prompts
 from ..engine import Harness, data_stream
-from ..errors import CheckpointError, ConfigError
-from ..guard import (
+from ..engine.card import model_card
+from ..engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_final
+from ..engine.guard import (
     NonFiniteError,
     Signals,
     StopRequested,
@@ -49,15 +49,15 @@ from ..guard import (
     nonfinite_message,
     step_verdict,
 )
-from ..layouts import collate_sequences
+from ..engine.tracking import MetricsLog, check_trackers, console_line
+from ..errors import CheckpointError, ConfigError
+from ..generation.rollout import Rollout, eos_ids
+from ..generation.scoring import Scorer, load_scorer
+from ..generation.vllm_engine import check_engine, rollout_factory
 from ..losses.ppo import KLController, policy_loss, value_loss
-from ..models import load_model, prepare_for_training
-from ..reference import weights_digest
-from ..reward_model import token_values
-from ..rollout import Rollout, eos_ids
-from ..rollout_vllm import check_engine, rollout_factory
-from ..scoring import Scorer, load_scorer
-from ..tracking import MetricsLog, check_trackers, console_line
+from ..model.load import load_model, prepare_for_training
+from ..model.reference import weights_digest
+from ..model.reward_head import token_values
 from .common import tokenizer_for
 from .online import RolloutFactory
 from .ppo_rollouts import Rollouts, build_critic, build_reference, chunks, collect, policy_tokens, step_seed
@@ -86,7 +86,7 @@ def train_ppo(
     stop_after: int | None = None,
 ) -> PPOResult:
     """``config.ppo.steps`` PPO steps from ``config.model`` (or ``model``, trained in place) on
-    ``config.ppo.prompts`` (or the records given), rewarded by ``config.ppo.reward`` (or ``scorer``).
+    ``config.prompts`` (or the records given), rewarded by ``config.reward`` (or ``scorer``).
     ``rollout_for(policy)`` gives the sampler (default: transformers). ``stop_after`` ends the run
     after that many steps, as if interrupted."""
     harness = Harness(config)
@@ -95,10 +95,10 @@ def train_ppo(
     if rollout_for is None:
         check_engine(config.rollout)
     tokenizer = tokenizer_for(config, tokenizer)
-    source = prompts if prompts is not None else ppo.prompts
-    prompt_rows = read_prompts(source, config.data, ppo.prompts_split, tokenizer, ppo.max_prompts)
+    source = prompts if prompts is not None else config.prompts.path
+    prompt_rows = read_prompts(source, config.data, config.prompts.split, tokenizer, config.prompts.limit)
     if scorer is None:
-        scorer = load_scorer(ppo.reward, batch_size=ppo.reward_batch_size)
+        scorer = load_scorer(config.reward.scorer, batch_size=config.reward.batch_size)
     harness.claim_output_dir()
 
     device, autocast = harness.device, harness.accelerator.autocast
@@ -202,8 +202,8 @@ def train_ppo(
         extra = {
             "kind": "ppo",
             "objective": f"PPO, KL penalty {ppo.kl_estimator} (β = {ppo.kl_coef})",
-            "training data": f"prompts {ppo.prompts or '(records passed in Python)'}",
-            "reward": ppo.reward or getattr(scorer, "name", "a scorer object"),
+            "training data": f"prompts {config.prompts.path or '(records passed in Python)'}",
+            "reward": config.reward.scorer or getattr(scorer, "name", "a scorer object"),
             "critic": critic_source,
         }
         card = model_card(harness.output_dir, config, log.history, extra)
@@ -215,7 +215,7 @@ def train_ppo(
 
 def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool) -> None:
     """What PPO needs and refuses, before anything loads."""
-    ppo, rollout, cfg = config.ppo, config.rollout, config.train
+    rollout, cfg = config.rollout, config.train
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("ppo: runs on one process for now (generation is not sharded); launch it plainly")
     sharded = [
@@ -225,10 +225,10 @@ def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool) -> None:
     ]
     if sharded:  # PPO's own loop prepares nothing through accelerate: the launch config would be ignored
         raise ConfigError(f"ppo: {sharded[0]} launches are not supported yet; launch it plainly")
-    if not has_prompts and not ppo.prompts:
-        raise ConfigError("ppo.prompts: required (--prompts FILE)")
-    if not has_scorer and not ppo.reward:
-        raise ConfigError("ppo.reward: required (--reward RM_FOLDER or module:function)")
+    if not has_prompts and not config.prompts.path:
+        raise ConfigError("prompts.path: required (--prompts FILE)")
+    if not has_scorer and not config.reward.scorer:
+        raise ConfigError("reward.scorer: required (--reward RM_FOLDER or module:function)")
     if rollout.temperature <= 0 or rollout.top_k or rollout.top_p < 1:
         raise ConfigError(
             "rollout: PPO samples from π at rollout.temperature > 0 with top_k=0 and top_p=1, so that the "

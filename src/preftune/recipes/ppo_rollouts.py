@@ -1,7 +1,7 @@
 """PPO's rollout phase and its models: sample, score, and compute under ``no_grad`` everything the
 updates compare against (log π_old, log π_ref, V_old), then the rewards and advantages.
 
-Token-level log-probs come from the chunked head (:func:`preftune.logps.batch_logps`, no
+Token-level log-probs come from the chunked head (:func:`preftune.model.logps.batch_logps`, no
 full-vocabulary logits) at the sampling temperature, so the ratio π/π_ref and the KL penalty are
 those of the distribution the completions were drawn from.
 """
@@ -18,16 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RunConfig
+from ..data.layouts import SequenceBatch, collate_sequences
 from ..data.prompts import Prompt
 from ..data.sft import TokenizedSequence
 from ..errors import ConfigError, ScorerError
-from ..layouts import SequenceBatch, collate_sequences
-from ..logps import SequenceLogps, batch_logps
+from ..generation.rollout import Rollout
+from ..generation.scoring import RewardModelScorer, Scorer
 from ..losses.ppo import explained_variance, gae, kl_penalty, masked_mean, token_rewards, whiten
-from ..models import is_peft, load_model, load_reward_model
-from ..reward_model import critic_from_causal_lm, token_values
-from ..rollout import Rollout
-from ..scoring import RewardModelScorer, Scorer
+from ..model.load import is_peft, load_model, load_reward_model
+from ..model.logps import SequenceLogps, batch_logps
+from ..model.reward_head import critic_from_causal_lm, token_values
 from .online import score_samples
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -210,7 +210,7 @@ def build_critic(
         choice = "reward" if usable else "policy"
     if choice == "reward":
         if reward_model is None:
-            raise ConfigError("ppo.value_model: 'reward' needs ppo.reward to be a reward-model folder")
+            raise ConfigError("ppo.value_model: 'reward' needs reward.scorer to be a reward-model folder")
         if not same_vocabulary(reward_model.tokenizer, tokenizer):
             raise ConfigError(
                 f"ppo.value_model: the reward model {reward_model.name} reads another vocabulary than the "

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RunConfig
+from ..data.layouts import Batch
+from ..data.packing import collate_for
 from ..engine import Harness, LossFn, Task, TrainResult
-from ..layouts import Batch
-from ..models import load_reward_model, prepare_for_training
-from ..packing import choose_layout, collate_for
-from ..reference import weights_digest
-from ..reward_model import RewardModule
+from ..model.attention import choose_layout
+from ..model.load import load_reward_model, prepare_for_training
+from ..model.reference import weights_digest
+from ..model.reward_head import RewardModule
 from .common import load_pairs, tokenizer_for
 
 
@@ -63,15 +64,13 @@ def train_reward_model(
     ``AutoModelForSequenceClassification`` and scores with ``preftune rm score``."""
     harness = Harness(config)
     tokenizer = tokenizer_for(config, tokenizer)
-    pairs, eval_pairs, report = load_pairs(
-        harness, tokenizer, train_data, eval_data, config.reward.margin_field
-    )
+    pairs, eval_pairs, report = load_pairs(harness, tokenizer, train_data, eval_data, config.rm.margin_field)
     harness.claim_output_dir()
 
     if model is None:
         model = load_reward_model(config.model, tokenizer.pad_token_id, harness.say)
     model = prepare_for_training(model, config.model, task_type="SEQ_CLS")
-    centering = config.reward.center_rewards_coefficient
+    centering = config.rm.center_rewards_coefficient
     harness.say(f"reward model: Bradley–Terry{f', centering c={centering}' if centering else ''}")
     layout, notice = choose_layout(config.data.layout, model, device_type=harness.device.type)
     if notice:

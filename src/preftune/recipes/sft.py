@@ -17,12 +17,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..config import RunConfig
+from ..data.layouts import SequenceBatch, collate_sequences
 from ..data.sft import TokenizedSequence, prepare_sft
 from ..engine import Harness, Task, TrainResult
-from ..layouts import SequenceBatch, collate_sequences
-from ..logps import PolicyLogps
-from ..models import load_model, prepare_for_training
-from ..reference import weights_digest
+from ..model.load import load_model, prepare_for_training
+from ..model.logps import PolicyLogps
+from ..model.reference import weights_digest
 from .common import tokenizer_for
 
 

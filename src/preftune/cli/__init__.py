@@ -1,0 +1,62 @@
+"""The command line: ``preftune train | sft | rm | online | ppo | eval | check-data | pipeline |
+config | experiment | demo | losses | synthetic-task``.
+
+Each command lives with its kind (:mod:`.train`, :mod:`.sampling`, :mod:`.evaluation`,
+:mod:`.data`); here are the parser and the one place that turns a user's error into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from ..errors import PreftuneError
+from .data import add_data_commands
+from .evaluation import add_evaluation_commands
+from .sampling import add_sampling_commands
+from .train import add_training_commands
+
+KEYS_HELP = "every config key, its type, default and meaning: preftune config"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="preftune", description="Align language models with preference data."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_training_commands(commands, KEYS_HELP)
+    add_sampling_commands(commands, KEYS_HELP)
+    add_data_commands(commands, KEYS_HELP)
+    add_evaluation_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default", UserWarning)
+    from ..distributed import close_process_group
+    from ..engine.guard import StopRequested, tell_launcher
+
+    try:
+        args.run(args)
+        close_process_group()  # launched: every process finished; end the group before the exit
+    except StopRequested as stop:  # a signal: the run saved a checkpoint and can be resumed
+        print(f"preftune: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except PreftuneError as err:
+        print(f"preftune: error: {err}", file=sys.stderr)
+        tell_launcher(err)
+        return 2
+    except BrokenPipeError:  # `preftune losses | head`
+        return 0
+    except KeyboardInterrupt:
+        print(
+            "preftune: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr
+        )
+        return 130
+    except Exception as err:
+        tell_launcher(err)
+        raise
+    return 0

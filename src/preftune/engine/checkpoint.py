@@ -1,0 +1,379 @@
+"""Atomic checkpoints: a ``save_pretrained`` folder plus optimizer, scheduler, RNG and data position.
+
+A checkpoint is written to a hidden temporary folder and renamed into place, so a crash
+leaves either the whole checkpoint or none; a stray temporary folder is removed at the
+next start. ``checkpoint-<step>`` folders load with ``AutoModelForCausalLM.from_pretrained``
+as they are (LoRA runs hold the adapter, which transformers loads on top of its base model
+when peft is installed).
+
+Nothing read back from a checkpoint can run code: weights are safetensors, the RNG state is
+JSON plus safetensors, and the optimizer and scheduler states are read with
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+The exception is a DeepSpeed run's ``optimizer/`` folder (one file per process, in DeepSpeed's
+own format), which only DeepSpeed reads back, as it wrote it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from ..model.load import is_peft
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def _save_rng_state(folder: Path) -> None:
+    """Python's and NumPy's generators as JSON, torch's (CPU and CUDA) as safetensors: no pickle."""
+    from safetensors.torch import save_file
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [str(name), np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    (folder / "rng.json").write_text(json.dumps(plain))
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(folder / "rng.safetensors"))
+
+
+def _load_rng_state(folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    plain = json.loads((folder / "rng.json").read_text())
+    version, internal, gauss = plain["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((str(name), np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    tensors = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.parent / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.parent / f".old-{final.name}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep: int | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | Path | None = None,
+    extra_models: dict[str, Any] | None = None,
+) -> Path:
+    """``checkpoint-N``: ``model`` at the top (it loads with ``from_pretrained`` as is), each of
+    ``extra_models`` (PPO's critic) in a subfolder of its name, then the training state.
+    ``weights`` and ``optimizer_state`` are the gathered ones of a sharded model (else the
+    model's and the optimizer's own); an ``optimizer_state`` folder (DeepSpeed's files, one per
+    process) is moved in as ``optimizer/``."""
+    final = output_dir / f"checkpoint-{step:07d}"
+    tmp = _atomic_dir(final)
+    try:
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        for name, extra in (extra_models or {}).items():
+            extra.save_pretrained(tmp / name, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if isinstance(optimizer_state, Path):
+            os.replace(optimizer_state, tmp / "optimizer")
+        else:
+            torch.save(
+                optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER_FILE
+            )
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _save_rng_state(tmp)
+        # Written last: a folder with this file is complete.
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        _publish(tmp, final)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(err, final, output_dir) from None
+    if keep:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_error(err: Exception, target: Path, output_dir: Path) -> CheckpointError:
+    """A failed write, said plainly: a full disk names the checkpoint that is still good."""
+    full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    full = full or "unexpected pos" in str(err) or "No space left" in str(err)  # torch's zip writer
+    found = list_checkpoints(output_dir)
+    kept = f"the last good checkpoint, {found[-1].name}, is kept" if found else "no earlier checkpoint exists"
+    if full:
+        return CheckpointError(f"{target}: the disk is full; nothing half-written was left, and {kept}")
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    return CheckpointError(f"{target}: cannot write ({reason}); {kept}")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """The output folder can be a folder and can be written, checked before anything loads."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"train.output_dir: {output_dir} is a file, not a folder")
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"train.output_dir: {output_dir} cannot be written (read-only or no permission on {existing})"
+        )
+
+
+def check_free_space(output_dir: Path, needed: int) -> None:
+    """Room for one checkpoint, before the first step rather than at the first save."""
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ConfigError(
+            f"train.output_dir: {output_dir} has {free / 2**30:.2f} GiB free; one checkpoint needs about "
+            f"{needed / 2**30:.2f} GiB"
+        )
+
+
+def recover_stray(output_dir: Path) -> None:
+    """After a crash: drop half-written ``.tmp-*`` folders, and put back a folder that was being
+    replaced (``.old-X`` without ``X``)."""
+    if not output_dir.is_dir():
+        return
+    for path in output_dir.glob(".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in output_dir.glob(".old-*"):
+        original = output_dir / path.name[len(".old-") :]
+        if original.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.replace(path, original)
+
+
+def plan_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> tuple[Path | None, list[Path]]:
+    """The checkpoint to resume from (if any), and what of an earlier run a fresh run will
+    remove — later, once its models have loaded: a run that fails to start harms nothing.
+
+    A fresh run never mixes into an earlier run's folder: it stops with a message, or with
+    ``overwrite`` replaces it.
+    """
+    found = list_checkpoints(output_dir)
+    if resume:
+        return (found[-1] if found else None), []
+    earlier = [*found, *(p for p in (output_dir / "final", output_dir / "tensorboard") if p.exists())]
+    has_run = found or (output_dir / "final").exists()
+    if has_run and not overwrite:
+        what = found[-1].name if found else "final/"
+        raise ConfigError(
+            f"train.output_dir: {output_dir} holds an earlier run ({what}); "
+            "add --resume to continue it, or --set train.overwrite=true to start over"
+        )
+    return None, earlier
+
+
+def clear_previous_run(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _load_full_weights(path: Path, model: Any) -> None:
+    """Load a ``save_pretrained`` folder's weights into ``model`` in place."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    # The model's files only: a checkpoint's rng.safetensors beside them is no weight.
+    files = sorted(path.glob("model*.safetensors"))
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            names.update(handle.keys())
+    state = model.state_dict()
+    if names - set(state):
+        # The hub layout differs from the live one (transformers 5 fuses MoE experts, for
+        # one): let transformers convert it, and refuse anything it had to invent.
+        loaded_and_info: Any = type(model).from_pretrained(
+            path, dtype=next(model.parameters()).dtype, output_loading_info=True
+        )
+        loaded, info = loaded_and_info
+        problems = {k: v for k, v in info.items() if k != "error_msgs" and v} | (
+            {"errors": info["error_msgs"]} if info.get("error_msgs") else {}
+        )
+        if problems:
+            raise CheckpointError(f"{path}: weights do not match the model ({problems})")
+        weights = loaded.state_dict()
+    else:
+        weights = {}
+        for file in files:
+            weights.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # save_pretrained leaves out tied copies (lm_head = embed_tokens); they share storage.
+    stored = {state[name].data_ptr() for name in weights if name in state}
+    untied = [name for name in missing if state[name].data_ptr() not in stored]
+    if unexpected or untied:
+        raise CheckpointError(
+            f"{path}: weights do not match the model (missing {untied}, unexpected {unexpected})"
+        )
+
+
+def load_weights(path: Path, model: Any) -> None:
+    """A checkpoint's weights (or LoRA adapter) into ``model``, in place."""
+    from safetensors.torch import load_file
+
+    try:
+        if is_peft(model):
+            from peft import set_peft_model_state_dict
+
+            adapter = load_file(str(path / "adapter_model.safetensors"))
+            result: Any = set_peft_model_state_dict(model, adapter)
+            # LoRA matrices, plus the whole modules peft trains beside them (a reward model's head).
+            expected = sum(
+                "lora_" in name or ".modules_to_save." in name for name, _ in model.named_parameters()
+            )
+            if result.unexpected_keys or len(adapter) != expected:
+                raise CheckpointError(
+                    f"{path}: its adapter does not fit this model's LoRA layers ({len(adapter)} tensors for "
+                    f"{expected}; unexpected {list(result.unexpected_keys)[:3]}); use the same model.lora_* settings"
+                )
+        else:
+            _load_full_weights(path, model)
+    except CheckpointError:
+        raise
+    except Exception as err:  # corrupt or foreign files: name the folder, not a torch internals trace
+        raise CheckpointError(
+            f"{path}: cannot resume from this checkpoint ({type(err).__name__}: {err})"
+        ) from None
+
+
+def load_checkpoint(
+    path: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    load_optimizer: Callable[[Path], None] | None = None,
+    extra_models: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Restore weights (``model``'s, and each of ``extra_models``' from its subfolder), optimizer,
+    scheduler and RNG from ``path``; returns the trainer state.
+
+    ``model=None`` leaves the weights (a sharded run loads them before sharding, with
+    :func:`load_weights`); ``load_optimizer(path)`` puts the optimizer state back (default: the
+    optimizer's own ``load_state_dict`` of :func:`read_optimizer_file`).
+    """
+    if model is not None:
+        load_weights(path, model)
+    for name, extra in (extra_models or {}).items():
+        load_weights(path / name, extra)
+    try:
+        if load_optimizer is None:
+            optimizer.load_state_dict(read_optimizer_file(path))
+        else:
+            load_optimizer(path)
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+        _load_rng_state(path)
+        return json.loads((path / STATE_FILE).read_text())
+    except CheckpointError:
+        raise
+    except Exception as err:  # corrupt or foreign files: name the folder, not a torch internals trace
+        raise CheckpointError(
+            f"{path}: cannot resume from this checkpoint ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _merged_state_dict(base: Any) -> dict[str, torch.Tensor]:
+    """The base model's weights with every active LoRA delta added, built on the CPU one layer at
+    a time: the training device never holds a second copy of the model."""
+    from peft.tuners.lora import LoraLayer
+
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensor in base.state_dict().items():
+        # A module trained whole beside the adapters (a reward head) replaces its original.
+        if "lora_" in name or ".original_module." in name:
+            continue
+        name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name.replace(".base_layer.", "."))
+        merged[name] = tensor.detach().cpu()
+    layers: list[tuple[str, Any]] = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+    for name, layer in layers:
+        weight = layer.get_base_layer().weight.detach()
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                weight = weight + layer.get_delta_weight(adapter).detach()
+        merged[f"{name}.weight"] = weight.cpu()
+    return merged
+
+
+def read_optimizer_file(path: Path) -> Any:
+    """The optimizer state a checkpoint holds whole (``optimizer.pt``)."""
+    if not (path / OPTIMIZER_FILE).is_file() and (path / "optimizer").is_dir():
+        raise CheckpointError(
+            f"{path}: its optimizer state was written by DeepSpeed (optimizer/); resume with the accelerate "
+            "config the run was started with"
+        )
+    return torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+
+
+def save_final(
+    output_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    card: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """``output_dir/final``: full weights that any transformers/vLLM loader takes as is.
+
+    LoRA adapters are merged into a copy (the live model keeps its adapters). A 4-bit (QLoRA)
+    base cannot be merged without rounding, so there the folder holds the adapter, which
+    ``AutoModelForCausalLM.from_pretrained`` loads on top of its base model. ``weights``: the
+    gathered weights of a sharded model.
+    """
+    final = output_dir / "final"
+    tmp = _atomic_dir(final)
+    if is_peft(model) and not getattr(model, "is_loaded_in_4bit", False):
+        base = model.get_base_model()
+        base.save_pretrained(tmp, state_dict=_merged_state_dict(base), safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if card is not None:
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    _publish(tmp, final)
+    return final

@@ -1,0 +1,80 @@
+"""``preftune eval`` as a function: check every input, load the models, evaluate, write the report.
+
+Shared by the command and by the pipeline's ``eval`` stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..generation.scoring import RewardModelScorer, Scorer, load_scorer
+from ..model.attention import choose_layout
+from ..model.load import load_model, load_tokenizer
+from .evaluate import check_tokenizers, evaluate, load_sets, score_sets
+from .report import format_table, write_outputs
+
+
+def run_eval(
+    config: RunConfig,
+    specs: list[tuple[str, Any]],
+    output: Path,
+    *,
+    reference: str | None = None,
+    reward_model: str | None = None,
+    reward: str | None = None,
+    samples: int = 0,
+    max_new_tokens: int = 128,
+    beta: float = 0.1,
+    batch_size: int = 8,
+    seed: int = 0,
+    say: Any = print,
+) -> dict[str, Any]:
+    """Evaluate ``config.model`` (the policy) on the named preference sets ``specs``; returns the
+    summary that ``OUTPUT/eval.json`` holds."""
+    # Everything that can be wrong with the input is checked before a model loads.
+    tokenizer = load_tokenizer(config.model, config.data.chat_template)
+    if reference:
+        reference_cfg = dataclasses.replace(config.model, name_or_path=reference)
+        check_tokenizers(tokenizer, load_tokenizer(reference_cfg), reference)
+    sets = load_sets(specs, tokenizer, config.data)
+    scorer: Scorer | None = None
+    if reward_model:
+        scorer = RewardModelScorer(reward_model, batch_size=batch_size, progress=True)
+    elif reward:
+        scorer = load_scorer(reward)
+    if samples and not reference:
+        raise ConfigError("--samples: the KL estimate and the win rate need a reference (--reference)")
+    rewards = score_sets(scorer, sets) if scorer is not None else None
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = load_model(config.model).to(device)
+    reference_model = load_model(config.model, reference).to(device) if reference else None
+    layout, notice = choose_layout(config.data.layout, policy, reference_model, device_type=device)
+    if notice:
+        say(notice)
+    result = evaluate(
+        policy,
+        tokenizer,
+        sets,
+        reference_model,
+        scorer,
+        beta=beta,
+        samples=samples,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        progress=True,
+        rewards=rewards,
+        layout=layout,
+        names={"policy": config.model.name_or_path, "reference": reference, "reward": reward_model or reward},
+    )
+    say(format_table(result.summary))
+    paths = write_outputs(result, output)
+    say(f"wrote {paths[0]}" + "".join(f"\n      {p}" for p in paths[1:]))
+    return result.summary

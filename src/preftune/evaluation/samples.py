@@ -1,0 +1,95 @@
+"""What is measured on samples of a policy and its reference: the KL(π‖π_ref) estimate, the
+samples' rewards and the policy's win rate (``preftune eval --samples``, the experiments).
+
+Every sample is drawn at temperature 1 with no top-k, top-p or other warping
+(:func:`preftune.generation.sampling.generate`): a KL estimate or a win rate is a statement about
+the model's distribution, so that is what is sampled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..data.records import Text
+from ..data.tokenize import TokenizedPair
+from ..generation.rollout import eos_ids
+from ..generation.sampling import as_completion, generate
+from ..generation.scoring import Scorer
+from ..model.set_logps import pair_logps
+from .metrics import kl_estimate
+
+
+def sample_report(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: Any,
+    prompts: dict[tuple[int, ...], Text],
+    scorer: Scorer | None,
+    per_prompt: int,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 8,
+    progress: bool = False,
+    name: str = "",
+    layout: str = "auto",
+) -> dict[str, Any]:
+    """``per_prompt`` samples from policy and from reference for each prompt (token ids -> the
+    text or messages a scorer reads): the KL(π‖π_ref) estimate, and with a scorer the samples'
+    mean rewards and the policy's win rate (ties count half).
+
+    The KL is in nats per sequence; ``kl_reference_policy`` is KL(π_ref‖π) from the reference's
+    samples, which the same two forward passes give for free."""
+    prompt_ids = [list(ids) for ids in prompts for _ in range(per_prompt)]
+    texts = [text for text in prompts.values() for _ in range(per_prompt)]
+    pad, stop = tokenizer.pad_token_id, eos_ids(policy, tokenizer)
+    ours = generate(
+        policy, prompt_ids, pad, stop, max_new_tokens, seed, progress=progress, desc=f"{name}: policy samples"
+    )
+    theirs = generate(
+        reference,
+        prompt_ids,
+        pad,
+        stop,
+        max_new_tokens,
+        seed + 1,
+        progress=progress,
+        desc=f"{name}: reference samples",
+    )
+    # Each prompt's policy and reference sample as one "pair": one forward per model scores both.
+    pairs = [
+        TokenizedPair(p, a, b, i) for i, (p, a, b) in enumerate(zip(prompt_ids, ours, theirs, strict=True))
+    ]
+    under_policy = pair_logps(
+        policy, pairs, pad, batch_size, progress, f"{name}: samples under the policy", layout
+    )
+    under_reference = pair_logps(
+        reference, pairs, pad, batch_size, progress, f"{name}: samples under the reference", layout
+    )
+    kl, kl_stderr = kl_estimate(under_policy.chosen, under_reference.chosen)
+    reverse_kl, _ = kl_estimate(under_reference.rejected, under_policy.rejected)
+    report: dict[str, Any] = {
+        "prompts": len(prompts),
+        "samples_per_prompt": per_prompt,
+        "kl_policy_reference": kl,
+        "kl_policy_reference_stderr": kl_stderr,
+        "kl_reference_policy": reverse_kl,
+        "tokens_policy": under_policy.chosen_tokens.mean().item(),
+        "tokens_reference": under_policy.rejected_tokens.mean().item(),
+        "reward_policy": None,
+        "reward_reference": None,
+        "win_rate_policy_vs_reference": None,
+    }
+    if scorer is not None:
+        decoded = tokenizer.batch_decode(ours + theirs, skip_special_tokens=True)
+        completions = [as_completion(p, text) for p, text in zip(texts + texts, decoded, strict=True)]
+        scores = scorer(texts + texts, completions)
+        mine, others = scores[: len(texts)], scores[len(texts) :]
+        wins = [float(a > b) + 0.5 * float(a == b) for a, b in zip(mine, others, strict=True)]
+        report.update(
+            reward_policy=sum(mine) / len(mine),
+            reward_reference=sum(others) / len(others),
+            win_rate_policy_vs_reference=sum(wins) / len(wins),
+        )
+    return report

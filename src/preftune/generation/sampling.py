@@ -1,0 +1,87 @@
+"""Sampling from a causal LM: batched, left-padded, the model's own distribution; the scoring of
+online DPO's and PPO's samples.
+
+Every sample is drawn at temperature 1 with no top-k, top-p or other warping, whatever the
+checkpoint's ``generation_config.json`` asks for: a KL estimate or a win rate is a statement
+about the model's distribution, so that is what is sampled. Completions end at the first EOS
+(kept, as training appends it) or at ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ..config.rl import RolloutConfig
+from ..data import Text
+from ..data.prompts import Prompt
+from .rollout import Completion, TransformersRollout, eos_ids
+from .scoring import Scorer
+
+BATCH_SIZE = 64
+
+
+def generate(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = BATCH_SIZE,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> list[list[int]]:
+    """One sampled completion (token ids) per prompt, from the model's unwarped distribution."""
+    params = RolloutConfig(
+        max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, batch_size=batch_size
+    )
+    rollout = TransformersRollout(model, pad_token_id, stop_ids, progress)
+    return [completion.ids for completion in rollout.generate(prompt_ids, params, seed, desc)]
+
+
+def sample(model: Any, tokenizer: Any, prompts: list[str], seed: int, max_new_tokens: int = 12) -> list[str]:
+    """One sampled completion per text prompt (temperature 1), decoded without special tokens."""
+    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    completions = generate(
+        model, prompt_ids, tokenizer.pad_token_id, eos_ids(model, tokenizer), max_new_tokens, seed
+    )
+    return tokenizer.batch_decode(completions, skip_special_tokens=True)
+
+
+def as_completion(prompt: Text, text: str) -> Text:
+    """A decoded completion in the prompt's shape: text, or one assistant message."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def score_samples(
+    prompts: list[Prompt],
+    k: int,
+    completions: list[Completion],
+    scorer: Scorer,
+    tokenizer: Any,
+    missing_eos_penalty: float | None,
+) -> list[dict[str, Any]]:
+    """One row per sample: its text and ids, whether it ended with EOS, the scorer's reward and the
+    reward used for pairing (minus the penalty when it did not end; NaN when unscored)."""
+    texts = tokenizer.batch_decode([c.ids for c in completions], skip_special_tokens=True)
+    prompt_texts = [prompt.text for prompt in prompts for _ in range(k)]
+    scores = scorer(prompt_texts, [as_completion(p, t) for p, t in zip(prompt_texts, texts, strict=True)])
+    rows = []
+    for i, (completion, text, value) in enumerate(zip(completions, texts, scores, strict=True)):
+        score = math.nan if value is None else float(value)
+        penalty = missing_eos_penalty if missing_eos_penalty and not completion.ended else 0.0
+        reward = score - penalty if math.isfinite(score) else None
+        rows.append(
+            {
+                "prompt_index": i // k,
+                "sample": i % k,
+                "completion": text,
+                "completion_ids": completion.ids,
+                "eos": completion.ended,
+                "score": score if math.isfinite(score) else None,
+                "reward": reward,
+            }
+        )
+    return rows

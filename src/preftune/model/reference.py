@@ -1,0 +1,386 @@
+"""Reference strategies: one small interface, ``logps(batch) -> [S]``, a log-prob per sequence
+(``logps_and_tails`` adds the sums over the batch's LD-DPO tails from the same forward).
+
+Like the policy's, the reference's statistics are per sequence; the batch's layout says
+which sequence is which pair's chosen or rejected completion.
+
+
+* :class:`ModelReference`      a frozen model: a copy of the starting policy or another checkpoint
+* :class:`AdapterOffReference` the policy's own weights with its LoRA adapters disabled
+* :class:`PrecomputedReference` log-probs computed in one pass before training and cached on
+  disk with a fingerprint of model + data + tokenization; reused when it matches, refused
+  when it does not
+* reference-free objectives get no reference at all (``None``): no forward is spent on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..data import TokenizedPair
+from ..data.layouts import Batch, SequenceBatch
+from ..data.packing import collate_for
+from ..distributed import on_main, process_group
+from ..errors import ConfigError, ReferenceCacheError
+from .attention import choose_layout
+from .logps import PolicyLogps, SequenceLogps
+
+__all__ = ["Reference", "ReferenceCacheError", "build_reference"]
+
+
+class Reference(Protocol):
+    def logps(self, batch: Batch) -> Tensor:
+        """``[S]`` summed completion log-probs of every sequence of the batch."""
+        ...
+
+    def logps_and_tails(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """:meth:`logps` and ``[S]`` the sums over the tokens of ``batch.label_tail`` (LD-DPO)."""
+        ...
+
+
+class _ModelLogps:
+    """A model's log-probs without gradients, inside ``model_context`` (what makes it the reference).
+
+    They are the forward of ``module`` (:class:`~preftune.model.logps.PolicyLogps` around ``model``):
+    when the reference is sharded (FSDP2, ZeRO-3) that module is the sharded root, whose call
+    gathers the embeddings and the lm_head the chunked head reads, as the policy's does.
+    """
+
+    model: nn.Module
+    module: nn.Module
+
+    def model_context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def _sequences(self, batch: Batch | SequenceBatch, tails: bool) -> SequenceLogps:
+        with torch.no_grad(), self.model_context():
+            sequences: SequenceLogps = self.module(batch, only_logps=not tails)
+            return sequences
+
+    def logps(self, batch: Batch | SequenceBatch) -> Tensor:
+        """Also of single sequences (KTO's examples and KL sequences), which only a live model scores."""
+        return self._sequences(batch, tails=False).logps
+
+    def logps_and_tails(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        sequences = self._sequences(batch, tails=True)
+        assert sequences.tail_logps is not None
+        return sequences.logps, sequences.tail_logps
+
+
+class ModelReference(_ModelLogps):
+    """A frozen model in eval mode, never updated."""
+
+    def __init__(self, model: nn.Module, chunk_size: int | None = None, freeze: bool = True):
+        self.model = model.eval().requires_grad_(False) if freeze else model
+        self.module = _logps_module(self.model, chunk_size)
+
+
+class AdapterOffReference(_ModelLogps):
+    """The policy's base weights: the PEFT model with adapters disabled. No second model in memory."""
+
+    def __init__(self, peft_model: nn.Module, chunk_size: int | None = None):
+        self.model = peft_model
+        self.module = _logps_module(peft_model, chunk_size)
+
+    def model_context(self) -> contextlib.AbstractContextManager[Any]:
+        return self.model.disable_adapter()  # type: ignore[operator]
+
+
+def _logps_module(model: nn.Module, chunk_size: int | None) -> nn.Module:
+    """The log-probs, with the sums over LD-DPO's tails unless ``only_logps``; no logit means."""
+    return PolicyLogps(model, chunk_size, with_tails=True, with_mean_logits=False)
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by the pairs' dataset index, placed where the layout says.
+
+    ``tables`` holds ``[max index + 1]`` tensors: ``chosen``, ``rejected`` and, when cached,
+    ``chosen_tail``, ``rejected_tail`` (the sums over LD-DPO's tails).
+    """
+
+    def __init__(self, tables: dict[str, Tensor]):
+        self.tables = tables
+
+    def _lookup(self, batch: Batch, chosen: str, rejected: str) -> Tensor:
+        device = batch.pair_index.device
+        if self.tables[chosen].device != device:  # once: the tables move to the batch's device
+            self.tables = {name: table.to(device) for name, table in self.tables.items()}
+        out = torch.empty(batch.num_sequences, device=device)
+        out[batch.chosen] = self.tables[chosen][batch.pair_index]
+        out[batch.rejected] = self.tables[rejected][batch.pair_index]
+        return out
+
+    def logps(self, batch: Batch) -> Tensor:
+        return self._lookup(batch, "chosen", "rejected")
+
+    def logps_and_tails(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        return self.logps(batch), self._lookup(batch, "chosen_tail", "rejected_tail")
+
+
+# --------------------------------------------------------------------------- precompute and cache
+
+
+TABLES = ("chosen", "rejected", "chosen_tail", "rejected_tail")
+
+
+def precompute(
+    reference: Reference,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: Any = contextlib.nullcontext,
+    progress: bool = True,
+    layout: str = "padded",
+    pack_tokens: int | None = None,
+) -> dict[str, Tensor]:
+    """One pass over ``pairs``; returns :class:`PrecomputedReference`'s tables, ``[max index + 1]``
+    tensors indexed by ``pair.index``: the sums and the sums over LD-DPO's tails (cheap to keep).
+    Batches of ``batch_size`` pairs in the run's ``layout`` (a packed or prefix-shared row computes
+    each prompt once; the tables are the padded layout's, to float rounding).
+
+    Under a launched group (``torchrun``, ``accelerate launch``) each process computes every
+    n-th pair of the longest-first order (so the shares cost alike) and the shares are gathered:
+    every process returns all the tables, each pair computed once.
+    """
+    rank, world = process_group()
+    size = max(p.index for p in pairs) + 1
+    tables = {name: torch.full((size,), float("nan")) for name in TABLES}
+    # Longest first: the first batch shows an out-of-memory at once, not at the end.
+    ordered = sorted(pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
+    share = ordered[rank::world]
+    starts = range(0, len(share), batch_size)
+    collate = collate_for(layout, pad_token_id, pack_tokens)
+    for start in tqdm(starts, desc="reference log-probs", disable=None if progress else True, leave=False):
+        batch = collate(share[start : start + batch_size]).to(device)
+        with autocast():
+            sums, tails = (t.float().cpu() for t in reference.logps_and_tails(batch))
+        keys, chosen, rejected = batch.pair_index.cpu(), batch.chosen.cpu(), batch.rejected.cpu()
+        tables["chosen"][keys], tables["rejected"][keys] = sums[chosen], sums[rejected]
+        tables["chosen_tail"][keys], tables["rejected_tail"][keys] = tails[chosen], tails[rejected]
+    if world > 1:
+        keys = torch.tensor([p.index for p in share], dtype=torch.long)
+        shares: list[Any] = [None] * world
+        torch.distributed.all_gather_object(shares, (keys, {name: t[keys] for name, t in tables.items()}))
+        for keys, values in shares:
+            for name, table in tables.items():
+                table[keys] = values[name]
+    return tables
+
+
+def _param_digest(model: nn.Module, skip: str | None = None) -> str:
+    """Names, shapes, dtypes and a strided sample of every parameter: cheap even at 70B,
+    and any fine-tune or different checkpoint changes it."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if skip and skip in name:
+            continue
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // 4096)
+        sample = flat[::stride][:4096].float().cpu()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_digest(*models: nn.Module | None) -> str:
+    """A digest of the models' weights, LoRA adapters left out (they are what training changes)."""
+    digest = hashlib.sha256()
+    for model in models:
+        if model is not None:
+            digest.update(_param_digest(model, skip="lora_").encode())
+    return digest.hexdigest()[:32]
+
+
+def fingerprint(model: nn.Module, pairs: Sequence[TokenizedPair], extra: dict[str, Any]) -> str:
+    """A hash of the reference weights, every pair's token ids and the settings that change log-probs."""
+    digest = hashlib.sha256()
+    digest.update(_param_digest(model).encode())
+    for pair in pairs:
+        digest.update(json.dumps([pair.index, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def load_or_precompute(
+    cache_path: Path,
+    source: Reference,
+    source_model: nn.Module,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    extra: dict[str, Any],
+    autocast: Any = contextlib.nullcontext,
+    progress: bool = True,
+    is_main: bool = True,
+    replace_stale: bool = False,
+    needs_tails: bool = False,
+    layout: str = "padded",
+    pack_tokens: int | None = None,
+) -> PrecomputedReference:
+    """Reuse ``cache_path`` when its fingerprint matches; refuse it when it differs or lacks the
+    tails LD-DPO needs (or, with ``replace_stale``, for a run that replaces the one that wrote
+    it, recompute it); else compute it.
+
+    Under a launched group the main process alone reads and writes the cache (its verdict, its
+    tables or its error reach every process), and the pairs are computed shared out
+    (:func:`precompute`): nothing needs a file system the processes share.
+    """
+    print_ = print if is_main else (lambda *a, **k: None)
+
+    def cached_tables() -> dict[str, Tensor] | None:
+        if not cache_path.exists():
+            return None
+        try:
+            cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ReferenceCacheError(f"{cache_path}: unreadable ({err}); delete it to recompute") from None
+        key = fingerprint(source_model, pairs, extra)
+        if cached.get("fingerprint") != key and not replace_stale:
+            raise ReferenceCacheError(
+                f"{cache_path}: reference log-probs were computed for another model, data or tokenization "
+                f"(fingerprint {cached.get('fingerprint')} != {key}); delete the file to recompute them, "
+                "or use another train.output_dir"
+            )
+        complete = not needs_tails or set(TABLES) <= set(cached)
+        if not complete and not replace_stale:
+            raise ReferenceCacheError(
+                f"{cache_path}: holds no sums over LD-DPO's tails (cached by an earlier version); "
+                "delete the file to recompute it"
+            )
+        if cached.get("fingerprint") == key and complete:
+            print_(f"reference log-probs: reusing {cache_path}")
+            return {name: cached[name] for name in TABLES if name in cached}
+        return None
+
+    reused = on_main(cached_tables, ReferenceCacheError)
+    if reused is not None:
+        return PrecomputedReference(reused)
+    tables = precompute(
+        source, pairs, pad_token_id, batch_size, device, autocast, progress, layout, pack_tokens
+    )
+
+    def write() -> None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        torch.save({"fingerprint": fingerprint(source_model, pairs, extra), **tables}, tmp)
+        os.replace(tmp, cache_path)  # atomic: a crash never leaves half a cache
+        print_(
+            f"reference log-probs: computed for {len(pairs)} pairs ({layout} layout), cached in {cache_path}"
+        )
+
+    on_main(write, ReferenceCacheError)  # the others wait for it, and stop with its error
+    return PrecomputedReference(tables)
+
+
+def choose_strategy(
+    cfg: RunConfig, needs_reference: bool, policy_is_peft: bool, has_model: bool = False
+) -> str:
+    """``auto`` -> none (reference-free), adapter (LoRA, no other checkpoint given), else copy."""
+    strategy = cfg.reference.strategy
+    if not needs_reference:
+        return "none"
+    if strategy == "none":
+        raise ConfigError("reference.strategy: 'none' but the objective needs a reference")
+    if strategy == "auto":
+        return "adapter" if policy_is_peft and not (cfg.reference.path or has_model) else "copy"
+    return strategy
+
+
+def build_reference(
+    config: RunConfig,
+    needs_reference: bool,
+    policy: nn.Module,
+    reference_model: nn.Module | None,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Any,
+    is_main: bool,
+    shard: Callable[[nn.Module], nn.Module] | None = None,
+) -> tuple[Reference | None, str]:
+    """The reference the objective needs, per ``config.reference``; returns it and the strategy used.
+
+    ``shard`` (FSDP2, ZeRO-3) places a live reference as the policy is placed: it takes the
+    module whose forward gives the log-probs and returns the one to call, each process holding
+    its shards; the whole model never goes to the device. Every call is then a collective."""
+    from .load import is_peft, load_model
+
+    chunk = config.train.logps_chunk_size
+    strategy = choose_strategy(config, needs_reference, is_peft(policy), reference_model is not None)
+    if strategy == "none":
+        return None, strategy
+    if strategy == "adapter":
+        return AdapterOffReference(policy, chunk), strategy
+    if reference_model is None and config.reference.path:
+        reference_model = load_model(config.model, config.reference.path)
+    source_model = reference_model
+    if source_model is None:
+        # Precomputing reads the starting policy once; a live reference needs its own copy.
+        source_model = policy if strategy == "precomputed" else frozen_copy(policy)
+    live_shard = shard if strategy == "copy" else None  # precomputing reads the whole model, as before
+    if live_shard is not None and is_peft(source_model):
+        raise ConfigError(
+            "reference: a LoRA model (the policy's copy, or reference.path) cannot be sharded under FSDP2 "
+            "or DeepSpeed ZeRO-3 yet; use DDP (examples/accelerate/ddp.yaml), a merged reference.path, or "
+            "reference.strategy=precomputed"
+        )
+    if live_shard is None and not getattr(source_model, "is_loaded_in_4bit", False):  # bitsandbytes placed
+        source_model.to(device)
+    source: AdapterOffReference | ModelReference
+    if is_peft(source_model):
+        source = AdapterOffReference(source_model, chunk)
+    else:  # freezing the policy itself would stop its training
+        source = ModelReference(source_model, chunk, freeze=source_model is not policy)
+    if strategy == "copy":
+        if live_shard is not None:
+            source.module = live_shard(source.module)
+        return source, strategy
+    extra = {
+        "dtype": str(next(source_model.parameters()).dtype),
+        "mixed_precision": config.train.mixed_precision,
+    }
+    # The layout training would choose for this model; not in the fingerprint: every layout
+    # gives the same log-probs, so a cache serves a run with another layout.
+    layout, notice = choose_layout(config.data.layout, source_model, device_type=device.type)
+    if notice and is_main and source_model is not policy:  # the policy's own notice says it
+        print(f"reference log-probs: {notice}")
+    precomputed = load_or_precompute(
+        Path(config.train.output_dir) / "reference_logps.pt",
+        source,
+        source_model,
+        pairs,
+        pad_token_id,
+        config.reference.batch_size,
+        device,
+        extra,
+        autocast,
+        config.train.progress and is_main,
+        is_main,
+        replace_stale=config.train.overwrite,
+        needs_tails=config.objective.ld_alpha is not None,
+        layout=layout,
+        pack_tokens=config.data.pack_tokens,
+    )
+    if source_model is not policy and not getattr(source_model, "is_loaded_in_4bit", False):
+        source_model.to("cpu")  # the tables are all training needs: free the device
+    return precomputed, strategy
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of the starting policy (a PEFT policy is copied with its adapters,
+    and used with them disabled)."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
