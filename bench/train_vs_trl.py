@@ -167,7 +167,7 @@ def run_side(args: argparse.Namespace) -> dict:
         "case": args.case,
         "objective": args.objective,
         "threads": args.threads,
-        "pairs_per_step": BATCH,
+        "examples_per_step": BATCH,
         "tokens_per_step": sum(p + c + r for p, c, r in lengths),
         "seconds_per_step": seconds,
         "step_seconds": steps,

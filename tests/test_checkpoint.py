@@ -33,9 +33,9 @@ def _tiny_moe_config(tokenizer):
 
 
 def _roundtrip(tmp_path, model, fresh, tokenizer):
-    path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {"pairs_seen": 4})
+    path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {"examples_seen": 4})
     state = load_checkpoint(path, fresh, *_optimizer(fresh))
-    assert state == {"pairs_seen": 4, "step": 1}
+    assert state == {"examples_seen": 4, "step": 1}
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, msg=name)
 

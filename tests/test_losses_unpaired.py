@@ -23,7 +23,7 @@ from preftune.losses import (
     UnpairedOutput,
     UnpairedStats,
     build_unpaired_objective,
-    kl_estimate,
+    kto_reference_point,
 )
 
 TOL = 1e-6
@@ -98,21 +98,23 @@ def test_the_kl_estimate_is_detached_so_only_each_examples_own_log_ratio_gets_a_
 
 def test_the_kl_estimate_is_the_batch_mean_of_the_mismatched_log_ratios():
     """Policy [−20, −21] against reference [−20.5, −21.3]: log-ratios 0.5 and 0.3, mean 0.4."""
-    z = kl_estimate(torch.tensor([-20.0, -21.0], dtype=DTYPE), torch.tensor([-20.5, -21.3], dtype=DTYPE))
+    z = kto_reference_point(
+        torch.tensor([-20.0, -21.0], dtype=DTYPE), torch.tensor([-20.5, -21.3], dtype=DTYPE)
+    )
     assert z.item() == pytest.approx(0.4, abs=TOL)
     assert not z.requires_grad
 
 
 def test_a_negative_kl_estimate_is_clamped_at_zero():
     """Log-ratios −1 and 0.2: mean −0.4, which no KL can be, so z = 0."""
-    z = kl_estimate(torch.tensor([-20.0, -21.0]), torch.tensor([-19.0, -21.2]))
+    z = kto_reference_point(torch.tensor([-20.0, -21.0]), torch.tensor([-19.0, -21.2]))
     assert z.item() == 0.0
 
 
 def test_the_estimate_is_averaged_over_processes_before_it_is_clamped():
     """This process 0.4, the other −1.2: their mean −0.4 clamps to 0 (clamping first would give 0.2)."""
     other = torch.tensor(-1.2, dtype=DTYPE)
-    z = kl_estimate(
+    z = kto_reference_point(
         torch.tensor([-20.0, -21.0], dtype=DTYPE),
         torch.tensor([-20.5, -21.3], dtype=DTYPE),
         gather_mean=lambda local: (local + other) / 2,
@@ -167,7 +169,7 @@ def test_matches_trl_kto_compute_loss(loss_type, desirable_weight, undesirable_w
         )
         gather = None if other is None else (lambda local: (local + other) / 2)
         z = (
-            kl_estimate(data["kl_logps"], data["ref_kl_logps"], gather)
+            kto_reference_point(data["kl_logps"], data["ref_kl_logps"], gather)
             if objective.needs_kl
             else torch.zeros(())
         )

@@ -9,10 +9,10 @@ from preftune.evaluation.metrics import (
     edit_bucket,
     edit_distance,
     implicit_variants,
-    kl_estimate,
     norm_accuracy,
     preference_metrics,
     ranking,
+    sampled_kl,
 )
 from preftune.losses import PairStats
 
@@ -142,7 +142,7 @@ def test_edit_buckets_double():
 
 
 def test_kl_estimate_is_the_mean_log_ratio_with_its_standard_error():
-    mean, stderr = kl_estimate(torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([0.0, 0.0, 1.0, 2.0]))
+    mean, stderr = sampled_kl(torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([0.0, 0.0, 1.0, 2.0]))
     # ratios 1, 2, 2, 4: mean 2.25, sample std sqrt(1.5833), stderr std / 2
     assert mean == pytest.approx(2.25)
     assert stderr == pytest.approx((4.75 / 3) ** 0.5 / 2)

@@ -22,7 +22,7 @@ from preftune.losses.ppo import value_loss
 from preftune.model.logps import batch_logps
 from preftune.model.reward_head import sequence_rewards, token_values
 from preftune.recipes.ppo import train_ppo
-from preftune.recipes.ppo_rollouts import build_critic
+from preftune.recipes.ppo_experience import build_critic
 
 # --------------------------------------------------------------------------- the critic
 

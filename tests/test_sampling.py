@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from preftune.data import TokenizedPair
-from preftune.evaluation.metrics import kl_estimate
+from preftune.evaluation.metrics import sampled_kl
 from preftune.experiments.synthetic import tiny_llama
 from preftune.generation.rollout import Completion, cut_at_stop, left_pad
 from preftune.generation.sampling import generate
@@ -71,7 +71,7 @@ def test_sample_based_kl_matches_the_exact_kl_of_an_enumerable_model():
     pairs = [TokenizedPair(PROMPT, s, s, i) for i, s in enumerate(samples)]
     under_policy = pair_logps(policy, pairs, PAD, batch_size=500)
     under_reference = pair_logps(reference, pairs, PAD, batch_size=500)
-    estimate, stderr = kl_estimate(under_policy.chosen, under_reference.chosen)
+    estimate, stderr = sampled_kl(under_policy.chosen, under_reference.chosen)
     assert abs(estimate - exact) < 4 * stderr
     assert estimate == pytest.approx(exact, rel=0.1)
 
@@ -93,7 +93,7 @@ def test_identical_models_have_zero_kl_on_every_sample():
     samples = generate(model, [PROMPT] * 50, PAD, [EOS], LENGTH, seed=0)
     pairs = [TokenizedPair(PROMPT, s, s, i) for i, s in enumerate(samples)]
     logps = pair_logps(model, pairs, PAD).chosen
-    assert kl_estimate(logps, logps)[0] == 0.0
+    assert sampled_kl(logps, logps)[0] == 0.0
 
 
 def test_left_padding_and_the_cut_at_the_first_eos():

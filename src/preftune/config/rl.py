@@ -88,7 +88,7 @@ class PPOConfig:
     """Adaptive coefficient (Ziegler et al. 2019): steer the rollouts' KL (nats per sequence) to this;
     None: fixed ``kl_coef``."""
     kl_horizon: int = 10_000
-    """Rollouts over which the adaptive coefficient moves by the (clipped) relative KL error."""
+    """Experience over which the adaptive coefficient moves by the (clipped) relative KL error."""
     gamma: float = 1.0
     """Discount γ of the generalized advantage estimate."""
     lam: float = 0.95

@@ -1,7 +1,7 @@
 """The harness: what every kind of training needs, around a recipe's loss.
 
     harness = Harness(config)          accelerator, seed, trackers checked
-    harness.claim_output_dir()         after the recipe validated its data: a fresh run or a resume
+    harness.decide_start()         after the recipe validated its data: a fresh run or a resume
     harness.fit(module, model, task)   the loop:
 
     for each optimizer step:
@@ -96,7 +96,7 @@ class Harness:
                 "changes the loss; use train.grad_accum=1 on one process (raise train.batch_size instead)"
             )
 
-    def claim_output_dir(self) -> None:
+    def decide_start(self) -> None:
         """Decide between a fresh run and a resume, once the data is known good. Nothing of an
         earlier run is removed here: that waits until the models have loaded (``fit``)."""
         if self.is_main:
@@ -107,7 +107,7 @@ class Harness:
         if self.cfg.resume and self.resume_from is None:
             self.say(f"resume: no checkpoint in {self.output_dir}; starting from the beginning")
 
-    def take_output_dir(self, model: nn.Module, trainable: list[nn.Parameter]) -> None:
+    def prepare_output_dir(self, model: nn.Module, trainable: list[nn.Parameter]) -> None:
         """The models loaded: now an earlier run's files may go, if there is room for a checkpoint."""
         if self.is_main:
             weights = sum(sharding.numel(p) * p.element_size() for p in model.parameters())
@@ -145,9 +145,9 @@ class Harness:
         wrapped, optimizer = accelerator.prepare(module, optimizer)
         trainable = sharding.trainable_parameters(wrapped)
 
-        state = {"pairs_per_step": per_step, "total_steps": total_steps, "start_digest": start_digest}
+        state = {"examples_per_step": per_step, "total_steps": total_steps, "start_digest": start_digest}
         start_step, tokens_seen = self._resume(wrapped, optimizer, scheduler, state, task.unit)
-        self.take_output_dir(model, trainable)
+        self.prepare_output_dir(model, trainable)
         stream = data_stream(len(task.examples), cfg.seed, cfg.shuffle)
         for _ in range(start_step * per_step):
             next(stream)
@@ -217,7 +217,7 @@ class Harness:
                 # The last step is saved too: a finished run can be extended with more steps and --resume.
                 saving = cfg.save_every is not None and (step % cfg.save_every == 0 or step == total_steps)
                 if saving or stop:
-                    state.update(pairs_seen=step * per_step, num_tokens=tokens_seen)
+                    state.update(examples_seen=step * per_step, num_tokens=tokens_seen)
                     saved = self._checkpoint(step, wrapped, model, tokenizer, optimizer, scheduler, state)
                 if stop:
                     bar.close()
@@ -324,10 +324,10 @@ class Harness:
             return 0, 0.0
         load_optimizer = sharding.optimizer_loader(self.accelerator, wrapped, optimizer)
         saved = load_checkpoint(self.resume_from, None, optimizer, scheduler, load_optimizer)
-        if saved.get("pairs_per_step", state["pairs_per_step"]) != state["pairs_per_step"]:
+        if saved.get("examples_per_step", state["examples_per_step"]) != state["examples_per_step"]:
             raise ConfigError(
-                f"train.batch_size/grad_accum: {self.resume_from} was trained with {saved['pairs_per_step']} "
-                f"{unit} per step, this run uses {state['pairs_per_step']}; resume with the same batch geometry"
+                f"train.batch_size/grad_accum: {self.resume_from} was trained with {saved['examples_per_step']} "
+                f"{unit} per step, this run uses {state['examples_per_step']}; resume with the same batch geometry"
             )
         if saved.get("start_digest", state["start_digest"]) != state["start_digest"]:
             raise CheckpointError(

@@ -10,7 +10,6 @@ output folder, trackio's local database), so none needs a network.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
+from ..data.files import json_safe
 from ..errors import ConfigError
 
 
@@ -102,11 +102,6 @@ def check_trackers(names: Sequence[str]) -> list[str]:
     return chosen
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null (and the run stops on them anyway)."""
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
 def logged_step(line: str) -> float:
     """The step of a ``metrics.jsonl`` line; a line torn by a crash counts as past any checkpoint."""
     try:
@@ -146,7 +141,7 @@ class MetricsLog:
         record = {"step": step, **values}
         self.history.append(record)
         if self.file is not None:
-            self.file.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
+            self.file.write(json.dumps(json_safe(record)) + "\n")
             self.file.flush()
         for tracker in self.trackers:
             tracker.log(values, step=step)

@@ -16,7 +16,7 @@ per-sequence statistics of B pairs (:class:`~preftune.losses.PairStats`) and ret
   per-token log-ratios, and the reference-free sum / mean / L2 norm of the policy's log-probs.
 * :func:`edit_distance` and :func:`edit_bucket`: how many tokens chosen and rejected differ in
   (Pal et al.: the chosen likelihood falls most when they differ in few).
-* :func:`kl_estimate`: KL(π‖π_ref) from samples of π.
+* :func:`sampled_kl`: KL(π‖π_ref) from samples of π.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def bucket_label(bucket: tuple[int, int]) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
-def kl_estimate(policy_logps: Tensor, reference_logps: Tensor) -> tuple[float, float]:
+def sampled_kl(policy_logps: Tensor, reference_logps: Tensor) -> tuple[float, float]:
     """KL(π‖π_ref) in nats per sequence from ``[K]`` samples ``y ~ π``: the mean of
     ``log π(y) − log π_ref(y)``, and its standard error. Unbiased, since
     ``E_π[log π/π_ref] = KL(π‖π_ref)``; single samples can be negative, the mean converges.

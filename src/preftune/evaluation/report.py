@@ -6,13 +6,12 @@ previous file or the new one, never half of one.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from ..data.files import write_json, write_jsonl
 from .evaluate import EvalResult
 from .plots import eval_plots
 
@@ -77,26 +76,8 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "set"
-
-
-def finite(tree: Any) -> Any:
-    """NaN and infinities as null: ``eval.json`` stays strict JSON."""
-    if isinstance(tree, dict):
-        return {key: finite(value) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [finite(value) for value in tree]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    return tree
 
 
 def write_outputs(result: EvalResult, output: Path) -> list[Path]:
@@ -104,9 +85,9 @@ def write_outputs(result: EvalResult, output: Path) -> list[Path]:
     written = []
     for name, rows in result.per_pair.items():
         path = output / "pairs" / f"{safe_name(name)}.jsonl"
-        write_text(path, "".join(json.dumps(finite(row)) + "\n" for row in rows))
+        write_jsonl(path, rows)
         written.append(path)
     plots = eval_plots(result.summary, result.per_pair, output)
     summary = {**result.summary, "plots": [str(p) for p in plots]}
-    write_text(output / "eval.json", json.dumps(finite(summary), indent=2, allow_nan=False))
+    write_json(output / "eval.json", summary)
     return [output / "eval.json", *written, *plots]

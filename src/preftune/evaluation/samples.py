@@ -18,7 +18,7 @@ from ..generation.rollout import eos_ids
 from ..generation.sampling import as_completion, generate
 from ..generation.scoring import Scorer
 from ..model.set_logps import pair_logps
-from .metrics import kl_estimate
+from .metrics import sampled_kl
 
 
 def sample_report(
@@ -67,8 +67,8 @@ def sample_report(
     under_reference = pair_logps(
         reference, pairs, pad, batch_size, progress, f"{name}: samples under the reference", layout
     )
-    kl, kl_stderr = kl_estimate(under_policy.chosen, under_reference.chosen)
-    reverse_kl, _ = kl_estimate(under_reference.rejected, under_policy.rejected)
+    kl, kl_stderr = sampled_kl(under_policy.chosen, under_reference.chosen)
+    reverse_kl, _ = sampled_kl(under_reference.rejected, under_policy.rejected)
     report: dict[str, Any] = {
         "prompts": len(prompts),
         "samples_per_prompt": per_prompt,

@@ -12,7 +12,6 @@ import copy
 import io
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig, load_config
+from ..data.files import json_safe, write_jsonl, write_text
 from ..engine import TrainResult
 from .synthetic import NEGATIVE, POSITIVE, SentimentTask, build_tokenizer, tiny_llama
 
@@ -152,35 +152,14 @@ class Lab:
         """``results.json`` (every number) and ``report.md``, each written whole or not at all."""
         results = {"experiment": name, "seed": self.seed, "quick": self.quick, **results}
         results["seconds"] = round(self.seconds(), 1)
-        written = []
-        for file, text in (
-            ("results.json", json.dumps(finite(results), indent=2, allow_nan=False)),
-            ("report.md", report.rstrip() + "\n"),
-        ):
-            path = self.output / file
-            tmp = path.with_name(f".tmp-{file}")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-            written.append(path)
-        return written
+        results_path = write_text(
+            self.output / "results.json", json.dumps(json_safe(results, digits=6), indent=2)
+        )
+        return [results_path, write_text(self.output / "report.md", report.rstrip() + "\n")]
 
     def save_records(self, name: str, records: Sequence[dict[str, Any]]) -> Path:
         """A generated preference set as JSONL under ``data/``, for ``preftune eval`` to read again."""
-        path = self.output / "data" / f"{name}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        return path
-
-
-def finite(tree: Any) -> Any:
-    """NaN as null, floats rounded to 6 significant digits: a JSON a person can read."""
-    if isinstance(tree, dict):
-        return {key: finite(value) for key, value in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [finite(value) for value in tree]
-    if isinstance(tree, float):
-        return float(f"{tree:.6g}") if math.isfinite(tree) else None
-    return tree
+        return write_jsonl(self.output / "data" / f"{name}.jsonl", records)
 
 
 def bradley_terry(

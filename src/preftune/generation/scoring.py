@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -28,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import Text, sequence_ids
+from ..data.files import write_jsonl
 from ..data.layouts import pad_rows
 from ..errors import ModelLoadError, ScorerError
 from ..model.reward_head import sequence_rewards
@@ -242,11 +242,8 @@ def score_file(
         else:
             out["score"] = scores[position]
             position += 1
-        lines.append(json.dumps(out))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".tmp-{output.name}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, output)  # nothing half-written under the final name
+        lines.append(out)
+    write_jsonl(output, lines)  # nothing half-written under the final name
     if wins:
         summary.update(pairs=len(wins), accuracy=sum(wins) / len(wins))
         summary["subsets"] = {name: sum(v) / len(v) for name, v in sorted(subsets.items())}

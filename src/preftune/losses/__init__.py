@@ -24,7 +24,7 @@ from .unpaired import (
     UnpairedOutput,
     UnpairedSpec,
     UnpairedStats,
-    kl_estimate,
+    kto_reference_point,
 )
 
 __all__ = [
@@ -46,6 +46,6 @@ __all__ = [
     "build_objective",
     "build_unpaired_objective",
     "is_unpaired",
-    "kl_estimate",
+    "kto_reference_point",
     "register",
 ]

@@ -5,7 +5,7 @@ completion log-probs ``π`` under the policy and ``ρ`` under the reference, the
 KTO, the batch's estimate ``z`` of KL(π‖π_ref). Notation: ``r = π − ρ`` an example's log-ratio,
 ``λ_D, λ_U`` the desirable and undesirable weights, ``σ`` the logistic function.
 
-**The KL estimate is per micro-batch**, as TRL computes it (:func:`kl_estimate`): each prompt is
+**The KL estimate is per micro-batch**, as TRL computes it (:func:`kto_reference_point`): each prompt is
 scored with the completion of another example of the same micro-batch, the mean of
 ``π − ρ`` over those mismatched sequences is averaged over the processes and clamped at 0, with
 no gradient. An example's loss therefore depends on the other examples of its micro-batch,
@@ -84,7 +84,7 @@ def register_unpaired(
     return add
 
 
-def kl_estimate(
+def kto_reference_point(
     policy_kl_logps: Tensor, reference_kl_logps: Tensor, gather_mean: Callable[[Tensor], Tensor] | None = None
 ) -> Tensor:
     """KTO's reference point ``z`` as TRL computes it: the micro-batch mean of ``π − ρ`` over the

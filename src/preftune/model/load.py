@@ -239,3 +239,12 @@ def unwrap_causal_lm(model: nn.Module) -> Any:
     """The transformers ``*ForCausalLM`` inside a PEFT wrapper (adapters stay injected)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with no parameter requiring a gradient: a reference, or the initial
+    policy kept to measure KL against. Returns it."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model

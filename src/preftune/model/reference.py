@@ -35,6 +35,7 @@ from ..data.packing import collate_for
 from ..distributed import on_main, process_group
 from ..errors import ConfigError, ReferenceCacheError
 from .attention import choose_layout
+from .load import freeze as freeze_model
 from .logps import PolicyLogps, SequenceLogps
 
 __all__ = ["Reference", "ReferenceCacheError", "build_reference"]
@@ -83,7 +84,7 @@ class ModelReference(_ModelLogps):
     """A frozen model in eval mode, never updated."""
 
     def __init__(self, model: nn.Module, chunk_size: int | None = None, freeze: bool = True):
-        self.model = model.eval().requires_grad_(False) if freeze else model
+        self.model = freeze_model(model) if freeze else model
         self.module = _logps_module(self.model, chunk_size)
 
 
@@ -275,7 +276,7 @@ def load_or_precompute(
 
     def write() -> None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
+        tmp = cache_path.with_name(f".tmp-{cache_path.name}")
         torch.save({"fingerprint": fingerprint(source_model, pairs, extra), **tables}, tmp)
         os.replace(tmp, cache_path)  # atomic: a crash never leaves half a cache
         print_(
@@ -383,4 +384,15 @@ def build_reference(
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen deep copy of the starting policy (a PEFT policy is copied with its adapters,
     and used with them disabled)."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    return freeze_model(copy.deepcopy(model))
+
+
+def reference_model(config: RunConfig, policy: nn.Module) -> nn.Module | None:
+    """The frozen model a live token-level reference runs (PPO): ``reference.path``, else a copy of
+    the starting policy; None with LoRA, whose reference is the policy with its adapters off."""
+    from .load import is_peft, load_model
+
+    if is_peft(policy) or config.model.lora or config.model.load_in_4bit:
+        return None
+    path = config.reference.path
+    return freeze_model(load_model(config.model, path)) if path else frozen_copy(policy)

@@ -130,7 +130,7 @@ def train(
 
     tokenizer = tokenizer_for(config, tokenizer)
     pairs, eval_pairs, report = load_pairs(harness, tokenizer, train_data, eval_data)
-    harness.claim_output_dir()
+    harness.decide_start()
 
     model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
     # Resuming must start from the same weights, or a live reference would silently differ

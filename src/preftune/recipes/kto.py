@@ -27,7 +27,13 @@ from ..data.layouts import UnpairedBatch, collate_unpaired
 from ..data.unpaired import balance_warning
 from ..engine import Harness, LossFn, Task, TrainResult, sharding
 from ..errors import ConfigError
-from ..losses import UnpairedObjective, UnpairedOutput, UnpairedStats, build_unpaired_objective, kl_estimate
+from ..losses import (
+    UnpairedObjective,
+    UnpairedOutput,
+    UnpairedStats,
+    build_unpaired_objective,
+    kto_reference_point,
+)
 from ..model.load import load_model, prepare_for_training
 from ..model.logps import PolicyLogps, SequenceLogps
 from ..model.reference import AdapterOffReference, ModelReference, build_reference, weights_digest
@@ -51,7 +57,7 @@ def unpaired_loss(
                 policy_kl = policy(batch.kl, only_logps=True).logps
             # Evaluation is not collective: each process's shard may hold a different number of batches.
             gather = gather_mean if policy.training else None
-            kl = kl_estimate(policy_kl, reference.logps(batch.kl), gather)
+            kl = kto_reference_point(policy_kl, reference.logps(batch.kl), gather)
         stats = UnpairedStats(sequences.logps, reference.logps(batch.completions), batch.desirable, kl)
         out = objective(stats)
         return out.losses, unpaired_metrics(stats, out, sequences)
@@ -140,7 +146,7 @@ def train_kto(
     if eval_data is not None or data.eval_path:
         eval_source = eval_data if eval_data is not None else data.eval_path
         eval_examples, _ = prepare_unpaired(eval_source, tokenizer, data, data.eval_split, False)
-    harness.claim_output_dir()
+    harness.decide_start()
 
     model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
     # Resuming must start from the same weights, or a live reference would silently differ

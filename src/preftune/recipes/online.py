@@ -32,17 +32,18 @@ from torch import nn
 
 from ..config import RunConfig, to_dict, validate
 from ..data import TokenizedPair
+from ..data.files import read_jsonl, write_json, write_jsonl
 from ..data.prompts import Prompt, read_prompts
 from ..engine.card import model_card
 from ..engine.checkpoint import save_final
 from ..errors import ConfigError
-from ..evaluation.metrics import kl_estimate
+from ..evaluation.metrics import sampled_kl
 from ..generation.pair_rules import build_pairs
 from ..generation.rollout import Rollout, eos_ids
 from ..generation.sampling import as_completion, score_samples
 from ..generation.scoring import Scorer, load_scorer
 from ..generation.vllm_engine import check_engine, rollout_factory
-from ..model.load import load_model
+from ..model.load import freeze, load_model
 from ..model.set_logps import completion_logps
 from .common import tokenizer_for
 from .dpo import train
@@ -96,7 +97,7 @@ def train_online(
 
     # The initial policy stays in memory, frozen: KL to it each round, and the reference of
     # reference=initial. A model object is copied before the first round trains it.
-    initial = _frozen(load_model(config.model) if model is None else copy.deepcopy(model))
+    initial = freeze(load_model(config.model) if model is None else copy.deepcopy(model))
     pad = tokenizer.pad_token_id
     stop = eos_ids(initial, tokenizer)
 
@@ -114,7 +115,7 @@ def train_online(
         if row is None:  # stopped inside the round, as if interrupted
             return OnlineResult(output, rows)
         rows.append(row)
-        _write_jsonl(output / "rounds.jsonl", rows)
+        write_jsonl(output / "rounds.jsonl", rows)
 
     final_policy = _policy_at(online.rounds + 1, model, config, output)
     final = None
@@ -122,7 +123,7 @@ def train_online(
         final = {"round": "final", "policy": f"after round {online.rounds}"}
         final |= run.sample_and_measure(output / "final-samples", online.rounds + 1, final_policy)[1]
         print(f"final policy: {_describe(final)}", flush=True)
-    history = _history(output / f"round-{online.rounds:02d}" / "train" / "metrics.jsonl")
+    history = read_jsonl(output / f"round-{online.rounds:02d}" / "train" / "metrics.jsonl")
     card = model_card(
         output,
         config,
@@ -223,12 +224,7 @@ def _claim(output: Path, resume: bool, overwrite: bool) -> list[dict[str, Any]]:
     if not earlier:
         return []
     if resume:
-        path = output / "rounds.jsonl"
-        rows = (
-            [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if path.exists()
-            else []
-        )
+        rows = read_jsonl(output / "rounds.jsonl")
         print(f"resume: {len(rows)} complete rounds in {output}")
         return rows
     if not overwrite:
@@ -247,13 +243,6 @@ def prompt_slice(prompts: list[Prompt], r: int, per_round: int | None) -> list[P
         return prompts
     start = (r - 1) * per_round
     return [prompts[(start + i) % len(prompts)] for i in range(per_round)]
-
-
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
 
 
 def _policy_at(r: int, model: nn.Module | None, config: RunConfig, output: Path) -> nn.Module:
@@ -278,7 +267,7 @@ def _samples(
     already drew them; else generated, scored, penalized and saved."""
     path, k = folder / "samples.jsonl", config.online.samples_per_prompt
     if path.exists():
-        flat = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        flat = read_jsonl(path)
         if len(flat) != len(prompts) * k:
             raise ConfigError(
                 f"{path}: holds {len(flat)} samples, but this run draws {len(prompts)} prompts x {k}; resume "
@@ -292,7 +281,7 @@ def _samples(
             ids, config.rollout, seed=config.train.seed * 1_000 + r, desc=f"round {r}: sampling"
         )
         flat = score_samples(prompts, k, completions, scorer, tokenizer, config.rollout.missing_eos_penalty)
-        _write_jsonl(path, flat)
+        write_jsonl(path, flat)
     return [flat[p * k : (p + 1) * k] for p in range(len(prompts))]
 
 
@@ -315,26 +304,13 @@ def _write_pairs(
                 "rejected_reward": rejected["reward"],
             }
         )
-    _write_jsonl(path, records)
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _history(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    write_jsonl(path, records)
 
 
 def _last_metrics(train_dir: Path) -> dict[str, Any]:
     """The round's training as its last logged step says it (loss, accuracy, margin, steps)."""
     last: dict[str, Any] = next(
-        (h for h in reversed(_history(train_dir / "metrics.jsonl")) if "loss" in h), {}
+        (h for h in reversed(read_jsonl(train_dir / "metrics.jsonl")) if "loss" in h), {}
     )
     names = {"loss": "train_loss", "rewards/accuracies": "train_accuracy", "rewards/margins": "train_margin"}
     return {"train_steps": last.get("step", 0), **{new: last.get(old) for old, new in names.items()}}
@@ -359,9 +335,7 @@ def _write_summary(
         "rounds": rows,
         "final": final,
     }
-    tmp = output / ".tmp-online.json"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, output / "online.json")
+    write_json(output / "online.json", summary)
     online_plot([*rows, *([final] if final else [])], output / "online.png")
 
 
@@ -383,7 +357,7 @@ def sample_stats(
         completion_ids = [s["completion_ids"] for s in flat]
         under_policy = completion_logps(policy, prompt_ids, completion_ids, pad, batch_size)
         under_initial = completion_logps(initial, prompt_ids, completion_ids, pad, batch_size)
-        kl, kl_stderr = kl_estimate(under_policy, under_initial)
+        kl, kl_stderr = sampled_kl(under_policy, under_initial)
     return {
         "reward_mean": sum(rewards) / len(rewards) if rewards else None,
         "reward_max": max(rewards) if rewards else None,

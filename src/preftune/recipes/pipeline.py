@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any
 import yaml
 
 from ..config import load_config
+from ..data.files import write_json
 from ..errors import ConfigError, PreftuneError
 from ..losses import available as available_objectives
 
@@ -249,7 +249,7 @@ def run_pipeline(
         tree.setdefault("train", {}).update(output_dir=str(folder), resume=resume, overwrite=not resume)
         say(f"pipeline: {stage.name} ({stage.kind}) {'resuming' if resume else 'running'} in {folder}")
         folder.mkdir(parents=True, exist_ok=True)
-        _write(record_path, {"fingerprint": fingerprint, "status": "running", "kind": stage.kind})
+        write_json(record_path, {"fingerprint": fingerprint, "status": "running", "kind": stage.kind})
         started = time.perf_counter()
         try:
             metrics = KINDS[stage.kind](tree)
@@ -264,7 +264,7 @@ def run_pipeline(
             "final": str(folder / "final"),
             headline: metrics.get(headline),
         }
-        _write(
+        write_json(
             record_path,
             {"fingerprint": fingerprint, "status": "complete", "kind": stage.kind, "summary": summary},
         )
@@ -272,16 +272,9 @@ def run_pipeline(
             {"stage": stage.name, "kind": stage.kind, "status": "resumed" if resume else "ran", **summary}
         )
     result = {"output": str(output), "stages": rows}
-    _write(output / "summary.json", result)
+    write_json(output / "summary.json", result)
     say(_table(rows))
     return result
-
-
-def _write(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

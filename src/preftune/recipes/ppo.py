@@ -56,11 +56,18 @@ from ..generation.scoring import Scorer, load_scorer
 from ..generation.vllm_engine import check_engine, rollout_factory
 from ..losses.ppo import KLController, policy_loss, value_loss
 from ..model.load import load_model, prepare_for_training
-from ..model.reference import weights_digest
+from ..model.reference import reference_model, weights_digest
 from ..model.reward_head import token_values
 from .common import tokenizer_for
 from .online import RolloutFactory
-from .ppo_rollouts import Rollouts, build_critic, build_reference, chunks, collect, policy_tokens, step_seed
+from .ppo_experience import (
+    Experience,
+    build_critic,
+    chunks,
+    collect,
+    policy_tokens,
+    step_seed,
+)
 
 CONSOLE = (("score", "objective/scores"), ("kl", "objective/kl"), ("vf", "loss/value_avg"))
 CURRENT = ("episode", "learning_rate", "objective/kl_coef")
@@ -99,12 +106,12 @@ def train_ppo(
     prompt_rows = read_prompts(source, config.data, config.prompts.split, tokenizer, config.prompts.limit)
     if scorer is None:
         scorer = load_scorer(config.reward.scorer, batch_size=config.reward.batch_size)
-    harness.claim_output_dir()
+    harness.decide_start()
 
     device, autocast = harness.device, harness.accelerator.autocast
     policy = model if model is not None else load_model(config.model)
     start_digest = weights_digest(policy)
-    reference = build_reference(config, policy)
+    reference = reference_model(config, policy)
     critic, critic_source = build_critic(config, policy, scorer, tokenizer, harness.say)
     policy = prepare_for_training(policy, config.model).to(device)
     critic = prepare_for_training(critic, config.model, task_type="SEQ_CLS").to(device)
@@ -125,7 +132,7 @@ def train_ppo(
     kl_control = KLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon)
     geometry = {k: getattr(ppo, k) for k in ("rollouts_per_step", "ppo_epochs", "num_mini_batches")}
     start_step = resume(harness, policy, critic, optimizer, scheduler, kl_control, geometry, start_digest)
-    harness.take_output_dir(policy, trainable)
+    harness.prepare_output_dir(policy, trainable)
     harness.say(
         f"ppo: {len(prompt_rows)} prompts, {ppo.rollouts_per_step} rollouts a step, {ppo.steps} steps; "
         f"kl_coef {ppo.kl_coef}{f' -> target {ppo.target_kl}' if ppo.target_kl else ''} ({ppo.kl_estimator}); "
@@ -247,7 +254,7 @@ def update(
     harness: Harness,
     config: RunConfig,
     step: int,
-    rollouts: Rollouts,
+    rollouts: Experience,
     policy: nn.Module,
     critic: nn.Module,
     optimizer: Any,

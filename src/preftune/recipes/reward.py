@@ -65,7 +65,7 @@ def train_reward_model(
     harness = Harness(config)
     tokenizer = tokenizer_for(config, tokenizer)
     pairs, eval_pairs, report = load_pairs(harness, tokenizer, train_data, eval_data, config.rm.margin_field)
-    harness.claim_output_dir()
+    harness.decide_start()
 
     if model is None:
         model = load_reward_model(config.model, tokenizer.pad_token_id, harness.say)

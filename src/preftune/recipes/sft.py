@@ -62,7 +62,7 @@ def train_sft(
         eval_examples, _ = prepare_sft(
             eval_source, tokenizer, data, data.completion_only_loss, data.eval_split, False
         )
-    harness.claim_output_dir()
+    harness.decide_start()
 
     model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
     where = "completions and assistant turns" if data.completion_only_loss else "every token"

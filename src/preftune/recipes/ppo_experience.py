@@ -25,7 +25,7 @@ from ..errors import ConfigError, ScorerError
 from ..generation.rollout import Rollout
 from ..generation.scoring import RewardModelScorer, Scorer
 from ..losses.ppo import explained_variance, gae, kl_penalty, masked_mean, token_rewards, whiten
-from ..model.load import is_peft, load_model, load_reward_model
+from ..model.load import load_reward_model
 from ..model.logps import SequenceLogps, batch_logps
 from ..model.reward_head import critic_from_causal_lm, token_values
 from .online import score_samples
@@ -34,7 +34,7 @@ Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 @dataclass
-class Rollouts:
+class Experience:
     """One step's completions and what the updates read; per-token tensors are ``[S, L]``
     (:mod:`preftune.losses.ppo`'s layout), on the training device."""
 
@@ -114,7 +114,7 @@ def collect(
     kl_coef: float,
     device: torch.device,
     autocast: Autocast,
-) -> Rollouts:
+) -> Experience:
     """Sample one completion per prompt, score it, and compute the rewards and advantages."""
     ppo, temperature, chunk = config.ppo, config.rollout.temperature, config.train.logps_chunk_size
     completions = sampler.generate(
@@ -171,7 +171,7 @@ def collect(
         "val/explained_variance": explained_variance(rows["values"], returns, mask),
         "val/mean": masked_mean(rows["values"], mask).item(),
     }
-    return Rollouts(
+    return Experience(
         sequences,
         counts.tolist(),
         mask,
@@ -227,16 +227,3 @@ def build_critic(
             f"ppo.value_model: {choice} has fewer token embeddings than the policy's vocabulary"
         )
     return critic, choice
-
-
-def build_reference(config: RunConfig, policy: nn.Module) -> nn.Module | None:
-    """A frozen copy of the starting policy (or ``reference.path``); None with LoRA, whose
-    reference is the policy with its adapters off."""
-    if is_peft(policy) or config.model.lora or config.model.load_in_4bit:
-        return None
-    source = config.reference.path
-    reference = load_model(config.model, source) if source else copy.deepcopy(policy)
-    reference.eval()
-    for parameter in reference.parameters():
-        parameter.requires_grad_(False)
-    return reference
