@@ -370,11 +370,12 @@ def test_overwrite_with_bad_data_keeps_the_earlier_runs_checkpoints(model_dir, p
     assert (output / "checkpoint-0000001" / "trainer_state.json").is_file()
 
 
-def test_python_dash_m_runs_the_command_line():
+@pytest.mark.parametrize("module", ["preftune", "preftune.cli"])
+def test_python_dash_m_runs_the_command_line(module):
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "preftune", "losses"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", module, "losses"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "sigmoid" in done.stdout
