@@ -28,7 +28,7 @@ from ..data import TokenizedPair, prepare_pairs
 from ..data.layouts import collate_pairs
 from ..evaluation.metrics import drift, ranking
 from ..generation.sampling import sample
-from ..model.logps import batch_logps
+from ..model.logps import sequence_logps
 from ..recipes.dpo import pair_stats, train
 from .synthetic import SentimentTask, build_tokenizer, tiny_llama
 
@@ -70,7 +70,9 @@ def implicit_rewards(
     device = next(policy.parameters()).device
     reference.to(device)
     batch = collate_pairs(pairs, pad_id).to(device)
-    stats = pair_stats(batch_logps(policy.eval(), batch), batch_logps(reference.eval(), batch).logps, batch)
+    stats = pair_stats(
+        sequence_logps(policy.eval(), batch), sequence_logps(reference.eval(), batch).logps, batch
+    )
     values = {name: value.mean().item() for name, value in {**drift(stats), **ranking(stats)}.items()}
     return {
         "accuracy": values["implicit/accuracy"],

@@ -28,7 +28,7 @@ from ..data.packing import collate_for
 from ..evaluation.evaluate import evaluate, load_sets
 from ..evaluation.plots import COLORS, pyplot, save
 from ..model.attention import choose_layout
-from ..model.logps import batch_logps
+from ..model.logps import LogpsRequest, sequence_logps
 from .common import MAX_LENGTH, Lab, markdown_table, one_thread, percent, substituted_pair, text_table
 from .synthetic import SentimentTask
 
@@ -71,8 +71,8 @@ def substituted_and_shared(
     for start in range(0, len(pairs), 64):
         chunk = pairs[start : start + 64]
         batch = collate(chunk)
-        ours = batch_logps(policy, batch, with_token_logps=True).token_logps
-        theirs = batch_logps(reference, batch, with_token_logps=True).token_logps
+        ours = sequence_logps(policy, batch, LogpsRequest(per_token=True)).token_logps
+        theirs = sequence_logps(reference, batch, LogpsRequest(per_token=True)).token_logps
         assert ours is not None and theirs is not None
         delta = (ours - theirs).double()
         for i, pair in enumerate(chunk):

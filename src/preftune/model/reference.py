@@ -36,9 +36,12 @@ from ..distributed import on_main, process_group
 from ..errors import ConfigError, ReferenceCacheError
 from .attention import choose_layout
 from .load import freeze as freeze_model
-from .logps import PolicyLogps, SequenceLogps
+from .logps import LogpsRequest, PolicyLogps, SequenceLogps
 
 __all__ = ["Reference", "ReferenceCacheError", "build_reference"]
+
+TAILS = "label_tail"
+"""The batch's per-token mask whose log-prob sums :meth:`Reference.logps_and_tails` adds."""
 
 
 class Reference(Protocol):
@@ -76,8 +79,7 @@ class _ModelLogps:
 
     def logps_and_tails(self, batch: Batch) -> tuple[Tensor, Tensor]:
         sequences = self._sequences(batch, tails=True)
-        assert sequences.tail_logps is not None
-        return sequences.logps, sequences.tail_logps
+        return sequences.logps, sequences.masked_logps[TAILS]
 
 
 class ModelReference(_ModelLogps):
@@ -100,8 +102,8 @@ class AdapterOffReference(_ModelLogps):
 
 
 def _logps_module(model: nn.Module, chunk_size: int | None) -> nn.Module:
-    """The log-probs, with the sums over LD-DPO's tails unless ``only_logps``; no logit means."""
-    return PolicyLogps(model, chunk_size, with_tails=True, with_mean_logits=False)
+    """The log-probs, with the sums over the batch's tails unless ``only_logps``."""
+    return PolicyLogps(model, LogpsRequest(masks=(TAILS,)), chunk_size)
 
 
 class PrecomputedReference:
