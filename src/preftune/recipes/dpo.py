@@ -166,9 +166,6 @@ def train(
         reference_model,
         pairs + eval_pairs,
         tokenizer.pad_token_id,
-        harness.device,
-        harness.accelerator.autocast,
-        harness.is_main,
         sharding.reference_placement(harness.accelerator),
     )
     named = "+".join(config.objective.loss)

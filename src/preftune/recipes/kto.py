@@ -160,9 +160,6 @@ def train_kto(
         reference_model,
         [],
         tokenizer.pad_token_id,
-        harness.device,
-        accelerator.autocast,
-        harness.is_main,
         sharding.reference_placement(accelerator),
     )
     assert isinstance(reference, ModelReference | AdapterOffReference)
