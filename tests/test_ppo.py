@@ -15,6 +15,7 @@ from preftune.data.layouts import collate_sequences
 from preftune.data.sft import TokenizedSequence
 from preftune.errors import ConfigError
 from preftune.evaluation.samples import sample_report
+from preftune.evaluation.settings import EvalSettings
 from preftune.experiments.common import Lab, one_thread
 from preftune.experiments.synthetic import SentimentTask, tiny_llama, tiny_reward_model, true_reward
 from preftune.generation.scoring import RewardModelScorer
@@ -198,7 +199,8 @@ def test_ppo_on_the_synthetic_task_raises_the_true_reward_of_an_sft_policy(tmp_p
         held_out = {
             tuple(lab.tokenizer(task.prompt(t))["input_ids"]): task.prompt(t) for t in ("park", "song")
         }
-        report = sample_report(policy, reference, lab.tokenizer, held_out, TrueReward(), 32, 8, seed=9)
+        sampling = EvalSettings(samples=32, max_new_tokens=8, seed=9)
+        report = sample_report(policy, reference, lab.tokenizer, held_out, TrueReward(), sampling)
     assert report["reward_policy"] > report["reward_reference"] + 0.2
     assert report["kl_policy_reference"] > 0
 

@@ -33,6 +33,7 @@ from ..config import ModelConfig
 from ..data import Text
 from ..evaluation.plots import frontier_plot
 from ..evaluation.samples import sample_report
+from ..evaluation.settings import EvalSettings
 from ..generation.rollout import eos_ids
 from ..generation.sampling import generate
 from ..generation.scoring import load_scorer
@@ -86,12 +87,12 @@ def _run(lab: Lab) -> dict[str, Any]:
         tuple(lab.tokenizer(task.prompt(t))["input_ids"]): task.prompt(t) for t in HELD_OUT_TOPICS
     }
     points: list[dict[str, Any]] = []
+    measured = EvalSettings(
+        samples=sizes.samples_per_prompt, max_new_tokens=MAX_NEW_TOKENS, seed=1000 * lab.seed + 11
+    )
 
     def measure(method: str, setting: str, policy: nn.Module, run: str | None) -> None:
-        report = sample_report(
-            policy, reference, lab.tokenizer, held_out, TrueReward(), sizes.samples_per_prompt,
-            MAX_NEW_TOKENS, 1000 * lab.seed + 11,
-        )  # fmt: skip
+        report = sample_report(policy, reference, lab.tokenizer, held_out, TrueReward(), measured)
         points.append(
             {
                 "method": method,
@@ -110,10 +111,7 @@ def _run(lab: Lab) -> dict[str, Any]:
 
     lab.say("2/6 preference pairs from the reference's own samples, labelled by Bradley–Terry draws")
     records = reference_pairs(lab, task, reference, sizes.pair_prompts)
-    reference_report = sample_report(
-        reference, reference, lab.tokenizer, held_out, TrueReward(), sizes.samples_per_prompt,
-        MAX_NEW_TOKENS, 1000 * lab.seed + 11,
-    )  # fmt: skip
+    reference_report = sample_report(reference, reference, lab.tokenizer, held_out, TrueReward(), measured)
     reference_reward = reference_report["reward_reference"]
 
     lab.say(f"3/6 DPO at β = {', '.join(map(str, DPO_BETAS))} on {len(records)} pairs")

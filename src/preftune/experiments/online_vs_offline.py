@@ -32,6 +32,7 @@ from ..config import ModelConfig
 from ..data import Text
 from ..evaluation.plots import grouped_bars, pyplot, save
 from ..evaluation.samples import sample_report
+from ..evaluation.settings import EvalSettings
 from ..generation.scoring import RewardModelScorer
 from ..model.load import load_model
 from ..recipes.online import train_online
@@ -153,9 +154,8 @@ def _run(lab: Lab) -> dict[str, Any]:
     figures = {}
     for label, model in policies.items():
         true_reward = TrueReward()
-        report = sample_report(
-            model, start, lab.tokenizer, prompt_map, true_reward, sizes.eval_samples, MAX_NEW_TOKENS, lab.seed
-        )
+        settings = EvalSettings(samples=sizes.eval_samples, max_new_tokens=MAX_NEW_TOKENS, seed=lab.seed)
+        report = sample_report(model, start, lab.tokenizer, prompt_map, true_reward, settings)
         half = len(true_reward.completions) // 2  # the policy's samples come first, then the start's
         rm_scores = scorer(true_reward.prompts[:half], true_reward.completions[:half])
         figures[label] = {

@@ -27,6 +27,7 @@ from ..data import Text
 from ..evaluation.evaluate import evaluate, load_sets
 from ..evaluation.plots import COLORS, grouped_bars, pyplot, save
 from ..evaluation.samples import sample_report
+from ..evaluation.settings import EvalSettings
 from .common import MAX_LENGTH, Lab, markdown_table, one_thread, percent, text_table
 from .synthetic import NEGATIVE, POSITIVE, TOPICS, SentimentTask
 
@@ -107,11 +108,11 @@ def _run(lab: Lab) -> dict[str, Any]:
     }
 
     def measure(model: Any, label: str) -> dict[str, Any]:
-        sets = evaluate(model, lab.tokenizer, eval_sets, reference, batch_size=64).summary["sets"]
+        batched = EvalSettings(batch_size=64)
+        sets = evaluate(model, lab.tokenizer, eval_sets, reference, settings=batched).summary["sets"]
         scorer = TrueReward()
-        samples = sample_report(
-            model, reference, lab.tokenizer, prompts, scorer, sizes.samples_per_prompt, 16, lab.seed
-        )
+        sampling = EvalSettings(samples=sizes.samples_per_prompt, max_new_tokens=16, seed=lab.seed)
+        samples = sample_report(model, reference, lab.tokenizer, prompts, scorer, sampling)
         policy_samples = scorer.completions[: len(scorer.completions) // 2]
         return {
             "ranking_consistency_train": sets["train"]["ranking_consistency_policy"],
