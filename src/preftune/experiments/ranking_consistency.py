@@ -145,28 +145,45 @@ def _run(lab: Lab) -> dict[str, Any]:
                 train_records[: sizes.trajectory_pairs],
             )
             models[label] = measure(policy, label)
-            trajectories[label] = [
-                {
-                    "step": h["step"],
-                    "ranking_consistency": h["eval_ranking/policy"],
-                    # the objective's own reward: β log π/π_ref for DPO, β·mean log π for SimPO
-                    "own_reward_accuracy": h["eval_rewards/accuracies"],
-                }
-                for h in result.history
-                if "eval_ranking/policy" in h
-            ]
+            trajectories[label] = trajectory(result.history)
             lab.say(
                 f"    {label}: ranking {percent(models[label]['ranking_consistency_train'])}% of training pairs, "
                 f"true reward {models[label]['true_reward']:+.3f}"
             )
 
     lab.say("4/4 report")
+    bayes = {"train": train_bayes, "heldout": held_out_bayes}
+    return write_up(lab, sizes, bayes, models, trajectories)
+
+
+def trajectory(history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The training run's evaluations: ranking consistency and the objective's own reward accuracy."""
+    return [
+        {
+            "step": h["step"],
+            "ranking_consistency": h["eval_ranking/policy"],
+            # the objective's own reward: β log π/π_ref for DPO, β·mean log π for SimPO
+            "own_reward_accuracy": h["eval_rewards/accuracies"],
+        }
+        for h in history
+        if "eval_ranking/policy" in h
+    ]
+
+
+def write_up(
+    lab: Lab,
+    sizes: Sizes,
+    bayes: dict[str, float],
+    models: dict[str, dict[str, Any]],
+    trajectories: dict[str, list[dict[str, float]]],
+) -> dict[str, Any]:
+    """``results.json``, ``report.md``, the plot and the table on the console; returns the results."""
     png = lab.output / f"{NAME}.png"
     plotted = plot(models, trajectories, models["reference"]["ranking_consistency_train"], png)
     results: dict[str, Any] = {
         "sizes": asdict(sizes),
         "learning_rates": RATES,
-        "bayes_accuracy": {"train": train_bayes, "heldout": held_out_bayes},
+        "bayes_accuracy": bayes,
         "models": models,
         "trajectories": trajectories,
     }
