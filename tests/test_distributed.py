@@ -26,7 +26,7 @@ from preftune.data import prepare_pairs
 from preftune.engine.sharding import check_distributed
 from preftune.errors import ConfigError
 from preftune.experiments.synthetic import tiny_llama, tiny_reward_model
-from preftune.model.reference import ModelReference, precompute
+from preftune.model.reference import Batching, ModelReference, precompute
 from preftune.recipes.dpo import train
 from preftune.recipes.reward import train_reward_model
 from preftune.recipes.sft import train_sft
@@ -115,11 +115,7 @@ def test_two_processes_share_the_precomputed_reference_and_equal_one_process(tmp
     reports = [json.loads((tmp_path / f"report-rank{rank}.json").read_text()) for rank in (0, 1)]
     pairs, _ = prepare_pairs(sentiment_records(11, seed=2), tokenizer, DataConfig(), progress=False)
     single = precompute(
-        ModelReference(tiny_llama(len(tokenizer), seed=6)),
-        pairs,
-        tokenizer.pad_token_id,
-        2,
-        torch.device("cpu"),
+        ModelReference(tiny_llama(len(tokenizer), seed=6)), pairs, Batching(tokenizer.pad_token_id, 2)
     )
     cached = torch.load(tmp_path / "reference_logps.pt", weights_only=True)
     for rank in (0, 1):

@@ -19,7 +19,7 @@ from preftune.data.unpaired import balance_warning
 from preftune.errors import ConfigError
 from preftune.experiments.synthetic import tiny_llama
 from preftune.losses import build_objective, build_unpaired_objective
-from preftune.model.logps import PolicyLogps
+from preftune.model.logps import LogpsRequest, PolicyLogps
 from preftune.model.reference import ModelReference
 from preftune.recipes.dpo import train
 from preftune.recipes.kto import unpaired_loss
@@ -220,7 +220,7 @@ def test_the_kl_estimate_is_gathered_while_training_and_not_in_evaluation(tokeni
     """The recipe hands the micro-batch estimate to ``gather_mean`` (the processes' mean) only in
     training mode: evaluation shards may hold different numbers of batches, so no collective."""
     policy_model, reference_model = tiny_llama(len(tokenizer), seed=1), tiny_llama(len(tokenizer), seed=2)
-    policy = PolicyLogps(policy_model, extra_stats=("entropy",), with_mean_logits=True)
+    policy = PolicyLogps(policy_model, LogpsRequest(stats=("mean_logit", "entropy")))
     examples, _ = prepare_unpaired(unpaired_records(4), tokenizer, NO_LIMIT, progress=False)
     batch = collate_unpaired(examples, tokenizer.pad_token_id)
     seen: list[float] = []

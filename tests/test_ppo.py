@@ -15,11 +15,12 @@ from preftune.data.layouts import collate_sequences
 from preftune.data.sft import TokenizedSequence
 from preftune.errors import ConfigError
 from preftune.evaluation.samples import sample_report
+from preftune.evaluation.settings import EvalSettings
 from preftune.experiments.common import Lab, one_thread
 from preftune.experiments.synthetic import SentimentTask, tiny_llama, tiny_reward_model, true_reward
 from preftune.generation.scoring import RewardModelScorer
 from preftune.losses.ppo import value_loss
-from preftune.model.logps import batch_logps
+from preftune.model.logps import LogpsRequest, sequence_logps
 from preftune.model.reward_head import sequence_rewards, token_values
 from preftune.recipes.ppo import train_ppo
 from preftune.recipes.ppo_experience import build_critic
@@ -102,8 +103,10 @@ def test_token_log_probs_are_those_of_the_temperature_scaled_distribution_genera
         TokenizedSequence(prompt[0].tolist() + completion, [0] * prompt.shape[1] + [1] * len(completion), 0)
     ]
     with torch.no_grad():
-        ours = batch_logps(model, collate_sequences(rows, 0), with_token_logps=True, temperature=0.7)
-        plain = batch_logps(model, collate_sequences(rows, 0), with_token_logps=True)
+        ours = sequence_logps(
+            model, collate_sequences(rows, 0), LogpsRequest(per_token=True, temperature=0.7)
+        )
+        plain = sequence_logps(model, collate_sequences(rows, 0), LogpsRequest(per_token=True))
     assert not torch.allclose(plain.token_logps, sampled, atol=1e-3)  # temperature 1 would not match
     torch.testing.assert_close(ours.token_logps, sampled, atol=1e-5, rtol=1e-5)
 
@@ -196,7 +199,8 @@ def test_ppo_on_the_synthetic_task_raises_the_true_reward_of_an_sft_policy(tmp_p
         held_out = {
             tuple(lab.tokenizer(task.prompt(t))["input_ids"]): task.prompt(t) for t in ("park", "song")
         }
-        report = sample_report(policy, reference, lab.tokenizer, held_out, TrueReward(), 32, 8, seed=9)
+        sampling = EvalSettings(samples=32, max_new_tokens=8, seed=9)
+        report = sample_report(policy, reference, lab.tokenizer, held_out, TrueReward(), sampling)
     assert report["reward_policy"] > report["reward_reference"] + 0.2
     assert report["kl_policy_reference"] > 0
 

@@ -17,7 +17,7 @@ from ..data.packing import collate_for
 from ..data.sft import TokenizedSequence
 from ..data.tokenize import TokenizedPair
 from .attention import choose_layout
-from .logps import batch_logps
+from .logps import LogpsRequest, sequence_logps
 
 
 @dataclass
@@ -49,7 +49,7 @@ def pair_logps(
     layout: str = "auto",
     pack_tokens: int | None = None,
 ) -> PairLogps:
-    """:func:`batch_logps` of every pair, in eval mode, batched longest first (an out-of-memory
+    """:func:`~preftune.model.logps.sequence_logps` of every pair, in eval mode, batched longest first (an out-of-memory
     shows at the first batch); returned in the pairs' order.
 
     ``layout`` (``data.layout``'s values; ``auto``: packed) is what the model's attention allows
@@ -67,7 +67,7 @@ def pair_logps(
     for start in tqdm(starts, desc=desc, disable=None if progress else True, leave=False):
         chunk = order[start : start + batch_size]
         batch = collate([pairs[i] for i in chunk]).to(device)
-        out = batch_logps(model, batch, with_mean_logits=False, with_token_logps=True)
+        out = sequence_logps(model, batch, LogpsRequest(per_token=True))
         assert out.token_logps is not None
         squares = torch.zeros_like(out.logps).index_add(0, batch.label_sequence, out.token_logps**2)
         index = torch.tensor(chunk)
@@ -101,7 +101,7 @@ def completion_logps(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = collate_sequences([rows[i] for i in chunk], pad_token_id).to(device)
-        sums = batch_logps(model, batch, chunk_size, with_mean_logits=False)
+        sums = sequence_logps(model, batch, chunk_size=chunk_size)
         out.index_copy_(0, torch.tensor(chunk), sums.logps.double().cpu())
     model.train(was_training)
     return out

@@ -22,10 +22,31 @@ from ..evaluation.metrics import preference_metrics
 from ..losses import Objective, PairStats, build_objective, is_unpaired
 from ..model.attention import choose_layout
 from ..model.load import load_model, prepare_for_training
-from ..model.logps import PolicyLogps, SequenceLogps
+from ..model.logps import LogpsRequest, PolicyLogps, SequenceLogps
 from ..model.reference import Reference, build_reference, weights_digest
 from .common import load_pairs, tokenizer_for
 from .kto import train_kto
+
+
+def logps_request(objective: Objective) -> LogpsRequest:
+    """What the policy's forward computes for ``objective``: the mean logits of TRL's ``logits/*``
+    metrics; with LD-DPO the sums over the batch's tails; with WPO each token's ``log Σ_v p_v²``
+    beside its log-prob (:func:`wpo_logps`)."""
+    return LogpsRequest(
+        stats=("mean_logit",) + ("log_sum_sq",) * objective.needs_wpo,
+        per_token=objective.needs_wpo,
+        masks=("label_tail",) * objective.needs_tails,
+    )
+
+
+def wpo_logps(policy: SequenceLogps, batch: Batch) -> Tensor | None:
+    """``[S]`` WPO's detached ``Σ_t (log p(y_t) − log Σ_v p(v)²)`` of each sequence, when the
+    policy's statistics carry each token's ``log Σ_v p(v)²``."""
+    log_sum_sq = policy.token_stats.get("log_sum_sq")
+    if log_sum_sq is None or policy.token_logps is None:
+        return None
+    adjusted = policy.token_logps.detach() - log_sum_sq
+    return adjusted.new_zeros(batch.num_sequences).index_add(0, batch.label_sequence, adjusted)
 
 
 def pair_stats(
@@ -42,16 +63,18 @@ def pair_stats(
         return None if values is None else values[side]
 
     tails = None
-    if policy.tail_logps is not None:
+    policy_tails = policy.masked_logps.get("label_tail")
+    if policy_tails is not None:
         shared = torch.minimum(policy.tokens[chosen], policy.tokens[rejected])
         tails = PairStats(
-            policy.tail_logps[chosen],
-            policy.tail_logps[rejected],
+            policy_tails[chosen],
+            policy_tails[rejected],
             policy.tokens[chosen] - shared,
             policy.tokens[rejected] - shared,
             pick(reference_tails, chosen),
             pick(reference_tails, rejected),
         )
+    wpo = wpo_logps(policy, batch)
     return PairStats(
         policy.logps[chosen],
         policy.logps[rejected],
@@ -60,8 +83,8 @@ def pair_stats(
         pick(reference, chosen),
         pick(reference, rejected),
         tails=tails,
-        chosen_wpo_logps=pick(policy.wpo_logps, chosen),
-        rejected_wpo_logps=pick(policy.wpo_logps, rejected),
+        chosen_wpo_logps=pick(wpo, chosen),
+        rejected_wpo_logps=pick(wpo, rejected),
     )
 
 
@@ -81,8 +104,8 @@ def pair_loss(objective: Objective, reference: Reference | None) -> LossFn:
             **preference_metrics(stats, out),
             "tokens/chosen": stats.chosen_tokens,
             "tokens/rejected": stats.rejected_tokens,
-            "logits_sum/chosen": sequences.logits_sum[batch.chosen],
-            "logits_sum/rejected": sequences.logits_sum[batch.rejected],
+            "logits_sum/chosen": sequences.stats["mean_logit"][batch.chosen],
+            "logits_sum/rejected": sequences.stats["mean_logit"][batch.rejected],
         }
 
     return loss
@@ -143,9 +166,6 @@ def train(
         reference_model,
         pairs + eval_pairs,
         tokenizer.pad_token_id,
-        harness.device,
-        harness.accelerator.autocast,
-        harness.is_main,
         sharding.reference_placement(harness.accelerator),
     )
     named = "+".join(config.objective.loss)
@@ -167,7 +187,7 @@ def train(
         console=(("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins")),
     )
     result = harness.fit(
-        PolicyLogps(model, config.train.logps_chunk_size, objective.needs_tails, objective.needs_wpo),
+        PolicyLogps(model, logps_request(objective), config.train.logps_chunk_size),
         model,
         tokenizer,
         task,

@@ -35,7 +35,7 @@ from ..losses import (
     kto_reference_point,
 )
 from ..model.load import load_model, prepare_for_training
-from ..model.logps import PolicyLogps, SequenceLogps
+from ..model.logps import LogpsRequest, PolicyLogps, SequenceLogps
 from ..model.reference import AdapterOffReference, ModelReference, build_reference, weights_digest
 from .common import tokenizer_for
 
@@ -70,12 +70,12 @@ def unpaired_metrics(
 ) -> dict[str, Tensor]:
     """Per-example values split by label, which :func:`summarize` turns into TRL's means over each
     kind; ``kl`` is one value per micro-batch (averaged over micro-batches, as TRL logs it)."""
-    metrics = {"kl": stats.kl, "entropy_sum": sequences.extras["entropy"], "tokens": sequences.tokens}
+    metrics = {"kl": stats.kl, "entropy_sum": sequences.stats["entropy"], "tokens": sequences.tokens}
     for side, mask in (("chosen", stats.desirable.float()), ("rejected", (~stats.desirable).float())):
         metrics[f"count/{side}"] = mask
         metrics[f"rewards_sum/{side}"] = out.rewards * mask
         metrics[f"logps_sum/{side}"] = stats.logps.detach() * mask
-        metrics[f"logits_sum/{side}"] = sequences.logits_sum * mask
+        metrics[f"logits_sum/{side}"] = sequences.stats["mean_logit"] * mask
         metrics[f"tokens/{side}"] = sequences.tokens * mask
     return metrics
 
@@ -160,9 +160,6 @@ def train_kto(
         reference_model,
         [],
         tokenizer.pad_token_id,
-        harness.device,
-        accelerator.autocast,
-        harness.is_main,
         sharding.reference_placement(accelerator),
     )
     assert isinstance(reference, ModelReference | AdapterOffReference)
@@ -195,7 +192,7 @@ def train_kto(
         unit="examples",
     )
     result = harness.fit(
-        PolicyLogps(model, config.train.logps_chunk_size, extra_stats=("entropy",), with_mean_logits=True),
+        PolicyLogps(model, LogpsRequest(stats=("mean_logit", "entropy")), config.train.logps_chunk_size),
         model,
         tokenizer,
         task,

@@ -83,6 +83,7 @@ def _eval_stage(tree: dict[str, Any]) -> dict[str, float]:
     """``preftune eval`` as a stage: ``policy``, ``sets`` (name: file), and the command's options;
     the other sections (``model``, ``data``) configure tokenizer and loading as usual."""
     from ..evaluation.run import run_eval
+    from ..evaluation.settings import EvalSettings
 
     tree = dict(tree)
     options = {key: tree.pop(key) for key in EVAL_OPTIONS if key in tree}
@@ -91,7 +92,9 @@ def _eval_stage(tree: dict[str, Any]) -> dict[str, float]:
         raise ConfigError("an eval stage needs 'policy' and 'sets' (a mapping of set names to files)")
     config = load_config(base={**_dotted(tree), "model.name_or_path": options.pop("policy")}, command="eval")
     sets = list(options.pop("sets").items())
-    summary = run_eval(config, sets, output, **options)
+    measured = ("samples", "max_new_tokens", "beta", "seed")
+    settings = EvalSettings(**{key: options.pop(key) for key in measured if key in options})
+    summary = run_eval(config, sets, output, settings, **options)
     flat: dict[str, float] = {}
     for name, report in summary["sets"].items():
         flat.update({f"{name}/{key}": value for key, value in report.items() if isinstance(value, float)})

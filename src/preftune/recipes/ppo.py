@@ -299,7 +299,7 @@ def update(
                     "policy/clipfrac_avg": pg.clipped.sum(),
                     "val/clipfrac_avg": vf.clipped.sum(),
                     "policy/approxkl_avg": 0.5 * (log_ratio**2).sum(),
-                    "policy/entropy_avg": ours.extras["entropy"].sum(),
+                    "policy/entropy_avg": ours.stats["entropy"].sum(),
                     "val/ratio": log_ratio.exp().sum(),
                 })  # fmt: skip
                 tokens += logps.numel()

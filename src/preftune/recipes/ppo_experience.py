@@ -1,7 +1,7 @@
 """PPO's rollout phase and its models: sample, score, and compute under ``no_grad`` everything the
 updates compare against (log π_old, log π_ref, V_old), then the rewards and advantages.
 
-Token-level log-probs come from the chunked head (:func:`preftune.model.logps.batch_logps`, no
+Token-level log-probs come from the chunked head (:func:`preftune.model.logps.sequence_logps`, no
 full-vocabulary logits) at the sampling temperature, so the ratio π/π_ref and the KL penalty are
 those of the distribution the completions were drawn from.
 """
@@ -26,7 +26,7 @@ from ..generation.rollout import Rollout
 from ..generation.scoring import RewardModelScorer, Scorer
 from ..losses.ppo import explained_variance, gae, kl_penalty, masked_mean, token_rewards, whiten
 from ..model.load import load_reward_model
-from ..model.logps import SequenceLogps, batch_logps
+from ..model.logps import LogpsRequest, SequenceLogps, sequence_logps
 from ..model.reward_head import critic_from_causal_lm, token_values
 from .online import score_samples
 
@@ -76,15 +76,9 @@ def policy_tokens(
     model: nn.Module, batch: SequenceBatch, temperature: float, chunk: int | None
 ) -> SequenceLogps:
     """Each completion token's log-prob (``token_logps``) and each sequence's summed entropy
-    (``extras["entropy"]``), under ``logits / temperature``."""
-    return batch_logps(
-        model,
-        batch,
-        chunk,
-        with_mean_logits=False,
-        with_token_logps=True,
-        extra_stats=("entropy",),
-        temperature=temperature,
+    (``stats["entropy"]``), under ``logits / temperature``."""
+    return sequence_logps(
+        model, batch, LogpsRequest(stats=("entropy",), per_token=True, temperature=temperature), chunk
     )
 
 
@@ -138,7 +132,7 @@ def collect(
             flat["values"].append(token_values(critic, batch))
         flat["logps"].append(ours.token_logps)  # type: ignore[arg-type]
         flat["ref_logps"].append(theirs.token_logps)  # type: ignore[arg-type]
-        flat["entropy"].append(ours.extras["entropy"])
+        flat["entropy"].append(ours.stats["entropy"])
     for model, training in modes:
         model.train(training)
 

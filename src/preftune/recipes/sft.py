@@ -21,7 +21,7 @@ from ..data.layouts import SequenceBatch, collate_sequences
 from ..data.sft import TokenizedSequence, prepare_sft
 from ..engine import Harness, Task, TrainResult
 from ..model.load import load_model, prepare_for_training
-from ..model.logps import PolicyLogps
+from ..model.logps import LogpsRequest, PolicyLogps
 from ..model.reference import weights_digest
 from .common import tokenizer_for
 
@@ -31,8 +31,8 @@ def sft_loss(policy: nn.Module, batch: SequenceBatch) -> tuple[Tensor, dict[str,
     summed entropy; the harness turns sums into token means."""
     sequences = policy(batch)
     return -sequences.logps, {
-        "mean_token_accuracy": sequences.extras["correct"],
-        "entropy": sequences.extras["entropy"],
+        "mean_token_accuracy": sequences.stats["correct"],
+        "entropy": sequences.stats["entropy"],
     }
 
 
@@ -77,7 +77,7 @@ def train_sft(
         weight=loss_tokens,
     )
     result = harness.fit(
-        PolicyLogps(model, config.train.logps_chunk_size, extra_stats=("correct", "entropy")),
+        PolicyLogps(model, LogpsRequest(stats=("correct", "entropy")), config.train.logps_chunk_size),
         model,
         tokenizer,
         task,
