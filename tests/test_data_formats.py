@@ -134,7 +134,7 @@ def test_empty_completions_are_dropped_by_default_and_counted_with_their_lines(l
     finding = report.findings.by_rule["empty_completion"]
     assert (len(pairs), finding.count, finding.wheres) == (6, 2, [f"{path}:4", f"{path}:5"])
     assert (
-        f"empty completion: 2 records (data.empty_completions=drop), first at {path}:4, {path}:5"
+        f"empty completion: 2 records (data.empty_completions=drop) at {path}:4, {path}:5; first: field 'rejected'"
         in report.summary()
     )
 

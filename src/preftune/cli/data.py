@@ -43,7 +43,10 @@ def _check_data(args: argparse.Namespace) -> None:
     limits = (
         f"data.max_length={config.data.max_length}, data.max_prompt_length={config.data.max_prompt_length}"
     )
-    print(f"{args.file}: {report.records} records, {report.records - len(errors)} valid, {len(errors)} bad")
+    kept = f"; {report.kept} pair{'s' * (report.kept != 1)} kept" if tokenizer is not None else ""
+    print(
+        f"{args.file}: {report.records} records, {report.records - len(errors)} valid, {len(errors)} bad{kept}"
+    )
     if tokenizer is not None and pairs:
         print(report.statistics())
         print(

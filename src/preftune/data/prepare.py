@@ -47,11 +47,11 @@ def apply_policies(
     if not example.empty:
         return example
     policy, name = cfg.empty_completions, example.empty[0]
+    report.findings.note("empty_completion", f"data.empty_completions={policy}", where, f"field '{name}'")
     if policy == "error":
         raise DataError(
             f"{where}: field '{name}' is an empty completion (data.empty_completions=error; drop or keep to go on)"
         )
-    report.findings.note("empty_completion", f"data.empty_completions={policy}", where, f"field '{name}'")
     if policy == "drop":
         return None
     # keep: train an EOS-only completion, as TRL does (the template's end of turn for messages).

@@ -69,10 +69,10 @@ class Findings:
             if f.rule in skip:
                 continue
             more = ", …" if f.count > len(f.wheres) else ""
-            evidence = f": {f.example}" if f.example else ""
+            evidence = f"; first: {f.example}" if f.example else ""
             out.append(
-                f"{RULES[f.rule]}: {f.count} record{'s' * (f.count != 1)} ({f.setting}), "
-                f"first at {', '.join(f.wheres)}{more}{evidence}"
+                f"{RULES[f.rule]}: {f.count} record{'s' * (f.count != 1)} ({f.setting}) "
+                f"at {', '.join(f.wheres)}{more}{evidence}"
             )
         return out
 

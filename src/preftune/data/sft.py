@@ -129,11 +129,11 @@ def empty_completion(
     if not is_empty(completion):
         return completion
     policy = cfg.empty_completions
+    findings.note("empty_completion", f"data.empty_completions={policy}", where, f"field '{field}'")
     if policy == "error":
         raise DataError(
             f"{where}: field '{field}' is an empty completion (data.empty_completions=error; drop or keep to go on)"
         )
-    findings.note("empty_completion", f"data.empty_completions={policy}", where, f"field '{field}'")
     if policy == "drop":
         return None
     return "" if isinstance(completion, str) else [{"role": "assistant", "content": ""}]

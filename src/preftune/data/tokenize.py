@@ -111,14 +111,14 @@ class Encoder:
         if bos is None or ids[:2] != [bos, bos]:
             return ids
         policy = self.cfg.double_bos
+        self.findings.note(
+            "double_bos", f"data.double_bos={policy}", where, f"{shown(text[:40])} starts with the BOS text"
+        )
         if policy == "error":
             raise DataError(
                 f"{where}: field '{field}' starts with {self.tokenizer.bos_token!r}, and the tokenizer adds "
                 "another (data.double_bos=error; strip or warn to go on)"
             )
-        self.findings.note(
-            "double_bos", f"data.double_bos={policy}", where, f"{shown(text[:40])} starts with the BOS text"
-        )
         return ids[1:] if policy == "strip" else ids
 
     # ------------------------------------------------------------------ prompts and completions
@@ -196,13 +196,13 @@ class Encoder:
             return False
         dropped = prompt_text[common_text_length(prompt_text, other) :]
         policy = self.cfg.template_mismatch
+        evidence = f"{shown(dropped)} ends the prompt rendered alone, not the conversation"
+        self.findings.note("template_mismatch", f"data.template_mismatch={policy}", where, evidence)
         if policy == "error":
             raise DataError(
                 f"{where}: the chat template ends the prompt rendered alone with {shown(dropped)}, which the "
                 "whole conversation does not have (data.template_mismatch=error; warn or prompt to go on)"
             )
-        evidence = f"{shown(dropped)} ends the prompt rendered alone, not the conversation"
-        self.findings.note("template_mismatch", f"data.template_mismatch={policy}", where, evidence)
         return True
 
     def _answer(self, prompt_text: str, completion_text: str, completion: list[Message], where: str) -> None:
@@ -215,12 +215,12 @@ class Encoder:
             return ids
         policy = self.cfg.missing_eos
         tail = shown(completion_text[-30:])
+        self.findings.note("missing_eos", f"data.missing_eos={policy}", where, f"ends {tail}")
         if policy == "error":
             raise DataError(
                 f"{where}: field '{field}' renders to a completion that ends with no EOS or end-of-turn token "
                 f"({tail}) (data.missing_eos=error; append or warn to go on)"
             )
-        self.findings.note("missing_eos", f"data.missing_eos={policy}", where, f"ends {tail}")
         return [*ids, self.tokenizer.eos_token_id] if policy == "append" else ids
 
     # ------------------------------------------------------------------ whole conversations (SFT)
@@ -305,11 +305,11 @@ def overlong(length: int, where: str, cfg: DataConfig, report: DataReport, item:
         f"{where}: field '{cfg.prompt_field}' is {length} tokens, which fills "
         f"data.max_length={cfg.max_length} and leaves no room for the completion"
     )
+    report.findings.note(
+        "overlong_prompt", f"data.overlong_prompt={cfg.overlong_prompt}", where, f"{length} tokens"
+    )
     if cfg.overlong_prompt == "error":
         raise DataError(message + f" (set data.overlong_prompt=drop to skip such {item}s)")
     if report.dropped_overlong_prompt < 3:
         warnings.warn(message + f"; {item} dropped", stacklevel=3)
     report.dropped_overlong_prompt += 1
-    report.findings.note(
-        "overlong_prompt", f"data.overlong_prompt={cfg.overlong_prompt}", where, f"{length} tokens"
-    )
