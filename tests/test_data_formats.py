@@ -13,7 +13,7 @@ import datasets
 import pytest
 from real_chat import real_tokenizer, records
 
-from preftune.config import DataConfig
+from preftune.config import DataConfig, load_config
 from preftune.data import DataError, prepare_pairs, prepare_unpaired, split_implicit_prompt
 from preftune.errors import ConfigError
 
@@ -274,3 +274,29 @@ def test_trl_unpaired_format_gives_trls_kto_ids(llama, tmp_path):
     assert [(e.prompt_ids, e.completion_ids) for e in ours] == [
         (row["prompt_ids"], row["completion_ids"]) for row in theirs
     ]
+
+
+# --------------------------------------------------------------------------- the settings
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.response_fields=[human_ref_A]"], r"data.response_fields: names two fields"),
+        (
+            ["data.response_fields=[a,b]"],
+            r"data.response_fields: needs data.preference_field or data.score_fields",
+        ),
+        (["data.preference_field=labels"], r"data.preference_field: needs data.response_fields"),
+        (["data.preference_values=[1,1]"], r"data.preference_values: two different values"),
+        (["data.empty_completions=skip"], r"data.empty_completions: 'skip' is not one of"),
+    ],
+)
+def test_field_mapping_settings_are_checked_when_the_config_loads(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_a_pair_mapping_is_refused_by_a_command_that_reads_no_pairs():
+    with pytest.raises(ConfigError, match=r"data.response_fields is read by .*, not by 'preftune sft'"):
+        load_config(overrides=["data.response_fields=[a,b]", "data.score_fields=[x,y]"], command="sft")

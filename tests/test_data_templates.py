@@ -299,7 +299,7 @@ def test_an_end_of_turn_token_counts_as_the_stop(name):
 
 
 @pytest.mark.filterwarnings("ignore:1 pairs have chosen identical to rejected")
-@pytest.mark.parametrize("name", ["llama3_1", "gemma2"])
+@pytest.mark.parametrize("name", ["llama3_1", "gemma2", "llama2_chat", "nemotron_nano_v2", "glm4_5"])
 def test_answers_differing_only_in_whitespace_the_template_trims_are_identical_pairs(name):
     finding = findings([pair("Four.", "Four.  "), pair("4.")], tok(name))["identical_tokens"]
     assert (finding.count, finding.wheres) == (1, ["record 0"])
