@@ -81,13 +81,14 @@ def test_bad_records_are_reported_together_naming_file_line_and_field(tokenizer,
             {"question": "Q:", "answer": " yes"},
         ],
     )
+    strict = DataConfig(max_length=None, empty_completions="error")
     with pytest.raises(DataError) as caught:
-        prepare_unpaired(str(path), tokenizer, NO_LIMIT, progress=False)
+        prepare_unpaired(str(path), tokenizer, strict, progress=False)
     lines = str(caught.value).splitlines()
     assert lines[0] == f"{path}:2: missing field 'label' (fields present: completion, prompt)"
     assert lines[1] == f"{path}: 4 more:"
     assert lines[2] == f"  {path}:3: field 'label' must be true (desirable) or false (undesirable), got 'yes'"
-    assert lines[3] == f"  {path}:4: field 'completion' is an empty completion"
+    assert lines[3].startswith(f"  {path}:4: field 'completion' is an empty completion")
     assert lines[4].startswith(f"  {path}:5: fields 'prompt' and 'completion' mix text and messages")
     assert lines[5].startswith(f"  {path}:6: expected fields 'prompt', 'completion' and 'label', or a pair")
 

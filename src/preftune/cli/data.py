@@ -43,7 +43,10 @@ def _check_data(args: argparse.Namespace) -> None:
     limits = (
         f"data.max_length={config.data.max_length}, data.max_prompt_length={config.data.max_prompt_length}"
     )
-    print(f"{args.file}: {report.records} records, {report.records - len(errors)} valid, {len(errors)} bad")
+    kept = f"; {report.kept} pair{'s' * (report.kept != 1)} kept" if tokenizer is not None else ""
+    print(
+        f"{args.file}: {report.records} records, {report.records - len(errors)} valid, {len(errors)} bad{kept}"
+    )
     if tokenizer is not None and pairs:
         print(report.statistics())
         print(
@@ -53,37 +56,41 @@ def _check_data(args: argparse.Namespace) -> None:
     elif tokenizer is None:
         print("token lengths: give --model (a tokenizer) to see them and what the limits would cut")
     print(f"chosen identical to rejected: {report.identical}")
-    _bad_records(errors, args.max_errors)
+    _findings(report.findings)
+    _bad_records(errors, args.max_errors, report.records, args.file)
 
 
-def _bad_records(errors: list[DataError], max_errors: int) -> None:
+def _findings(findings: Any) -> None:
+    """The data rules' findings as a short table (rule, records affected, setting, first example)."""
+    if findings.by_rule:
+        print(findings.table())
+
+
+def _bad_records(errors: list[DataError], max_errors: int, records: int, name: str) -> None:
     if errors:
         shown = "\n  ".join(str(err) for err in errors)
         more = " (stopped there; --max-errors to see more)" if len(errors) >= max_errors else ""
         raise DataError(f"{len(errors)} bad records{more}:\n  {shown}")
+    if records == 0:  # train refuses an empty file: a check that passes it would mislead a CI gate
+        raise DataError(f"{name}: no records")
 
 
 def _check_unpaired(args: argparse.Namespace, config: RunConfig, tokenizer: object) -> None:
     """``check-data`` for an unpaired objective (``--set objective.loss=kto``): unpaired records and
     pairs, as the KTO recipe reads them."""
-    from ..data import UnpairedReport, scan_unpaired
-    from ..data.unpaired import read_unpaired
+    from ..data import scan_unpaired
 
     data = config.data
+    _, report, errors = scan_unpaired(args.file, tokenizer, data, data.split, True, args.max_errors)
     if tokenizer is None:
-        report = UnpairedReport()
-        errors: list[DataError] = []
-        report.examples = len(
-            read_unpaired(args.file, data, report, errors, data.split, True, args.max_errors)
-        )
         print(
             f"{args.file}: {report.records} records, {report.examples} examples ({report.pairs} from pairs)"
         )
         print("token lengths: give --model (a tokenizer) to see them and what the limits would cut")
     else:
-        _, report, errors = scan_unpaired(args.file, tokenizer, data, data.split, True, args.max_errors)
-        print(f"{args.file}: {report.summary()}")
-    _bad_records(errors, args.max_errors)
+        print(f"{args.file}: {report.summary(with_findings=False)}")
+    _findings(report.findings)
+    _bad_records(errors, args.max_errors, report.records, args.file)
 
 
 def _pipeline(args: argparse.Namespace) -> None:

@@ -40,6 +40,13 @@ KEY_READERS: dict[str, tuple[str, ...]] = {
     "data.messages_field": ("sft", "check-data"),
     "data.text_field": ("sft", "check-data"),
     "data.completion_only_loss": ("sft",),
+    "data.empty_completions": (*_TRAINED_ON_DATA, "eval"),
+    "data.template_mismatch": (*_TRAINED_ON_DATA, "eval"),
+    "data.missing_eos": (*_TRAINED_ON_DATA, "eval"),
+    "data.response_fields": _PAIRS,
+    "data.preference_field": _PAIRS,
+    "data.preference_values": _PAIRS,
+    "data.score_fields": _PAIRS,
 }
 """Keys of a shared section that only some of the commands reading the section read."""
 

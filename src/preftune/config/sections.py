@@ -83,7 +83,34 @@ class DataConfig:
     overlong_prompt: Literal["drop", "error"] = "drop"
     """A prompt that fills ``max_length`` on its own: drop the pair (with a warning) or stop."""
     identical_pairs: Literal["warn", "drop", "error"] = "warn"
-    """Pairs whose chosen equals rejected: keep with a warning, drop, or stop."""
+    """Pairs whose chosen equals rejected (as given, or after the chat template): keep with a warning,
+    drop, or stop."""
+    empty_completions: Literal["drop", "error", "keep"] = "drop"
+    """An empty completion (HH-RLHF's empty final turns): drop the record (counted, first lines named),
+    stop, or keep it as an EOS-only completion (TRL's)."""
+    template_mismatch: Literal["warn", "error", "prompt"] = "warn"
+    """The prompt rendered alone is not a prefix of the rendered conversation: train TRL's cut (the
+    prompt loses its tail) and say so, stop, or keep the generation prompt as rendered and append the
+    completion's tokens (training sees what inference will)."""
+    missing_eos: Literal["warn", "append", "error"] = "warn"
+    """A rendered completion that ends with no EOS or end-of-turn token (GLM-4.5): say so, append EOS,
+    or stop."""
+    double_bos: Literal["warn", "strip", "error"] = "warn"
+    """Text that already starts with the BOS the tokenizer adds (chat data rendered to text): say so,
+    remove the added one, or stop."""
+    response_fields: list[str] | None = None
+    """Two fields holding two responses (SHP: ``[human_ref_A, human_ref_B]``), in place of chosen and
+    rejected; ``preference_field`` or ``score_fields`` says which one is chosen."""
+    preference_field: str | None = None
+    """With ``response_fields``: the field saying which response is preferred (SHP: ``labels``)."""
+    preference_values: list[str] = field(default_factory=lambda: ["1", "0"])
+    """The ``preference_field`` values meaning the first response is preferred, and the second (SHP:
+    ``[1, 0]``; Chatbot Arena: ``[model_a, model_b]``); any other value (a tie) drops the record."""
+    score_fields: list[str] | None = None
+    """Two fields scoring the pair's responses, in the order of chosen/rejected or of
+    ``response_fields`` (UltraFeedback: ``[score_chosen, score_rejected]``). With ``response_fields``
+    and no ``preference_field`` the higher score is chosen (equal: dropped); ``rm.margin_field=scores``
+    takes their difference as the margin."""
     chat_template: str | None = None
     """A Jinja chat template, or a path to a file holding one, for tokenizers without one."""
     layout: Literal["auto", "padded", "prefix_shared", "packed"] = "auto"
@@ -170,7 +197,8 @@ class RMConfig:
     """Bradley–Terry reward models (``preftune rm train``)."""
 
     margin_field: str = "margin"
-    """Optional per-pair margin column m in ``−log σ(r_w − r_l − m)``; pairs without it use 0."""
+    """Optional per-pair margin column m in ``−log σ(r_w − r_l − m)``; pairs without it use 0.
+    ``scores``: chosen's score minus rejected's, from ``data.score_fields``."""
     center_rewards_coefficient: float | None = None
     """c in the centering term ``c · mean((r_w + r_l)²)`` (Eisenstein et al. 2023); None: off."""
 
@@ -209,6 +237,25 @@ def check_data(d: DataConfig) -> None:
     need(packs, "data.pack_tokens", f"must be >= 2, for the packed layout (data.layout={d.layout})")
     if d.max_length is not None and d.max_prompt_length is not None:
         need(d.max_prompt_length < d.max_length, "data.max_prompt_length", "must be < data.max_length")
+    for key, names in (("response_fields", d.response_fields), ("score_fields", d.score_fields)):
+        need(names is None or len(names) == 2, f"data.{key}", f"names two fields, got {names}")
+    values = d.preference_values
+    need(
+        len(values) == 2 and values[0] != values[1],
+        "data.preference_values",
+        f"two different values, got {values}",
+    )
+    if d.response_fields:
+        need(
+            bool(d.preference_field or d.score_fields),
+            "data.response_fields",
+            "needs data.preference_field or data.score_fields to say which response is chosen",
+        )
+    need(
+        d.preference_field is None or bool(d.response_fields),
+        "data.preference_field",
+        "needs data.response_fields",
+    )
     if d.chat_template and not looks_like_template(d.chat_template):
         need(
             Path(d.chat_template).is_file(),

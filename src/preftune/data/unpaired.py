@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
-
-from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from ..errors import DataError
-from .prepare import error_report, parse_or_skip, source_name
-from .readers import read_records
-from .records import PreferenceExample, Text, check_text, is_empty
-from .report import DataReport, spread
-from .tokenize import TokenizerProblem, check_tokenizer, common_prefix_length, encode, sequence_ids
+from .prepare import parse_or_skip
+from .records import PreferenceExample, Text, check_text, template_kwargs
+from .report import COUNTED_ABOVE, DataReport, Findings, spread, truncation_lines
+from .scan import Scan, error_report, source_name
+from .sft import empty_completion
+from .tokenize import Encoder, overlong
 
 UNPAIR_BLOCK = 1000
 
@@ -47,6 +47,8 @@ class UnpairedExample:
     desirable: bool
     where: str
     field: str
+    template_kwargs: dict[str, Any] = dataclass_field(default_factory=dict)
+    """The record's ``tools`` and ``chat_template_kwargs``."""
 
     @property
     def conversational(self) -> bool:
@@ -74,25 +76,19 @@ class UnpairedReport(DataReport):
     desirable: int = 0
     undesirable: int = 0
 
-    def summary(self) -> str:
+    def summary(self, with_findings: bool = True) -> str:
         split = f"{self.desirable} desirable, {self.undesirable} undesirable"
         source = f"; {self.pairs} pair{'s' * (self.pairs != 1)} unpaired" if self.pairs else ""
         lines = [
             f"{self.kept}/{self.examples} examples kept ({split}) from {self.records} records{source}",
             f"prompt tokens: {spread(self.prompt_lengths)}; completion tokens: {spread(self.completion_lengths)}",
         ]
-        if self.prompt_truncated or self.completion_truncated:
-            lines.append(
-                f"truncated: {self.prompt_truncated} prompts (kept their end), "
-                f"{self.completion_truncated} completions (kept their start)"
-            )
-        if self.dropped_overlong_prompt:
-            lines.append(f"dropped: {self.dropped_overlong_prompt} examples whose prompt fills max_length")
+        lines += truncation_lines(self, "completions", "examples")
         if self.identical:
             lines.append(
                 f"{self.identical} pairs have chosen identical to rejected ({self.dropped_identical} dropped)"
             )
-        return "\n".join(lines)
+        return "\n".join(lines + (self.findings.lines(skip=COUNTED_ABOVE) if with_findings else []))
 
 
 def check_label(value: Any, where: str, name: str) -> bool:
@@ -106,8 +102,11 @@ def check_label(value: Any, where: str, name: str) -> bool:
     raise DataError(f"{where}: field '{name}' must be true (desirable) or false (undesirable), got {value!r}")
 
 
-def parse_unpaired(record: dict[str, Any], where: str, cfg: DataConfig) -> UnpairedExample:
-    """Validate one ``{prompt, completion, label}`` record."""
+def parse_unpaired(
+    record: dict[str, Any], where: str, cfg: DataConfig, findings: Findings
+) -> UnpairedExample | None:
+    """Validate one ``{prompt, completion, label}`` record; None when ``data.empty_completions=drop``
+    drops it."""
     for name in (cfg.prompt_field, cfg.completion_field, cfg.label_field):
         if name not in record:
             have = ", ".join(sorted(map(str, record))) or "none"
@@ -119,78 +118,61 @@ def parse_unpaired(record: dict[str, Any], where: str, cfg: DataConfig) -> Unpai
             f"{where}: fields '{cfg.prompt_field}' and '{cfg.completion_field}' mix text and messages; "
             "use one format"
         )
-    if is_empty(completion):
-        raise DataError(f"{where}: field '{cfg.completion_field}' is an empty completion")
     label = check_label(record[cfg.label_field], where, cfg.label_field)
-    return UnpairedExample(prompt, completion, label, where, cfg.completion_field)
+    kwargs = template_kwargs(record, where)
+    kept = empty_completion(completion, where, cfg.completion_field, cfg, findings)
+    if kept is None:
+        return None
+    return UnpairedExample(prompt, kept, label, where, cfg.completion_field, kwargs)
 
 
-def unpair(pairs: list[PreferenceExample], cfg: DataConfig) -> list[UnpairedExample]:
+def unpair(pairs: list[PreferenceExample]) -> list[UnpairedExample]:
     """A block of pairs as TRL's ``unpair_preference_dataset`` lays it out: the chosen completions
     (desirable), then the rejected ones (undesirable), each with its pair's prompt."""
-    chosen = [UnpairedExample(p.prompt, p.chosen, True, p.where, cfg.chosen_field) for p in pairs]
-    rejected = [UnpairedExample(p.prompt, p.rejected, False, p.where, cfg.rejected_field) for p in pairs]
+    chosen = [
+        UnpairedExample(p.prompt, p.chosen, True, p.where, p.fields[0], p.template_kwargs) for p in pairs
+    ]
+    rejected = [
+        UnpairedExample(p.prompt, p.rejected, False, p.where, p.fields[1], p.template_kwargs) for p in pairs
+    ]
     return chosen + rejected
 
 
-def read_unpaired(
-    source: Any,
-    cfg: DataConfig,
-    report: UnpairedReport,
-    errors: list[DataError],
-    split: str = "train",
-    progress: bool = True,
-    max_errors: int = 20,
-) -> list[UnpairedExample]:
-    """Every record checked and pairs unpaired; bad records go to ``errors`` (up to ``max_errors``)."""
+def read_unpaired(reading: Scan, cfg: DataConfig, report: UnpairedReport) -> list[UnpairedExample]:
+    """Every record checked and pairs unpaired; bad records go to ``reading.errors``."""
     examples: list[UnpairedExample] = []
     block: list[PreferenceExample] = []
-    record_errors = 0
-    records = read_records(source, split, errors)
-    bar = tqdm(records, desc="checking", unit=" records", disable=None if progress else True, leave=False)
-    for where, record in bar:
-        report.records += 1
-        if len(errors) >= max_errors:
-            break
+
+    def check(index: int, where: str, record: dict[str, Any]) -> None:
+        nonlocal block
         paired = cfg.completion_field not in record and (
-            cfg.chosen_field in record or cfg.rejected_field in record
+            cfg.chosen_field in record or cfg.rejected_field in record or bool(cfg.response_fields)
         )
-        try:
-            if paired:
-                pair = parse_or_skip(record, where, cfg, None, report)
-            elif cfg.completion_field in record or cfg.label_field in record:
-                examples += unpair(block, cfg)  # an unpaired record closes the block of pairs before it
+        if paired:
+            pair = parse_or_skip(record, where, cfg, None, report)
+            if pair is not None:
+                report.pairs += 1
+                block.append(pair)
+            if len(block) == UNPAIR_BLOCK:
+                examples.extend(unpair(block))
                 block = []
-                examples.append(parse_unpaired(record, where, cfg))
-                continue
-            else:
-                have = ", ".join(sorted(map(str, record))) or "none"
-                raise DataError(
-                    f"{where}: expected fields '{cfg.prompt_field}', '{cfg.completion_field}' and "
-                    f"'{cfg.label_field}', or a pair ('{cfg.chosen_field}', '{cfg.rejected_field}') "
-                    f"(fields present: {have})"
-                )
-        except DataError as err:
-            errors.append(err)
-            record_errors += 1
-            continue
-        if pair is not None:
-            report.pairs += 1
-            block.append(pair)
-        if len(block) == UNPAIR_BLOCK:
-            examples += unpair(block, cfg)
+        elif cfg.completion_field in record or cfg.label_field in record:
+            examples.extend(unpair(block))  # an unpaired record closes the block of pairs before it
             block = []
-    report.records += len(errors) - record_errors  # lines that never became a record (malformed JSON)
-    return examples + unpair(block, cfg)
+            example = parse_unpaired(record, where, cfg, report.findings)
+            if example is not None:
+                examples.append(example)
+        else:
+            have = ", ".join(sorted(map(str, record))) or "none"
+            raise DataError(
+                f"{where}: expected fields '{cfg.prompt_field}', '{cfg.completion_field}' and "
+                f"'{cfg.label_field}', or a pair ('{cfg.chosen_field}', '{cfg.rejected_field}') "
+                f"(fields present: {have})"
+            )
 
-
-def tokenize_unpaired(tokenizer: Any, example: UnpairedExample) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, completion_ids)`` as TRL's KTOTrainer makes them."""
-    prompt_ids = encode(tokenizer, example.prompt, add_generation_prompt=example.conversational)
-    full = sequence_ids(tokenizer, example.prompt, example.completion)
-    # Tokens can merge across the boundary: the completion starts where the two diverge.
-    start = common_prefix_length(prompt_ids, full)
-    return prompt_ids[:start], full[start:]
+    reading.each(check)
+    report.records = reading.records
+    return examples + unpair(block)
 
 
 def truncate_prompt(
@@ -201,15 +183,7 @@ def truncate_prompt(
         prompt_ids = prompt_ids[len(prompt_ids) - cfg.max_prompt_length :]
         report.prompt_truncated += 1
     if cfg.max_length is not None and len(prompt_ids) >= cfg.max_length:
-        message = (
-            f"{where}: field '{cfg.prompt_field}' is {len(prompt_ids)} tokens, which fills "
-            f"data.max_length={cfg.max_length} and leaves no room for the completion"
-        )
-        if cfg.overlong_prompt == "error":
-            raise DataError(message + " (set data.overlong_prompt=drop to skip such examples)")
-        if report.dropped_overlong_prompt < 3:
-            warnings.warn(message + "; example dropped", stacklevel=2)
-        report.dropped_overlong_prompt += 1
+        overlong(len(prompt_ids), where, cfg, report, "example")
         return None
     return prompt_ids
 
@@ -222,40 +196,40 @@ def scan_unpaired(
     progress: bool = True,
     max_errors: int = 20,
 ) -> tuple[list[TokenizedUnpaired], UnpairedReport, list[DataError]]:
-    """Every record checked, unpaired, tokenized and truncated; bad ones collected (up to ``max_errors``)."""
+    """Every record checked, unpaired and (with a tokenizer) tokenized and truncated; bad ones
+    collected (up to ``max_errors``)."""
     report = UnpairedReport()
-    errors: list[DataError] = []
-    examples = read_unpaired(source, cfg, report, errors, split, progress, max_errors)
+    reading = Scan(source, split, max_errors, progress, "checking", " records")
+    examples = read_unpaired(reading, cfg, report)
     report.examples = len(examples)
     tokenized: list[TokenizedUnpaired] = []
-    checked_formats: set[bool] = set()
-    for index, example in enumerate(examples):
-        if len(errors) >= max_errors:
-            break
-        try:
-            if example.conversational not in checked_formats:  # a tokenizer problem stops at once
-                check_tokenizer(tokenizer, example.conversational, example.where)
-                checked_formats.add(example.conversational)
-            prompt_ids, completion_ids = tokenize_unpaired(tokenizer, example)
-            if not completion_ids:
-                raise DataError(f"{example.where}: field '{example.field}' tokenizes to no completion token")
-            report.prompt_lengths.append(len(prompt_ids))
-            report.completion_lengths.append(len(completion_ids))
-            prompt = truncate_prompt(prompt_ids, example.where, cfg, report)
-        except TokenizerProblem:
-            raise
-        except DataError as err:
-            errors.append(err)
-            continue
+    if tokenizer is None:
+        return tokenized, report, reading.errors
+    encoder = Encoder(tokenizer, cfg, report.findings)
+
+    def check(item: tuple[int, UnpairedExample]) -> None:
+        index, example = item
+        # TRL's KTOTrainer tokenizes each example on its own, the completion starting where the
+        # prompt's ids and prompt + completion's diverge.
+        prompt_ids, (completion_ids,) = encoder.completions(
+            example.prompt, [example.completion], example.template_kwargs, example.where, (example.field,)
+        )
+        if not completion_ids:
+            raise DataError(f"{example.where}: field '{example.field}' tokenizes to no completion token")
+        report.prompt_lengths.append(len(prompt_ids))
+        report.completion_lengths.append(len(completion_ids))
+        prompt = truncate_prompt(prompt_ids, example.where, cfg, report)
         if prompt is None:
-            continue
+            return
         if cfg.max_length is not None and len(prompt) + len(completion_ids) > cfg.max_length:
             report.completion_truncated += 1
         tokenized.append(TokenizedUnpaired(prompt, completion_ids, example.desirable, index, example.where))
+
+    reading.over(enumerate(examples), check)
     report.kept = len(tokenized)
     report.desirable = sum(e.desirable for e in tokenized)
     report.undesirable = report.kept - report.desirable
-    return tokenized, report, errors
+    return tokenized, report, reading.errors
 
 
 def prepare_unpaired(
