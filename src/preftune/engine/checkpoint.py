@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,41 +88,47 @@ def _publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+@dataclass
+class CheckpointContents:
+    """What one checkpoint holds, beside its step."""
+
+    model: Any
+    """Saved at the top: the folder loads with ``from_pretrained`` as is."""
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: dict[str, Any]
+    """``trainer_state.json`` (the step is added): the data position, the run's geometry, a
+    recipe's own state (PPO's β)."""
+    extra_models: dict[str, Any] = field(default_factory=dict)
+    """Each saved in a subfolder of its name (PPO's critic in ``value/``)."""
+    weights: dict[str, torch.Tensor] | None = None
+    """The gathered weights of a sharded model (None: the model's own)."""
+    optimizer_state: dict[str, Any] | Path | None = None
+    """The gathered state of a sharded optimizer, or a folder of DeepSpeed's files, one per process
+    (moved in as ``optimizer/``); None: the optimizer's own ``state_dict``."""
+
+
 def save_checkpoint(
-    output_dir: Path,
-    step: int,
-    model: Any,
-    tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: dict[str, Any],
-    keep: int | None = None,
-    weights: dict[str, torch.Tensor] | None = None,
-    optimizer_state: dict[str, Any] | Path | None = None,
-    extra_models: dict[str, Any] | None = None,
+    output_dir: Path, step: int, contents: CheckpointContents, keep: int | None = None
 ) -> Path:
-    """``checkpoint-N``: ``model`` at the top (it loads with ``from_pretrained`` as is), each of
-    ``extra_models`` (PPO's critic) in a subfolder of its name, then the training state.
-    ``weights`` and ``optimizer_state`` are the gathered ones of a sharded model (else the
-    model's and the optimizer's own); an ``optimizer_state`` folder (DeepSpeed's files, one per
-    process) is moved in as ``optimizer/``."""
+    """``checkpoint-N`` (written whole or not at all), keeping the newest ``keep`` checkpoints."""
     final = output_dir / f"checkpoint-{step:07d}"
     tmp = _atomic_dir(final)
     try:
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        for name, extra in (extra_models or {}).items():
+        contents.model.save_pretrained(tmp, state_dict=contents.weights, safe_serialization=True)
+        for name, extra in contents.extra_models.items():
             extra.save_pretrained(tmp / name, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if isinstance(optimizer_state, Path):
-            os.replace(optimizer_state, tmp / "optimizer")
+        contents.tokenizer.save_pretrained(tmp)
+        moments = contents.optimizer_state
+        if isinstance(moments, Path):
+            os.replace(moments, tmp / "optimizer")
         else:
-            torch.save(
-                optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER_FILE
-            )
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(contents.optimizer.state_dict() if moments is None else moments, tmp / OPTIMIZER_FILE)
+        torch.save(contents.scheduler.state_dict(), tmp / "scheduler.pt")
         _save_rng_state(tmp)
         # Written last: a folder with this file is complete.
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({**contents.state, "step": step}, indent=2))
         _publish(tmp, final)
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -284,25 +291,28 @@ def load_weights(path: Path, model: Any) -> None:
         ) from None
 
 
+def load_models(path: Path, model: Any, extra_models: dict[str, Any]) -> None:
+    """A checkpoint's weights into ``model`` and each of ``extra_models`` (from its subfolder), in place."""
+    load_weights(path, model)
+    for name, extra in extra_models.items():
+        load_weights(path / name, extra)
+
+
 def load_checkpoint(
     path: Path,
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     load_optimizer: Callable[[Path], None] | None = None,
-    extra_models: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore weights (``model``'s, and each of ``extra_models``' from its subfolder), optimizer,
-    scheduler and RNG from ``path``; returns the trainer state.
+    """Restore weights, optimizer, scheduler and RNG from ``path``; returns the trainer state.
 
-    ``model=None`` leaves the weights (a sharded run loads them before sharding, with
-    :func:`load_weights`); ``load_optimizer(path)`` puts the optimizer state back (default: the
+    ``model=None`` leaves the weights (the harness loads them before sharding, with
+    :func:`load_models`); ``load_optimizer(path)`` puts the optimizer state back (default: the
     optimizer's own ``load_state_dict`` of :func:`read_optimizer_file`).
     """
     if model is not None:
         load_weights(path, model)
-    for name, extra in (extra_models or {}).items():
-        load_weights(path / name, extra)
     try:
         if load_optimizer is None:
             optimizer.load_state_dict(read_optimizer_file(path))

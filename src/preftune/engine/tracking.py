@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ class MetricSums:
         self.batches = 0
 
     def add(
-        self, metrics: dict[str, Tensor], examples: int, tokens: Tensor, weight: float | None = None
+        self, metrics: dict[str, Tensor], examples: int, tokens: Tensor | float, weight: float | None = None
     ) -> None:
         """Per-example metrics ``[B]`` are averaged over ``weight`` (default: the examples; SFT
         gives its loss tokens, so its loss is a token mean), 0-dim ones over micro-batches."""
@@ -212,19 +214,58 @@ def console_line(
     return line
 
 
-def read_window(
-    window: MetricSums, accelerator: Accelerator, task: Any, grad_norms: list[Tensor], elapsed: float
-) -> tuple[dict[str, float], float]:
-    """The logged values of the steps since the last log (one host sync), and their tokens.
+class Window:
+    """The steps since the last log, read once at the logged step.
 
-    A window whose every step was skipped (non-finite) holds no metrics; every process
-    skipped the same steps, so all agree to log only the bookkeeping."""
-    if window.batches == 0:
-        return {}, 0.0
-    means, examples, tokens = window.read(accelerator)
-    values = task.summarize(means)
-    if grad_norms:
-        values["grad_norm"] = torch.stack(grad_norms).mean().item()
-    values[f"{task.unit}_per_second"] = examples / elapsed
-    values["tokens_per_second"] = tokens / elapsed
-    return values, tokens
+    A step adds device-side sums (:attr:`sums`: per-example metrics, read with one collective, no
+    per-step host sync), or values it already holds on the host (:meth:`add_step`: PPO reads its
+    updates' metrics once a step), which are averaged over the steps; and the gradient norms it
+    logs (:attr:`grad_norms`).
+    """
+
+    def __init__(self, device: torch.device):
+        self.sums = MetricSums(device)
+        self.per_step: dict[str, list[float]] = {}
+        self.grad_norms: list[Tensor] = []
+        self.started = time.perf_counter()
+
+    def add_step(self, values: dict[str, float], examples: int, tokens: int) -> None:
+        """One step's values (each averaged over the steps of the window), and what it trained on."""
+        for name, value in values.items():
+            self.per_step.setdefault(name, []).append(value)
+        self.sums.add({}, examples, float(tokens))
+
+    def read(
+        self, accelerator: Accelerator, summarize: Callable[[dict[str, float]], dict[str, float]], unit: str
+    ) -> tuple[dict[str, float], float]:
+        """The logged values (one host sync) and the tokens of the window; a new window starts.
+
+        A window whose every step was skipped (non-finite) holds no metrics; every process
+        skipped the same steps, so all agree to log only the bookkeeping."""
+        elapsed = time.perf_counter() - self.started
+        values: dict[str, float] = {}
+        tokens = 0.0
+        if self.sums.batches:
+            means, examples, tokens = self.sums.read(accelerator)
+            values = summarize(means | {name: sum(v) / len(v) for name, v in self.per_step.items()})
+            if self.grad_norms:
+                values["grad_norm"] = torch.stack(self.grad_norms).mean().item()
+            values[f"{unit}_per_second"] = examples / elapsed
+            values["tokens_per_second"] = tokens / elapsed
+        self.__init__(self.sums.device)  # type: ignore[misc]
+        return values, tokens
+
+
+@dataclass
+class Progress:
+    """Where the loop reports: the window of steps since the last log, the log, the progress bar,
+    and the tokens trained on so far."""
+
+    window: Window
+    log: MetricsLog
+    bar: Any
+    tokens_seen: float = 0.0
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ..config import RunConfig
 from ..data import DataReport, TokenizedPair, prepare_pairs
 from ..data.prepare import measure_and_truncate
 from ..engine import Harness
+from ..model.attention import choose_layout
 from ..model.load import load_tokenizer, prepare_tokenizer
 
 
@@ -16,6 +19,21 @@ def tokenizer_for(config: RunConfig, tokenizer: Any = None) -> Any:
     if tokenizer is None:
         return load_tokenizer(config.model, config.data.chat_template)
     return prepare_tokenizer(tokenizer, config.model, config.data.chat_template)
+
+
+def layout_for(harness: Harness, model: nn.Module, reference: Any = None) -> str:
+    """The batch layout of ``data.layout`` that ``model`` takes, and a live ``reference`` too (it
+    runs the same batches, so its attention must take their mask); a notice says why when the
+    padded layout is kept instead."""
+    layout, notice = choose_layout(
+        harness.config.data.layout,
+        model,
+        getattr(reference, "model", None),
+        device_type=harness.device.type,
+    )
+    if notice:
+        harness.say(notice)
+    return layout
 
 
 def load_pairs(

@@ -16,15 +16,14 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data.layouts import Batch
 from ..data.packing import collate_for
-from ..engine import Harness, LossFn, Task, TrainResult, sharding
+from ..engine import ExampleSteps, Harness, LossFn, Models, Task, TrainResult, sharding
 from ..errors import ConfigError
 from ..evaluation.metrics import preference_metrics
 from ..losses import Objective, PairStats, build_objective, is_unpaired
-from ..model.attention import choose_layout
 from ..model.load import load_model, prepare_for_training
 from ..model.logps import LogpsRequest, PolicyLogps, SequenceLogps
 from ..model.reference import Reference, build_reference, weights_digest
-from .common import load_pairs, tokenizer_for
+from .common import layout_for, load_pairs, tokenizer_for
 from .kto import train_kto
 
 
@@ -119,6 +118,16 @@ def summarize(values: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def checked_objective(harness: Harness) -> Objective:
+    """The run's objective, refused before anything loads where the settings cannot serve it."""
+    objective = build_objective(harness.config.objective)
+    if objective.needs_reference and harness.config.reference.strategy == "none":
+        raise ConfigError(f"reference.strategy: 'none' but objective '{objective.name}' needs a reference")
+    if objective.couples_batch:
+        harness.refuse_split_steps(f"objective.loss: {objective.name} sorts its log-ratios across the batch")
+    return objective
+
+
 def train(
     config: RunConfig,
     *,
@@ -144,21 +153,22 @@ def train(
             reference_model=reference_model,
             stop_after=stop_after,
         )
+    # check
     harness = Harness(config)
-    objective = build_objective(config.objective)
-    if objective.needs_reference and config.reference.strategy == "none":
-        raise ConfigError(f"reference.strategy: 'none' but objective '{objective.name}' needs a reference")
-    if objective.couples_batch:
-        harness.refuse_split_steps(f"objective.loss: {objective.name} sorts its log-ratios across the batch")
+    objective = checked_objective(harness)
 
+    # data: every record checked before any model loads
     tokenizer = tokenizer_for(config, tokenizer)
     pairs, eval_pairs, report = load_pairs(harness, tokenizer, train_data, eval_data)
     harness.decide_start()
 
+    # load
     model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
     # Resuming must start from the same weights, or a live reference would silently differ
     # (taken before a sharded reference holds only its shards).
     start_digest = weights_digest(model, reference_model)
+
+    # reference
     reference, strategy = build_reference(
         config,
         objective.needs_reference,
@@ -171,13 +181,9 @@ def train(
     named = "+".join(config.objective.loss)
     shown = named if named == objective.name else f"{named} ({objective.name})"  # `dpo` is `sigmoid`
     harness.say(f"objective: {shown}, beta={objective.params.beta}; reference: {strategy}")
-    # A live reference runs the same batches: its attention must take the mask too.
-    layout, notice = choose_layout(
-        config.data.layout, model, getattr(reference, "model", None), device_type=harness.device.type
-    )
-    if notice:
-        harness.say(notice)
+    layout = layout_for(harness, model, reference)
 
+    # loop, then final/: the harness
     task = Task(
         examples=pairs,
         collate=collate_for(layout, tokenizer.pad_token_id, config.data.pack_tokens),
@@ -186,19 +192,15 @@ def train(
         summarize=summarize,
         console=(("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins")),
     )
-    result = harness.fit(
+    models = Models(
         PolicyLogps(model, logps_request(objective), config.train.logps_chunk_size),
         model,
         tokenizer,
-        task,
         start_digest=start_digest,
-        card={
-            "kind": "dpo-family",
-            "objective": objective.name,
-            "beta": objective.params.beta,
-            "reference": strategy,
-        },
-        stop_after=stop_after,
+        card=dict(
+            kind="dpo-family", objective=objective.name, beta=objective.params.beta, reference=strategy
+        ),
     )
+    result = harness.fit(models, ExampleSteps(task, harness.accelerator, config.train), stop_after)
     result.data_report = report
     return result

@@ -73,18 +73,12 @@ def train_online(
     ``config.prompts`` (or the records given), scored by ``config.reward`` (or
     ``scorer``). ``rollout_for(policy)`` gives each round's sampler (default: transformers).
     ``stop_in_round=(r, k)`` stops round r after k training steps, as if interrupted."""
+    # check
     validate(config)
-    if rollout_for is None:
-        check_engine(config.rollout)
+    check_run(config, prompts is not None, scorer is not None, rollout_for is not None)
+
+    # data: the prompts, and the reward
     online, cfg = config.online, config.train
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "online: runs on one process for now (generation is not sharded); launch it plainly"
-        )
-    if prompts is None and not config.prompts.path:
-        raise ConfigError("prompts.path: required (--prompts FILE)")
-    if scorer is None and not config.reward.scorer:
-        raise ConfigError("reward.scorer: required (--reward RM_FOLDER or module:function)")
     tokenizer = tokenizer_for(config, tokenizer)
     source = prompts if prompts is not None else config.prompts.path
     prompt_rows = read_prompts(source, config.data, config.prompts.split, tokenizer, config.prompts.limit)
@@ -95,16 +89,18 @@ def train_online(
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
-    # The initial policy stays in memory, frozen: KL to it each round, and the reference of
+    # load: the initial policy stays in memory, frozen: KL to it each round, and the reference of
     # reference=initial. A model object is copied before the first round trains it.
     initial = freeze(load_model(config.model) if model is None else copy.deepcopy(model))
-    pad = tokenizer.pad_token_id
-    stop = eos_ids(initial, tokenizer)
-
     make_rollout = rollout_for or rollout_factory(
-        config.rollout, config.model.name_or_path, pad, stop, cfg.progress
+        config.rollout,
+        config.model.name_or_path,
+        tokenizer.pad_token_id,
+        eos_ids(initial, tokenizer),
+        cfg.progress,
     )
 
+    # loop: each round samples, scores and pairs, then trains on the harness's loop (`train`)
     run = OnlineRun(config, output, prompt_rows, scorer, tokenizer, initial, model, make_rollout)
     rows = [row for row in done if row["round"] <= online.rounds]
     each = online.prompts_per_round or len(prompt_rows)
@@ -117,29 +113,22 @@ def train_online(
         rows.append(row)
         write_jsonl(output / "rounds.jsonl", rows)
 
-    final_policy = _policy_at(online.rounds + 1, model, config, output)
-    final = None
-    if online.final_samples:
-        final = {"round": "final", "policy": f"after round {online.rounds}"}
-        final |= run.sample_and_measure(output / "final-samples", online.rounds + 1, final_policy)[1]
-        print(f"final policy: {_describe(final)}", flush=True)
-    history = read_jsonl(output / f"round-{online.rounds:02d}" / "train" / "metrics.jsonl")
-    card = model_card(
-        output,
-        config,
-        history,
-        {
-            "kind": "online-dpo",
-            "objective": "+".join(config.objective.loss),
-            "rounds": online.rounds,
-            "reward": config.reward.scorer or getattr(scorer, "name", "a scorer object"),
-            "pair rule": online.pair_rule,
-        },
-    )
-    final_dir = save_final(output, final_policy, tokenizer, card)
-    _write_summary(output, config, rows, final)
-    print(f"saved {final_dir}", flush=True)
-    return OnlineResult(output, rows, final, final_dir)
+    # save: the last round's policy as final/, with its card; the summary
+    return run.finish(rows)
+
+
+def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool, has_rollout: bool) -> None:
+    """What online DPO needs and refuses, before anything loads."""
+    if not has_rollout:
+        check_engine(config.rollout)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "online: runs on one process for now (generation is not sharded); launch it plainly"
+        )
+    if not has_prompts and not config.prompts.path:
+        raise ConfigError("prompts.path: required (--prompts FILE)")
+    if not has_scorer and not config.reward.scorer:
+        raise ConfigError("reward.scorer: required (--reward RM_FOLDER or module:function)")
 
 
 @dataclass
@@ -209,6 +198,31 @@ class OnlineRun:
         if result.final_dir is None:
             return None
         return row | _last_metrics(train_dir) | {"seconds": round(time.perf_counter() - started, 1)}
+
+    def finish(self, rows: list[dict[str, Any]]) -> OnlineResult:
+        """``final/``: the last round's policy with its model card (and the final policy's samples
+        when ``online.final_samples``); ``online.json`` and ``online.png`` summarize the rounds."""
+        config, online, output = self.config, self.config.online, self.output
+        final_policy = _policy_at(online.rounds + 1, self.model, config, output)
+        final = None
+        if online.final_samples:
+            final = {"round": "final", "policy": f"after round {online.rounds}"}
+            final |= self.sample_and_measure(output / "final-samples", online.rounds + 1, final_policy)[1]
+            print(f"final policy: {_describe(final)}", flush=True)
+        history = read_jsonl(output / f"round-{online.rounds:02d}" / "train" / "metrics.jsonl")
+        card = {
+            "kind": "online-dpo",
+            "objective": "+".join(config.objective.loss),
+            "rounds": online.rounds,
+            "reward": config.reward.scorer or getattr(self.scorer, "name", "a scorer object"),
+            "pair rule": online.pair_rule,
+        }
+        final_dir = save_final(
+            output, final_policy, self.tokenizer, model_card(output, config, history, card)
+        )
+        _write_summary(output, config, rows, final)
+        print(f"saved {final_dir}", flush=True)
+        return OnlineResult(output, rows, final, final_dir)
 
 
 # --------------------------------------------------------------------------- the round's pieces
