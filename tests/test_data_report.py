@@ -362,7 +362,10 @@ def test_check_data_writes_the_report_json_and_its_figure(word_tokenizer, tmp_pa
     argv = ["check-data", data, "--model", str(tmp_path / "tok"), "--eval-data", held]
     assert main([*argv, "--output", str(tmp_path / "r" / "report.json")]) == 0
     out = capsys.readouterr().out
-    assert "data report: 100 pairs, in tokens; per-pair figures (edit distance, log-probs, rewards) on all 100" in out
+    assert (
+        "data report: 100 pairs, in tokens; per-pair figures (edit distance, log-probs, rewards) on all 100"
+        in out
+    )
     assert f" ! held-out leakage: 10 of 15 pairs of {held} are training pairs" in out
     assert "holds a tokenizer only" in out
     report = json.loads((tmp_path / "r" / "report.json").read_text())

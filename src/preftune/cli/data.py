@@ -64,9 +64,9 @@ def _check_pairs(args: argparse.Namespace) -> None:
         print("token lengths: give --model (a tokenizer) to see them and what the limits would cut")
     print(f"chosen identical to rejected: {report.identical}")
     _findings(report.findings)
-    if errors or not report.records:
+    if errors:
         print("data report: given once every record is good")
-    else:
+    elif report.records:
         _data_report(args, config, pairs if tokenizer is not None else None, tokenizer, report.identical)
     _bad_records(errors, args.max_errors, report.records, args.file)
 

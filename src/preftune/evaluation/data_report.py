@@ -373,6 +373,6 @@ def format_report(figures: dict[str, Any], found: Sequence[Finding], notes: Sequ
         mark = "!" if finding.fires else "ok"
         lines.append(f"{mark:>2} {finding.name}: {finding.evidence}")
         if finding.fires:
-            paper = f"  ({finding.paper})" if finding.paper else ""
-            lines.append(f"     try: {finding.setting}{paper}")
+            lines.append(f"     try: {finding.setting}")
+            lines += [f"     see: {finding.paper}"] if finding.paper else []
     return "\n".join([*lines, *notes])
