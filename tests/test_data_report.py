@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -450,3 +451,44 @@ def test_a_file_whose_every_pair_is_dropped_has_no_data_report_figures(tmp_path,
     argv = ["check-data", write(tmp_path / "d.jsonl", records), "--set", "data.identical_pairs=drop"]
     assert main(argv) == 0
     assert "data report: no pair left to measure" in capsys.readouterr().out
+
+
+def test_every_setting_a_finding_suggests_is_a_config_key_training_accepts():
+    from preftune.evaluation.data_figures import (
+        duplicates_finding,
+        edit_finding,
+        off_policy_finding,
+        reward_finding,
+    )
+    from preftune.losses import build_objective
+
+    swapped = reward_figures([0.0] * 10, [1.0] * 10, [f"a:{i}" for i in range(10)])
+    some_noise = reward_figures(
+        [1.0] * 70 + [0.0] * 30, [0.0] * 70 + [1.0] * 30, [f"a:{i}" for i in range(100)]
+    )
+    suggested = [
+        edit_finding(edit_figures([1], [20], [20]), "tokens"),
+        length_finding(length_figures([3] * 100, [2] * 100), "tokens"),
+        ranking_finding({"ranking_average": 0.5, "ranking_sum": 0.5, "gap_sum": 0.0, "gap_per_token": 0.0}),
+        off_policy_finding({"far_off_policy": 1.0, "median_excess_nats": 2.0}),
+        reward_finding(swapped, "rm"),
+        reward_finding(some_noise, "rm"),
+        duplicates_finding(duplicate_figures(*np.zeros((3, 2), dtype=np.int64), ["a:1", "a:2"]), 1),
+    ]
+    tried = 0
+    for finding in suggested:
+        assert finding.fires, finding.name
+        for alternative in re.split(r", or |; ", finding.setting):  # each alternative applies alone
+            found = re.findall(r"\b((?:objective|data)\.[a-z_]+)=([\w.]+)", alternative)
+            if found:
+                config = load_config(overrides=[f"{key}={value}" for key, value in found], command="train")
+                build_objective(config.objective)  # its parameters are read by its objective
+                tried += 1
+    assert tried == 7
+
+
+def test_a_configs_data_eval_path_is_the_held_out_set_check_data_compares(tmp_path, capsys):
+    records, _ = SentimentTask().bradley_terry_pairs(20, seed=1)
+    data, held = write(tmp_path / "d.jsonl", records), write(tmp_path / "h.jsonl", records[:2])
+    assert main(["check-data", data, "--set", f"data.eval_path={held}"]) == 0
+    assert f" ! held-out leakage: 2 of 2 pairs of {held} are training pairs" in capsys.readouterr().out
