@@ -4,6 +4,9 @@ data files and pipelines, around training rather than training itself."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +26,20 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _check_data(args: argparse.Namespace) -> None:
+    # Under a launcher (the model's log-probs shared out) every process reads the data; one speaks.
+    quiet = os.environ.get("RANK", "0") != "0"
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        _check_pairs(args)
+
+
+def _check_pairs(args: argparse.Namespace) -> None:
     from ..data import scan
     from ..losses import is_unpaired
     from ..model.load import load_tokenizer
 
-    config = load_config(
-        args.config,
-        args.set or (),
-        {"data.path": args.file} | ({"model.name_or_path": args.model} if args.model else {}),
-        command="check-data",
-    )
+    given = {"data.path": args.file, "model.name_or_path": args.model, "data.eval_path": args.eval_data}
+    overrides = {key: value for key, value in given.items() if value}
+    config = load_config(args.config, args.set or (), overrides, command="check-data")
     tokenizer = load_tokenizer(config.model, config.data.chat_template) if config.model.name_or_path else None
     if is_unpaired(config.objective):
         return _check_unpaired(args, config, tokenizer)
@@ -57,7 +64,22 @@ def _check_data(args: argparse.Namespace) -> None:
         print("token lengths: give --model (a tokenizer) to see them and what the limits would cut")
     print(f"chosen identical to rejected: {report.identical}")
     _findings(report.findings)
+    if errors:
+        print("data report: given once every record is good")
+    elif report.records:
+        _data_report(args, config, pairs if tokenizer is not None else None, tokenizer, report.identical)
     _bad_records(errors, args.max_errors, report.records, args.file)
+
+
+def _data_report(
+    args: argparse.Namespace, config: RunConfig, pairs: Any, tokenizer: Any, identical: int
+) -> None:
+    from ..evaluation.data_report import ReportOptions, data_report
+
+    options = ReportOptions(
+        args.model, args.reward, config.data.eval_path, args.output and Path(args.output), args.sample
+    )
+    data_report(args.file, pairs, tokenizer, config, options, identical)
 
 
 def _findings(findings: Any) -> None:
@@ -121,7 +143,24 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
     )
     check.add_argument("file", help="JSONL/JSON/CSV/Parquet file or hub dataset name")
     check.add_argument(
-        "--model", help="a tokenizer (hub name or folder): token lengths and what the limits cut"
+        "--model",
+        help="a tokenizer (token lengths, what the limits cut), or the reference model: also its log-probs",
+    )
+    check.add_argument(
+        "--reward", help="a reward-model folder or module:function: its agreement with the labels"
+    )
+    check.add_argument(
+        "--eval-data", metavar="FILE", help="held-out pairs (data.eval_path): pairs shared with FILE"
+    )
+    check.add_argument(
+        "--output", metavar="REPORT.json", help="write the data report, and its figure as .png"
+    )
+    check.add_argument(
+        "--sample",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="edit distances, log-probs and rewards on a uniform sample of N pairs (0: all; default 2000)",
     )
     check.add_argument("--config", help="YAML config whose data section (fields, limits) applies")
     check.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")

@@ -28,8 +28,8 @@ _TRAINED_ON_DATA = ("train", "sft", "rm train", "check-data")
 KEY_READERS: dict[str, tuple[str, ...]] = {
     "data.path": _TRAINED_ON_DATA,
     "data.split": _TRAINED_ON_DATA,
-    "data.eval_path": ("train", "sft", "rm train"),
-    "data.eval_split": ("train", "sft", "rm train"),
+    "data.eval_path": ("train", "sft", "rm train", "check-data"),
+    "data.eval_split": ("train", "sft", "rm train", "check-data"),
     "data.chosen_field": _PAIRS,
     "data.rejected_field": _PAIRS,
     "data.identical_pairs": _PAIRS,
