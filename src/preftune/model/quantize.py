@@ -13,8 +13,8 @@ output head as they are). Both run on a CPU with bitsandbytes >= 0.48, which the
 from __future__ import annotations
 
 import copy
+import logging
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,7 @@ def bnb_config(kind: str, compute_dtype: torch.dtype) -> Any:
             bnb_4bit_compute_dtype=compute_dtype,
         )
     if kind == "int8":
-        # bitsandbytes warns at every int8 matmul on a CPU that its float32 inputs are cast to
-        # float16: that is LLM.int8()'s own rounding, part of the error docs/train.md measures.
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        _quiet_int8_cast()
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"unknown quantization {kind!r}; use one of {KINDS}")
 
@@ -76,6 +74,20 @@ def quantization_device() -> torch.device:
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
+
+
+class _DropCastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_cast() -> None:
+    """bitsandbytes logs at every int8 matmul outside a GPU that its inputs are cast to float16:
+    that is LLM.int8()'s own rounding, part of the error docs/train.md measures; once in the docs
+    is enough."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastNotice) for f in logger.filters):
+        logger.addFilter(_DropCastNotice())
 
 
 def _base(model: nn.Module) -> Any:
@@ -123,7 +135,8 @@ def quantized(model: nn.Module, kind: str, compute_dtype: torch.dtype, device: t
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    built.generation_config = copy.deepcopy(base.generation_config)
+    if getattr(base, "generation_config", None) is not None:  # a reward model has none
+        built.generation_config = copy.deepcopy(base.generation_config)
     # Where the weights came from, as loading records it: peft's save looks a missing name up on the hub.
     built.config.name_or_path = built.name_or_path = base.config.name_or_path
     built.eval()
