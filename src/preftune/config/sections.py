@@ -43,7 +43,9 @@ class ModelConfig:
     lora_target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: a list of names, or ``all-linear``."""
     load_in_4bit: bool = False
-    """QLoRA: 4-bit NF4 base weights (needs bitsandbytes and a GPU); implies ``lora``."""
+    """QLoRA: 4-bit NF4 base weights (double quantization, computing in ``dtype``), LoRA on top; the
+    reference is the base with adapters off. Needs bitsandbytes (``pip install 'preftune[quant]'``);
+    runs on a CPU too. ``final/`` holds the merged weights in ``dtype`` and the adapter in ``adapter/``."""
     eos_token: str | None = None
     """Override the tokenizer's end-of-sequence token (appended to every text completion)."""
     pad_token: str | None = None
@@ -128,6 +130,10 @@ class ReferenceConfig:
     """A different checkpoint to use as the reference (``copy`` and ``precomputed``)."""
     batch_size: int = 8
     """Pairs per forward when precomputing reference log-probs."""
+    quantize: Literal["none", "int8", "nf4"] = "none"
+    """A live frozen reference (``copy``, ``reference.path``, online DPO's and PPO's) held in int8 (about
+    a quarter of fp32's memory) or NF4 (about an eighth) by bitsandbytes; its log-probs move by the
+    rounding (docs/train.md gives the measured error)."""
 
 
 @dataclass
@@ -158,6 +164,10 @@ class TrainConfig:
     """AdamW's β2."""
     adam_epsilon: float = 1e-8
     """AdamW's ε."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """``adamw``: torch's. ``adamw_8bit``: bitsandbytes' AdamW with 8-bit moments (2 bytes a parameter
+    instead of 8; tensors under 4096 elements keep 32-bit moments). ``paged_adamw_8bit``: the same with
+    its state in paged memory that a GPU evicts to the host under pressure (on a CPU: adamw_8bit)."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient's global norm to this (null: no clipping; the norm is still logged)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
@@ -291,6 +301,21 @@ def check_reference(r: ReferenceConfig, m: ModelConfig) -> None:
     need(r.batch_size >= 1, "reference.batch_size", "must be >= 1")
     if r.strategy == "adapter":
         need(m.lora or m.load_in_4bit, "reference.strategy", "'adapter' needs model.lora=true")
+    if r.quantize == "none":
+        return
+    need(
+        r.strategy in ("auto", "copy"),
+        "reference.quantize",
+        f"applies to a live frozen reference (reference.strategy=copy or auto); '{r.strategy}' holds no "
+        "reference model while training",
+    )
+    # With LoRA the reference is the policy with its adapters off: no second model to shrink.
+    need(
+        not (m.lora or m.load_in_4bit) or bool(r.path),
+        "reference.quantize",
+        "with LoRA the reference is the policy's own base with adapters off (no second model); "
+        "quantize applies to a frozen copy of a full-weights policy, or to reference.path",
+    )
 
 
 def check_rm(rm: RMConfig) -> None:

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..model.load import is_peft
+from ..model.quantize import is_quantized, save_dequantized
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -370,14 +371,19 @@ def save_final(
 ) -> Path:
     """``output_dir/final``: full weights that any transformers/vLLM loader takes as is.
 
-    LoRA adapters are merged into a copy (the live model keeps its adapters). A 4-bit (QLoRA)
-    base cannot be merged without rounding, so there the folder holds the adapter, which
-    ``AutoModelForCausalLM.from_pretrained`` loads on top of its base model. ``weights``: the
-    gathered weights of a sharded model.
+    LoRA adapters are merged into a copy (the live model keeps its adapters). A bitsandbytes model
+    (QLoRA's 4-bit base) is saved dequantized to the dtype it was loaded in, LoRA merged, as a
+    plain model, with the adapter itself in ``adapter/`` (for ``PeftModel.from_pretrained`` on the
+    quantized base, as QLoRA tools hand it out; not at the top, where transformers would take it
+    for the folder's model). ``weights``: the gathered weights of a sharded model.
     """
     final = output_dir / "final"
     tmp = _atomic_dir(final)
-    if is_peft(model) and not getattr(model, "is_loaded_in_4bit", False):
+    if is_quantized(model):
+        save_dequantized(model, tmp)
+        if is_peft(model):
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    elif is_peft(model):
         base = model.get_base_model()
         base.save_pretrained(tmp, state_dict=_merged_state_dict(base), safe_serialization=True)
     else:

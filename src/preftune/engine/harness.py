@@ -38,6 +38,7 @@ from transformers import get_scheduler
 from ..config import RunConfig, to_dict, validate
 from ..errors import CheckpointError, ConfigError
 from . import sharding
+from .bnb import build_optimizer, check_bitsandbytes
 from .card import model_card
 from .checkpoint import (
     CheckpointContents,
@@ -67,12 +68,13 @@ class Harness:
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         self.accelerator = Accelerator(mixed_precision=mixed)
+        self.is_main = self.accelerator.is_main_process
         sharding.check_distributed(self.accelerator)
+        check_bitsandbytes(config, self.accelerator, self.say)
         set_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
         check_output_dir(self.output_dir)
         self._earlier_run: list[Path] = []
-        self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.resume_from: Path | None = None
 
@@ -243,15 +245,10 @@ class Harness:
             log.log(step, values)
 
     def optimizer_for(self, trainable: list[nn.Parameter], total_updates: int) -> tuple[Any, Any]:
-        """AdamW over the trainable parameters, and the learning-rate schedule with its warmup."""
+        """``train.optimizer`` (AdamW, 8-bit or not) over the trainable parameters, and the
+        learning-rate schedule with its warmup."""
         cfg = self.cfg
-        optimizer = torch.optim.AdamW(
-            trainable,
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-        )
+        optimizer = build_optimizer(trainable, cfg, self.device)
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_updates)
         schedule = "constant_with_warmup" if cfg.scheduler == "constant" and warmup else cfg.scheduler
         scheduler = get_scheduler(

@@ -38,6 +38,7 @@ from ..errors import ConfigError, ReferenceCacheError
 from .attention import choose_layout
 from .load import freeze as freeze_model
 from .logps import LogpsRequest, PolicyLogps, SequenceLogps
+from .quantize import is_quantized, quantization_device, quantized
 
 __all__ = ["Placement", "Reference", "ReferenceCacheError", "build_reference"]
 
@@ -365,11 +366,13 @@ def build_reference(
     if strategy == "adapter":
         return AdapterOffReference(policy, chunk), strategy
     if reference_model is None and config.reference.path:
-        reference_model = load_model(config.model, config.reference.path)
+        reference_model = load_model(config.model, config.reference.path, config.reference.quantize)
     source_model = reference_model
-    if source_model is None:
-        # Precomputing reads the starting policy once; a live reference needs its own copy.
-        source_model = policy if strategy == "precomputed" else frozen_copy(policy)
+    if source_model is None and strategy == "precomputed":
+        source_model = policy  # precomputing reads the starting policy once
+    elif source_model is None or (config.reference.quantize != "none" and not is_quantized(source_model)):
+        # A live reference needs its own frozen copy (quantized: made without a full-precision one).
+        source_model = live_copy(config, source_model or policy, placement.device)
     live_shard = placement.shard if strategy == "copy" else None  # precomputing reads the whole model
     if live_shard is not None and is_peft(source_model):
         raise ConfigError(
@@ -377,7 +380,7 @@ def build_reference(
             "or DeepSpeed ZeRO-3 yet; use DDP (examples/accelerate/ddp.yaml), a merged reference.path, or "
             "reference.strategy=precomputed"
         )
-    if live_shard is None and not getattr(source_model, "is_loaded_in_4bit", False):  # bitsandbytes placed
+    if live_shard is None and not is_quantized(source_model):  # bitsandbytes placed it as it loaded
         source_model.to(placement.device)
     source: AdapterOffReference | ModelReference
     if is_peft(source_model):
@@ -389,7 +392,7 @@ def build_reference(
             source.module = live_shard(source.module)
         return source, strategy
     precomputed = _precomputed(config, source, pairs, pad_token_id, placement, policy)
-    if source_model is not policy and not getattr(source_model, "is_loaded_in_4bit", False):
+    if source_model is not policy and not is_quantized(source_model):
         source_model.to("cpu")  # the tables are all training needs: free the device
     return precomputed, strategy
 
@@ -430,12 +433,27 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return freeze_model(copy.deepcopy(model))
 
 
+def live_copy(config: RunConfig, model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """A frozen copy of ``model`` to serve as a live reference: quantized as ``reference.quantize``
+    says (from ``model``'s weights, with no full-precision copy on the way; a PEFT model's base
+    weights, its adapters off), else a deep copy."""
+    from .load import resolve_dtype
+
+    kind = config.reference.quantize
+    if kind == "none":
+        return frozen_copy(model)
+    return quantized(model, kind, resolve_dtype(config.model), device or quantization_device())
+
+
 def reference_model(config: RunConfig, policy: nn.Module) -> nn.Module | None:
     """The frozen model a live token-level reference runs (PPO): ``reference.path``, else a copy of
-    the starting policy; None with LoRA, whose reference is the policy with its adapters off."""
+    the starting policy, each quantized as ``reference.quantize`` says; None with LoRA, whose
+    reference is the policy with its adapters off."""
     from .load import is_peft, load_model
 
     if is_peft(policy) or config.model.lora or config.model.load_in_4bit:
         return None
     path = config.reference.path
-    return freeze_model(load_model(config.model, path)) if path else frozen_copy(policy)
+    if path:
+        return freeze_model(load_model(config.model, path, config.reference.quantize))
+    return live_copy(config, policy)

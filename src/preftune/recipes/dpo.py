@@ -123,9 +123,20 @@ def checked_objective(harness: Harness) -> Objective:
     objective = build_objective(harness.config.objective)
     if objective.needs_reference and harness.config.reference.strategy == "none":
         raise ConfigError(f"reference.strategy: 'none' but objective '{objective.name}' needs a reference")
+    refuse_quantize_without_reference(harness.config, objective)
     if objective.couples_batch:
         harness.refuse_split_steps(f"objective.loss: {objective.name} sorts its log-ratios across the batch")
     return objective
+
+
+def refuse_quantize_without_reference(config: RunConfig, objective: Objective) -> None:
+    """``reference.quantize`` on a reference-free objective would quantize nothing: a knob silently
+    ignored is a wasted run."""
+    if config.reference.quantize != "none" and not objective.needs_reference:
+        raise ConfigError(
+            f"reference.quantize: objective '{objective.name}' is reference-free; there is no reference "
+            "to quantize (leave reference.quantize=none)"
+        )
 
 
 def train(

@@ -43,10 +43,13 @@ from ..generation.rollout import Rollout, eos_ids
 from ..generation.sampling import as_completion, score_samples
 from ..generation.scoring import Scorer, load_scorer
 from ..generation.vllm_engine import check_engine, rollout_factory
+from ..losses import build_objective
 from ..model.load import freeze, load_model
+from ..model.quantize import check_available
+from ..model.reference import live_copy
 from ..model.set_logps import completion_logps
 from .common import tokenizer_for
-from .dpo import train
+from .dpo import refuse_quantize_without_reference, train
 
 RolloutFactory = Callable[[nn.Module], Rollout]
 
@@ -90,8 +93,16 @@ def train_online(
     (output / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     # load: the initial policy stays in memory, frozen: KL to it each round, and the reference of
-    # reference=initial. A model object is copied before the first round trains it.
-    initial = freeze(load_model(config.model) if model is None else copy.deepcopy(model))
+    # reference=initial (quantized as reference.quantize says). A model object is copied before the
+    # first round trains it.
+    if config.reference.quantize != "none":
+        initial = (
+            live_copy(config, model)
+            if model is not None
+            else freeze(load_model(config.model, None, config.reference.quantize))
+        )
+    else:
+        initial = freeze(load_model(config.model) if model is None else copy.deepcopy(model))
     make_rollout = rollout_for or rollout_factory(
         config.rollout,
         config.model.name_or_path,
@@ -121,6 +132,8 @@ def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool, has_rollou
     """What online DPO needs and refuses, before anything loads."""
     if not has_rollout:
         check_engine(config.rollout)
+    check_available(config)
+    refuse_quantize_without_reference(config, build_objective(config.objective))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             "online: runs on one process for now (generation is not sharded); launch it plainly"
@@ -203,7 +216,9 @@ class OnlineRun:
         """``final/``: the last round's policy with its model card (and the final policy's samples
         when ``online.final_samples``); ``online.json`` and ``online.png`` summarize the rounds."""
         config, online, output = self.config, self.config.online, self.output
-        final_policy = _policy_at(online.rounds + 1, self.model, config, output)
+        # The last round's final/ as saved (a QLoRA run's merged weights, not quantized again).
+        plain = dataclasses.replace(config, model=dataclasses.replace(config.model, load_in_4bit=False))
+        final_policy = _policy_at(online.rounds + 1, self.model, plain, output)
         final = None
         if online.final_samples:
             final = {"round": "final", "policy": f"after round {online.rounds}"}
