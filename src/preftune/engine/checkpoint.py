@@ -151,19 +151,6 @@ def _write_error(err: Exception, target: Path, output_dir: Path) -> CheckpointEr
     return CheckpointError(f"{target}: cannot write ({reason}); {kept}")
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """The output folder can be a folder and can be written, checked before anything loads."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"train.output_dir: {output_dir} is a file, not a folder")
-    existing = output_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"train.output_dir: {output_dir} cannot be written (read-only or no permission on {existing})"
-        )
-
-
 def check_free_space(output_dir: Path, needed: int) -> None:
     """Room for one checkpoint, before the first step rather than at the first save."""
     existing = output_dir

@@ -36,13 +36,20 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..config import RunConfig, to_dict, validate
+from ..data.outputs import (
+    FolderLock,
+    check_kind,
+    check_not_input,
+    check_output_dir,
+    config_inputs,
+    record_kind,
+)
 from ..errors import CheckpointError, ConfigError
 from . import sharding
 from .card import model_card
 from .checkpoint import (
     CheckpointContents,
     check_free_space,
-    check_output_dir,
     clear_previous_run,
     load_checkpoint,
     load_models,
@@ -58,9 +65,12 @@ from .update import Optimization, Updater
 
 
 class Harness:
-    def __init__(self, config: RunConfig):
+    """``kind`` names the run (``train``, ``sft``, ``rm``, ``ppo``): its output folder holds that
+    kind of run only."""
+
+    def __init__(self, config: RunConfig, kind: str = "train"):
         validate(config)
-        self.config = config
+        self.config, self.kind = config, kind
         self.cfg = cfg = config.train
         self.trackers = check_trackers(cfg.report_to)
         mixed = cfg.mixed_precision
@@ -70,11 +80,15 @@ class Harness:
         sharding.check_distributed(self.accelerator)
         set_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
+        # The output, checked before anything loads: writable, none of the inputs, no other kind of run.
         check_output_dir(self.output_dir)
+        check_not_input(self.output_dir, config_inputs(config), "train.output_dir")
+        check_kind(self.output_dir, kind, "train.output_dir")
         self._earlier_run: list[Path] = []
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.resume_from: Path | None = None
+        self.lock = FolderLock(self.output_dir, kind, "train.output_dir")
 
     def say(self, *args: Any) -> None:
         if self.is_main:
@@ -90,9 +104,12 @@ class Harness:
             )
 
     def decide_start(self) -> None:
-        """Decide between a fresh run and a resume, once the data is known good. Nothing of an
-        earlier run is removed here: that waits until the models have loaded (``fit``)."""
+        """Take the output folder (a second run into it is refused until this one ends), and decide
+        between a fresh run and a resume, once the data is known good. Nothing of an earlier run is
+        removed here: that waits until the models have loaded (``fit``)."""
         if self.is_main:
+            self.lock.acquire()
+            check_kind(self.output_dir, self.kind, "train.output_dir")  # again, now that the folder is ours
             recover_stray(self.output_dir)
         self.resume_from, self._earlier_run = plan_output_dir(
             self.output_dir, self.cfg.resume, self.cfg.overwrite
@@ -109,6 +126,7 @@ class Harness:
             check_free_space(self.output_dir, int(1.1 * (weights + moments)))
             clear_previous_run(self._earlier_run)
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            record_kind(self.output_dir, self.kind)
             (self.output_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=2))
         self.accelerator.wait_for_everyone()
 
@@ -155,6 +173,7 @@ class Harness:
         # Every rank leaves together (the main one was saving). The group stays up (a script may
         # train again); the command line ends it at its exit (distributed.close_process_group).
         self.accelerator.wait_for_everyone()
+        self.lock.release()
         return TrainResult(self.output_dir, step, progress.log.history, final_dir)
 
     # ------------------------------------------------------------------ pieces of the loop

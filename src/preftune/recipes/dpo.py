@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.layouts import Batch
+from ..data.outputs import releases_locks
 from ..data.packing import collate_for
 from ..engine import ExampleSteps, Harness, LossFn, Models, Task, TrainResult, sharding
 from ..errors import ConfigError
@@ -128,6 +129,7 @@ def checked_objective(harness: Harness) -> Objective:
     return objective
 
 
+@releases_locks
 def train(
     config: RunConfig,
     *,
@@ -154,7 +156,7 @@ def train(
             stop_after=stop_after,
         )
     # check
-    harness = Harness(config)
+    harness = Harness(config, "train")
     objective = checked_objective(harness)
 
     # data: every record checked before any model loads
