@@ -50,6 +50,7 @@ from .card import model_card
 from .checkpoint import (
     CheckpointContents,
     check_free_space,
+    checkpoint_name,
     clear_previous_run,
     load_checkpoint,
     load_models,
@@ -114,8 +115,15 @@ class Harness:
         self.resume_from, self._earlier_run = plan_output_dir(
             self.output_dir, self.cfg.resume, self.cfg.overwrite
         )
+        if self.resume_from is not None and not self._resumed_here:
+            check_kind(self.resume_from.parent, self.kind, "train.resume")
         if self.cfg.resume and self.resume_from is None:
             self.say(f"resume: no checkpoint in {self.output_dir}; starting from the beginning")
+
+    @property
+    def _resumed_here(self) -> bool:
+        """Resumed from a checkpoint of this folder (not from another run's, into a new folder)."""
+        return self.resume_from is not None and self.resume_from.resolve().parent == self.output_dir.resolve()
 
     def _prepare_output_dir(self, models: Models, trainable: list[nn.Parameter]) -> None:
         """The models loaded: now an earlier run's files may go, if there is room for a checkpoint."""
@@ -160,7 +168,8 @@ class Harness:
                     )
                     if due or update.stop:
                         state = {"total_steps": plan.total_steps, "num_tokens": progress.tokens_seen}
-                        saved = self._checkpoint(step, optimization, models, state | steps.state())
+                        hf_state = self._trainer_state(step, steps, progress)
+                        saved = self._checkpoint(step, optimization, models, state | steps.state(), hf_state)
                     if update.stop:
                         raise StopRequested(
                             f"stopped by {signals.name or 'a signal on another process'} after step {step}; "
@@ -207,7 +216,7 @@ class Harness:
             self.trackers,
             to_dict(self.config),
             start_step,
-            self.resume_from is not None,
+            self._resumed_here,
             self.is_main,
             console=plain if self.cfg.progress and bar.disable else None,
         )
@@ -300,11 +309,45 @@ class Harness:
         self.say(f"resumed from {self.resume_from} at step {saved['step']}")
         return saved["step"], float(saved.get("num_tokens", 0.0))
 
+    def _trainer_state(self, step: int, steps: StepSource, progress: Progress) -> dict[str, Any]:
+        """``trainer_state.json`` as the Hugging Face Trainer writes it (its every field, and no other:
+        ``TrainerState.load_from_json`` refuses unknown keys); preftune's own state is beside it."""
+        cfg, total = self.cfg, steps.plan.total_steps
+        epochs = steps.current(total).get("epoch")
+        return {
+            "best_global_step": None,
+            "best_metric": None,
+            "best_model_checkpoint": None,
+            "epoch": steps.current(step).get("epoch", 0.0),
+            "eval_steps": cfg.eval_every,
+            "global_step": step,
+            "is_hyper_param_search": False,
+            "is_local_process_zero": True,
+            "is_world_process_zero": True,
+            "log_history": [row for row in progress.log.log_history if row["step"] <= step],
+            "logging_steps": cfg.log_every,
+            "max_steps": total,
+            "num_input_tokens_seen": int(progress.tokens_seen),
+            "num_train_epochs": math.ceil(epochs) if epochs is not None else 1,
+            "save_steps": cfg.save_every,
+            "stateful_callbacks": {},
+            "total_flos": 0.0,
+            "train_batch_size": cfg.batch_size,
+            "trial_name": None,
+            "trial_params": None,
+        }
+
     def _checkpoint(
-        self, step: int, optimization: Optimization, models: Models, state: dict[str, Any]
+        self,
+        step: int,
+        optimization: Optimization,
+        models: Models,
+        state: dict[str, Any],
+        trainer_state: dict[str, Any],
     ) -> Path:
-        """``checkpoint-<step>``: the models, the optimizer, the schedule and ``state``."""
-        path = self.output_dir / f"checkpoint-{step:07d}"
+        """``checkpoint-<step>``: the models, the optimizer, the schedule, ``state`` (preftune's) and
+        ``trainer_state`` (the Hugging Face Trainer's)."""
+        path = self.output_dir / checkpoint_name(step)
         wrapped = optimization.wrapped
         weights = sharding.full_weights(self.accelerator, wrapped)  # sharded: every process gathers
         moments = sharding.optimizer_state(self.accelerator, wrapped, optimization.optimizer, path)
@@ -321,6 +364,7 @@ class Harness:
                 models.extra_models,
                 weights,
                 moments,
+                trainer_state,
             )
             save_checkpoint(self.output_dir, step, contents, self.cfg.save_total_limit)
         self.accelerator.wait_for_everyone()

@@ -126,6 +126,9 @@ class MetricsLog:
         console: Callable[[int, dict[str, float]], None] | None = None,
     ):
         self.history: list[dict[str, float]] = []
+        """The steps logged by this process (a resumed run: those after its checkpoint)."""
+        self.earlier: list[dict[str, Any]] = []
+        """The steps of ``metrics.jsonl`` logged before the checkpoint a run resumed from."""
         self.console = console
         self.file = None
         self.trackers: list[Any] = []
@@ -134,10 +137,17 @@ class MetricsLog:
         path = output_dir / "metrics.jsonl"
         # Keep what was logged up to the resumed step; a fresh run starts a fresh file.
         kept = path.read_text().splitlines() if resumed and path.exists() else []
-        path.write_text("".join(line + "\n" for line in kept if logged_step(line) <= start_step))
+        kept = [line for line in kept if logged_step(line) <= start_step]
+        self.earlier = [json.loads(line) for line in kept]
+        path.write_text("".join(line + "\n" for line in kept))
         self.file = path.open("a")
         for name in trackers:
             self.trackers.append(_start_tracker(name, output_dir, start_step, config))
+
+    @property
+    def log_history(self) -> list[dict[str, Any]]:
+        """Every logged step of the run so far, resumed or not (the main process's)."""
+        return [*self.earlier, *self.history]
 
     def log(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **values}

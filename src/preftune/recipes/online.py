@@ -140,6 +140,10 @@ def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool, has_rollou
         raise ConfigError("prompts.path: required (--prompts FILE)")
     if not has_scorer and not config.reward.scorer:
         raise ConfigError("reward.scorer: required (--reward RM_FOLDER or module:function)")
+    if isinstance(config.train.resume, str):
+        raise ConfigError(
+            "train.resume: an online run resumes by rounds, where it stopped: use --resume alone"
+        )
     output = Path(config.train.output_dir)
     check_output_dir(output)
     check_not_input(output, config_inputs(config), "train.output_dir")
