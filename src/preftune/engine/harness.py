@@ -42,6 +42,7 @@ from ..data.outputs import (
     check_not_input,
     check_output_dir,
     config_inputs,
+    held,
     record_kind,
 )
 from ..errors import CheckpointError, ConfigError
@@ -61,7 +62,7 @@ from .checkpoint import (
 )
 from .guard import Signals, StopRequested, check_finite_weights
 from .task import Models, StepPlan, StepSource, TrainResult
-from .tracking import MetricsLog, Progress, Window, check_trackers, console_line
+from .tracking import MetricsLog, Progress, Window, check_trackers, config_lines, console_line, console_values
 from .update import Optimization, Updater
 
 
@@ -90,6 +91,8 @@ class Harness:
         self.device = self.accelerator.device
         self.resume_from: Path | None = None
         self.lock = FolderLock(self.output_dir, kind, "train.output_dir")
+        if not held():  # a run inside another (an online round, a pipeline stage) leaves this to it
+            self.say(config_lines(config))
 
     def say(self, *args: Any) -> None:
         if self.is_main:
@@ -232,9 +235,7 @@ class Harness:
         if update.skipped:
             values[plan.skipped_metric] = float(update.skipped)
         progress.log.log(step, values)
-        progress.bar.set_postfix(
-            {label: f"{values[name]:.4g}" for label, name in plan.console if name in values}
-        )
+        progress.bar.set_postfix(console_values(plan.console, values))
 
     def _finish(
         self,

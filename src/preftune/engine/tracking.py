@@ -206,22 +206,56 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+COMMON_CONSOLE = ("learning_rate", "grad_norm", "epoch")
+"""Shown after every recipe's own metrics, as TRL's log lines show them."""
+
+
+def console_values(shown: Sequence[str], values: dict[str, float], prefix: str = "") -> dict[str, str]:
+    """What the console shows of a logged step, under the logged names (TRL's): the recipe's metrics
+    ``shown`` (``loss``, ``rewards/accuracies``, ``rewards/margins``, …), then the learning rate,
+    the gradient norm and the epoch; ``prefix`` (``eval_``) picks an evaluation's."""
+    names = [*shown, *(name for name in COMMON_CONSOLE if name not in shown)]
+    return {prefix + name: f"{values[prefix + name]:.4g}" for name in names if prefix + name in values}
+
+
 def console_line(
-    say: Callable[..., None], shown: Sequence[tuple[str, str]], unit: str, total_steps: int
+    say: Callable[..., None], shown: Sequence[str], unit: str, total_steps: int
 ) -> Callable[[int, dict[str, float]], None]:
     """One line per logged step where no terminal shows a progress bar (a log file, CI)."""
 
     def line(step: int, values: dict[str, float]) -> None:
         prefix = "eval_" if any(name.startswith("eval_") for name in values) else ""
-        parts = [
-            f"{prefix}{label} {values[prefix + name]:.4f}" for label, name in shown if prefix + name in values
-        ]
+        parts = [f"{name} {text}" for name, text in console_values(shown, values, prefix).items()]
         rate = f"{unit}_per_second"
         if rate in values:
             parts.append(f"{unit}/s {values[rate]:.1f}")
         say(f"step {step}/{total_steps} " + " ".join(parts))
 
     return line
+
+
+def config_lines(config: Any) -> str:
+    """The run's settings the user chose (every key whose value is not its default), one
+    ``section.key: value`` a line, as ``--set`` and the YAML sections spell them."""
+    from ..config import RunConfig, to_dict
+
+    def text(value: Any) -> str:
+        if isinstance(value, list):
+            return "[" + ", ".join(text(v) for v in value) + "]"
+        if isinstance(value, bool) or value is None:
+            return {True: "true", False: "false", None: "null"}[value]
+        return str(value)
+
+    defaults = to_dict(RunConfig())
+    lines = [
+        f"  {section}.{key}: {text(value)}"
+        for section, values in to_dict(config).items()
+        for key, value in values.items()
+        if defaults[section][key] != value
+    ]
+    return "\n".join(
+        ["config (the keys set; the others at their defaults, as `preftune config` lists them):", *lines]
+    )
 
 
 class Window:

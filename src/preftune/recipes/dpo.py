@@ -192,7 +192,7 @@ def train(
         loss=pair_loss(objective, reference),
         eval_examples=eval_pairs,
         summarize=summarize,
-        console=(("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins")),
+        console=("loss", "rewards/accuracies", "rewards/margins"),
     )
     models = Models(
         PolicyLogps(model, logps_request(objective), config.train.logps_chunk_size),

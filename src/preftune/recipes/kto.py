@@ -214,7 +214,7 @@ def train_kto(
         loss=unpaired_loss(objective, reference, kl_gather(harness, objective)),
         eval_examples=eval_examples,
         summarize=summarize,
-        console=(("loss", "loss"), ("kl", "kl"), ("margin", "rewards/margins")),
+        console=("loss", "kl", "rewards/margins"),
         unit="examples",
     )
     models = Models(

@@ -45,6 +45,7 @@ from ..data.outputs import (
 from ..data.prompts import Prompt, read_prompts
 from ..engine.card import model_card
 from ..engine.checkpoint import save_final
+from ..engine.tracking import config_lines
 from ..errors import ConfigError
 from ..evaluation.metrics import sampled_kl
 from ..generation.pair_rules import build_pairs
@@ -86,6 +87,7 @@ def train_online(
     # check
     validate(config)
     check_run(config, prompts is not None, scorer is not None, rollout_for is not None)
+    print(config_lines(config), flush=True)
 
     # data: the prompts, and the reward
     online, cfg = config.online, config.train

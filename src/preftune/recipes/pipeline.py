@@ -299,6 +299,7 @@ def _run_stage(
     """Run (or resume) one stage in ``folder``; its summary row."""
     tree.setdefault("train", {}).update(output_dir=str(folder), resume=resume, overwrite=not resume)
     say(f"pipeline: {stage.name} ({stage.kind}) {'resuming' if resume else 'running'} in {folder}")
+    say("\n".join(f"  {key}: {value}" for key, value in _dotted(stage.tree).items()))  # as written
     record_kind(folder.parent, "pipeline")
     folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / "stage.json"

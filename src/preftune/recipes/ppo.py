@@ -50,7 +50,7 @@ from .common import tokenizer_for
 from .online import RolloutFactory
 from .ppo_experience import Experience, PPOModels, build_critic, chunks, collect, policy_tokens, step_seed
 
-CONSOLE = (("score", "objective/scores"), ("kl", "objective/kl"), ("vf", "loss/value_avg"))
+CONSOLE = ("objective/scores", "objective/kl", "loss/value_avg")
 GEOMETRY = ("rollouts_per_step", "ppo_epochs", "num_mini_batches")
 """What a resumed run must keep: the data position and the schedule count rollouts and updates."""
 

@@ -85,7 +85,7 @@ def train_reward_model(
         collate=collate_for(layout, tokenizer.pad_token_id, config.data.pack_tokens),
         loss=bradley_terry_loss(centering),
         eval_examples=eval_pairs,
-        console=(("loss", "loss"), ("acc", "accuracy"), ("margin", "margin")),
+        console=("loss", "accuracy", "margin"),
     )
     models = Models(
         RewardModule(model),

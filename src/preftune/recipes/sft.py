@@ -71,7 +71,7 @@ def train_sft(
         collate=partial(collate_sequences, pad_token_id=tokenizer.pad_token_id),
         loss=sft_loss,
         eval_examples=eval_examples,
-        console=(("loss", "loss"), ("acc", "mean_token_accuracy")),
+        console=("loss", "mean_token_accuracy"),
         unit="sequences",
         weight=loss_tokens,
     )
