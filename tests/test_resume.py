@@ -168,3 +168,21 @@ def test_resume_naming_what_is_not_a_checkpoint_is_refused_naming_it(
     target = tmp_path / "missing" if name == "missing" else full
     assert main(argv(files, tmp_path / "out", "--resume", str(target))) == 2
     assert expected in error_line(capsys)
+
+
+def test_trainer_state_json_stays_strict_json_when_a_logged_value_is_not_finite(tmp_path, tokenizer):
+    import torch
+
+    from preftune.engine.checkpoint import CheckpointContents, save_checkpoint
+
+    model = tiny_llama(len(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    history = [{"step": 1, "loss": 0.5, "grad_norm": float("nan")}]
+    contents = CheckpointContents(
+        model, tokenizer, optimizer, scheduler, {}, trainer_state={"log_history": history}
+    )
+    path = save_checkpoint(tmp_path, 1, contents)
+    text = (path / "trainer_state.json").read_text()
+    state = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in trainer_state.json"))
+    assert state["log_history"] == [{"step": 1, "loss": 0.5, "grad_norm": None}]

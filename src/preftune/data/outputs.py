@@ -148,7 +148,7 @@ def recorded_kind(folder: Path) -> str | None:
     """The kind of run ``folder`` holds: its :data:`RUN_FILE`, else what its files show (folders
     written before the record existed), else None (empty, or nothing says)."""
     for name, read in ((RUN_FILE, lambda k: k), ("stage.json", STAGE_KINDS.get)):
-        with contextlib.suppress(ValueError, OSError, AttributeError):
+        with contextlib.suppress(ValueError, OSError, AttributeError, TypeError):
             kind = read(json.loads((folder / name).read_text()).get("kind"))
             if isinstance(kind, str):
                 return kind

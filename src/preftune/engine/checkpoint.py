@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.files import json_safe
 from ..errors import CheckpointError, ConfigError
 from ..model.load import is_peft
 
@@ -148,7 +149,8 @@ def save_checkpoint(
         torch.save(contents.scheduler.state_dict(), tmp / "scheduler.pt")
         _save_rng_state(tmp)
         if contents.trainer_state is not None:
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(contents.trainer_state, indent=2))
+            # Strict JSON, as metrics.jsonl: a non-finite value logged (PPO's grad_norm) becomes null.
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(json_safe(contents.trainer_state), indent=2))
         # Written last: a folder with this file is complete.
         (tmp / STATE_FILE).write_text(json.dumps({**contents.state, "step": step}, indent=2))
         _publish(tmp, final)
