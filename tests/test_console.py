@@ -89,7 +89,7 @@ def test_a_run_first_prints_the_keys_the_user_set_with_their_values(files, tmp_p
     capsys.readouterr()
     assert main([*argv(files, tmp_path / "out"), "--loss", "ipo", "--set", "objective.beta=0.25"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("config (the keys set")
+    assert out[0].startswith("config (every key not at its default")
     block = out[1 : out.index(next(line for line in out[1:] if not line.startswith("  ")))]
     assert f"  model.name_or_path: {files / 'model'}" in block
     assert "  objective.loss: [ipo]" in block and "  objective.beta: 0.25" in block

@@ -235,8 +235,9 @@ def console_line(
 
 
 def config_lines(config: Any) -> str:
-    """The run's settings the user chose (every key whose value is not its default), one
-    ``section.key: value`` a line, as ``--set`` and the YAML sections spell them."""
+    """The run's settings the user chose, as every key whose value is not its default (a key set
+    to its default value is not told apart from one left alone), one ``section.key: value`` a
+    line, as ``--set`` and the YAML sections spell them."""
     from ..config import RunConfig, to_dict
 
     def text(value: Any) -> str:
@@ -253,9 +254,7 @@ def config_lines(config: Any) -> str:
         for key, value in values.items()
         if defaults[section][key] != value
     ]
-    return "\n".join(
-        ["config (the keys set; the others at their defaults, as `preftune config` lists them):", *lines]
-    )
+    return "\n".join(["config (every key not at its default; `preftune config` lists them all):", *lines])
 
 
 class Window:
