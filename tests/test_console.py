@@ -95,3 +95,21 @@ def test_a_run_first_prints_the_keys_the_user_set_with_their_values(files, tmp_p
     assert "  objective.loss: [ipo]" in block and "  objective.beta: 0.25" in block
     assert "  train.learning_rate: 0.001" in block and "  train.save_every: null" in block
     assert not [line for line in block if line.startswith("  train.adam_beta1")]  # left at its default
+
+
+def test_a_pipeline_prints_each_stages_keys_as_written_instead_of_the_runs_own_block(files, tmp_path, capsys):
+    import yaml
+
+    stage = {"kind": "simpo", "model": {"name_or_path": str(files / "model")}, "data": {"path": str(files / "pairs.jsonl")},
+             "train": {"max_steps": 1, "batch_size": 4, "progress": False, "report_to": ["none"]}}  # fmt: skip
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        yaml.safe_dump({"output": str(tmp_path / "out"), "stages": {"prefer": stage}}, sort_keys=False)
+    )
+    capsys.readouterr()
+    assert main(["pipeline", "run", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"pipeline: prefer (dpo) running in {tmp_path / 'out' / 'prefer'}"
+    assert out[1:4] == [f"  model.name_or_path: {files / 'model'}", f"  data.path: {files / 'pairs.jsonl'}",
+                        "  train.max_steps: 1"]  # fmt: skip
+    assert "  objective.loss: [simpo]" in out and not [line for line in out if line.startswith("config (")]

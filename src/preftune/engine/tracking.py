@@ -234,22 +234,24 @@ def console_line(
     return line
 
 
+def setting_text(value: Any) -> str:
+    """A config value as YAML's flow style and ``--set`` write it: ``[dpo, ipo]``, ``true``, ``null``."""
+    if isinstance(value, list):
+        return "[" + ", ".join(setting_text(v) for v in value) + "]"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
 def config_lines(config: Any) -> str:
     """The run's settings the user chose, as every key whose value is not its default (a key set
     to its default value is not told apart from one left alone), one ``section.key: value`` a
     line, as ``--set`` and the YAML sections spell them."""
     from ..config import RunConfig, to_dict
 
-    def text(value: Any) -> str:
-        if isinstance(value, list):
-            return "[" + ", ".join(text(v) for v in value) + "]"
-        if isinstance(value, bool) or value is None:
-            return {True: "true", False: "false", None: "null"}[value]
-        return str(value)
-
     defaults = to_dict(RunConfig())
     lines = [
-        f"  {section}.{key}: {text(value)}"
+        f"  {section}.{key}: {setting_text(value)}"
         for section, values in to_dict(config).items()
         for key, value in values.items()
         if defaults[section][key] != value

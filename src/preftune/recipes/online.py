@@ -39,6 +39,7 @@ from ..data.outputs import (
     check_not_input,
     check_output_dir,
     config_inputs,
+    held,
     record_kind,
     releases_locks,
 )
@@ -87,7 +88,8 @@ def train_online(
     # check
     validate(config)
     check_run(config, prompts is not None, scorer is not None, rollout_for is not None)
-    print(config_lines(config), flush=True)
+    if not held():  # a pipeline stage: the pipeline printed its keys
+        print(config_lines(config), flush=True)
 
     # data: the prompts, and the reward
     online, cfg = config.online, config.train

@@ -34,6 +34,7 @@ import yaml
 from ..config import load_config
 from ..data.files import write_json
 from ..data.outputs import STAGE_KINDS, check_kind, check_output_dir, holding, record_kind
+from ..engine.tracking import setting_text
 from ..errors import ConfigError, PreftuneError
 from ..losses import available as available_objectives
 
@@ -299,7 +300,7 @@ def _run_stage(
     """Run (or resume) one stage in ``folder``; its summary row."""
     tree.setdefault("train", {}).update(output_dir=str(folder), resume=resume, overwrite=not resume)
     say(f"pipeline: {stage.name} ({stage.kind}) {'resuming' if resume else 'running'} in {folder}")
-    say("\n".join(f"  {key}: {value}" for key, value in _dotted(stage.tree).items()))  # as written
+    say("\n".join(f"  {key}: {setting_text(value)}" for key, value in _dotted(stage.tree).items()))
     record_kind(folder.parent, "pipeline")
     folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / "stage.json"
