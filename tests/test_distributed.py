@@ -381,10 +381,10 @@ def test_deepspeed_zero_run_stopped_after_step_2_resumes_to_the_uninterrupted_lo
         assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-5)
         assert resumed[step]["grad_norm"] == pytest.approx(uninterrupted[step]["grad_norm"], rel=1e-4)
     # The optimizer state as DeepSpeed wrote it, one file per process; the weights gathered.
-    checkpoint = folder / "resumed" / "checkpoint-0000002"
+    checkpoint = folder / "resumed" / "checkpoint-2"
     assert len(list((checkpoint / "optimizer" / "zero").glob("*optim_states.pt"))) == 2
     saved = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
     for name, tensor in (
-        AutoModelForCausalLM.from_pretrained(folder / "full" / "checkpoint-0000002").state_dict().items()
+        AutoModelForCausalLM.from_pretrained(folder / "full" / "checkpoint-2").state_dict().items()
     ):
         torch.testing.assert_close(saved[name], tensor, atol=1e-6, rtol=0)

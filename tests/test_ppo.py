@@ -161,13 +161,13 @@ def test_resuming_an_interrupted_run_ends_exactly_where_the_uninterrupted_run_en
     straight = run_ppo(tmp_path / "a", tokenizer, *adaptive)
     stopped = run_ppo(tmp_path / "b", tokenizer, *adaptive, stop_after=2)
     assert stopped.final_dir is None and stopped.steps == 2
-    saved = tmp_path / "b" / "ppo" / "checkpoint-0000002"
-    state = json.loads((saved / "trainer_state.json").read_text())
+    saved = tmp_path / "b" / "ppo" / "checkpoint-2"
+    state = json.loads((saved / "preftune_state.json").read_text())
     assert state["kl_coef"] != 0.05 and (saved / "value" / "model.safetensors").exists()
     resumed = run_ppo(tmp_path / "b", tokenizer, *adaptive, "train.resume=true")
     from safetensors.torch import load_file
 
-    for part in ("final/model.safetensors", "checkpoint-0000003/value/model.safetensors"):
+    for part in ("final/model.safetensors", "checkpoint-3/value/model.safetensors"):
         a, b = (load_file(tmp_path / run / "ppo" / part) for run in ("a", "b"))
         assert all(torch.equal(a[name], b[name]) for name in a), part
     strip = ("rollouts_per_second", "tokens_per_second")  # timings
@@ -312,7 +312,7 @@ def test_a_signal_finishes_the_step_checkpoints_it_and_the_resumed_run_ends_like
             return super().__call__(prompts, completions)
 
     run_ppo(tmp_path / "a", tokenizer)
-    with pytest.raises(StopRequested, match=r"after step 2; saved .*checkpoint-0000002") as stopped:
+    with pytest.raises(StopRequested, match=r"after step 2; saved .*checkpoint-2") as stopped:
         run_ppo(tmp_path / "b", tokenizer, scorer=SignalAtCall())
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     run_ppo(tmp_path / "b", tokenizer, "train.resume=true")

@@ -276,7 +276,7 @@ def test_adamw_8bit_keeps_8bit_moments_and_a_resumed_run_repeats_the_uninterrupt
 
     straight = losses(run("a"))
     run("b", stop_after=3)
-    state = torch.load(tmp_path / "b" / "checkpoint-0000003" / "optimizer.pt", weights_only=True)["state"]
+    state = torch.load(tmp_path / "b" / "checkpoint-3" / "optimizer.pt", weights_only=True)["state"]
     moments = [
         value for entry in state.values() for key, value in _flat(entry) if key in ("state1", "state2")
     ]

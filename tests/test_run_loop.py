@@ -138,10 +138,10 @@ def test_a_signal_checkpoints_the_step_and_exits_with_the_same_message_and_code_
             at_step(patch, recipe, 2, send(number))
             exit_code, said[recipe] = run(recipe, files, tmp_path / recipe, capsys)
         assert exit_code == code, recipe
-        assert sorted(p.name for p in (tmp_path / recipe).glob("checkpoint-*")) == ["checkpoint-0000002"]
+        assert sorted(p.name for p in (tmp_path / recipe).glob("checkpoint-*")) == ["checkpoint-2"]
     name = signal.Signals(number).name
     expected = (
-        f"preftune: stopped by {name} after step 2; saved OUT/checkpoint-0000002; run the same command "
+        f"preftune: stopped by {name} after step 2; saved OUT/checkpoint-2; run the same command "
         "with --resume to continue"
     )
     assert lines_with(said["dpo"], "stopped by") == lines_with(said["ppo"], "stopped by") == [expected]
@@ -161,7 +161,7 @@ def test_a_non_finite_step_stops_ppo_as_it_stops_dpo_naming_the_step_with_exit_c
         assert not (tmp_path / recipe / "final").exists()
     expected = (
         "preftune: error: step 2: the loss (nan) or gradient norm (nan) is not finite, in a batch of records "
-        "RECORDS; the weights were not updated and the last good checkpoint is OUT/checkpoint-0000001. Lower "
+        "RECORDS; the weights were not updated and the last good checkpoint is OUT/checkpoint-1. Lower "
         "train.learning_rate or set train.max_grad_norm and --resume, or --set train.nonfinite=skip"
     )
     assert lines_with(said["dpo"], "not finite") == lines_with(said["ppo"], "not finite") == [expected]
@@ -192,9 +192,9 @@ def test_checkpoints_of_ppo_are_named_and_kept_as_those_of_dpo(files, tmp_path, 
         settings = ("--set", "train.save_every=1", "--set", "train.save_total_limit=2")
         assert run(recipe, files, tmp_path / recipe, capsys, *settings)[0] == 0
         kept[recipe] = sorted(p.name for p in (tmp_path / recipe).iterdir() if p.is_dir())
-    assert kept["dpo"] == kept["ppo"] == ["checkpoint-0000002", "checkpoint-0000003", "final"]
-    state = json.loads((tmp_path / "ppo" / "checkpoint-0000003" / "trainer_state.json").read_text())
-    assert state["step"] == 3 and (tmp_path / "ppo" / "checkpoint-0000003" / "value").is_dir()
+    assert kept["dpo"] == kept["ppo"] == ["checkpoint-2", "checkpoint-3", "final"]
+    state = json.loads((tmp_path / "ppo" / "checkpoint-3" / "preftune_state.json").read_text())
+    assert state["step"] == 3 and (tmp_path / "ppo" / "checkpoint-3" / "value").is_dir()
 
 
 def test_an_interrupted_ppo_run_resumes_as_an_interrupted_dpo_run_does(files, tmp_path, capsys, monkeypatch):
@@ -212,5 +212,5 @@ def test_an_interrupted_ppo_run_resumes_as_an_interrupted_dpo_run_does(files, tm
         losses = [(row["step"], row["loss"]) for row in logged(whole)]
         assert [(row["step"], row["loss"]) for row in logged(cut)] == losses, recipe
         assert len({loss for _, loss in losses}) == 3, recipe  # it trained: the steps differ
-    resumed = "resumed from OUT/checkpoint-0000002 at step 2"
+    resumed = "resumed from OUT/checkpoint-2 at step 2"
     assert lines_with(said["dpo"], "resumed") == lines_with(said["ppo"], "resumed") == [resumed]

@@ -53,7 +53,11 @@ def _sampling_parser(
     parser.add_argument("--config", help=f"YAML file with model/{sections} sections")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from where the run in --output stopped"
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue from where the run in --output stopped (ppo: or from the checkpoint named)",
     )
     return parser
 
@@ -68,7 +72,7 @@ def _sampling_config(args: argparse.Namespace, section: str, flags: dict[str, st
     if getattr(args, "loss", None):
         base["objective.loss"] = [name for name in args.loss.split(",") if name]
     if args.resume:
-        base["train.resume"] = True
+        base["train.resume"] = args.resume
     config = load_config(args.config, args.set or (), base, command=section)
     if not config.model.name_or_path:
         raise ConfigError("model.name_or_path: required (--model PATH_OR_NAME)")

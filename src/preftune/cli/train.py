@@ -24,7 +24,7 @@ def _run_config(args: argparse.Namespace, command: str) -> RunConfig:
     if args.output:
         base["train.output_dir"] = args.output
     if args.resume:
-        base["train.resume"] = True
+        base["train.resume"] = args.resume
     config = load_config(args.config, args.set or (), base, command=command)
     if not config.model.name_or_path:
         raise ConfigError("model.name_or_path: required (--model PATH_OR_NAME)")
@@ -53,8 +53,9 @@ def _rm_train(args: argparse.Namespace) -> None:
 
 def _rm_score(args: argparse.Namespace) -> None:
     from ..config import DataConfig
-    from ..generation.scoring import RewardModelScorer, score_file
+    from ..generation.scoring import RewardModelScorer, check_scores_output, score_file
 
+    check_scores_output(Path(args.output), args.data, args.model)
     scorer = RewardModelScorer(args.model, batch_size=args.batch_size, progress=True)
     summary = score_file(scorer, args.data, Path(args.output), DataConfig())
     print(f"scored {summary['records']} records -> {args.output}")
@@ -84,7 +85,11 @@ def _training_arguments(parser: argparse.ArgumentParser, model_help: str, with_l
     )
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --output"
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in --output, or the one named",
     )
 
 

@@ -188,8 +188,8 @@ class TrainConfig:
     """A non-finite loss or gradient: stop the run (naming step and records), or skip the step."""
     max_skipped_steps: int = 10
     """With ``nonfinite=skip``: stop once this many steps were skipped."""
-    resume: bool = False
-    """Continue from the latest checkpoint in ``output_dir``."""
+    resume: bool | str = False
+    """Continue from the latest checkpoint in ``output_dir`` (true), or from the checkpoint folder named."""
     overwrite: bool = False
     """Start over in an ``output_dir`` that holds an earlier run's checkpoints (they are deleted)."""
     logps_chunk_size: int | None = None

@@ -36,6 +36,15 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..config import RunConfig, to_dict, validate
+from ..data.outputs import (
+    FolderLock,
+    check_kind,
+    check_not_input,
+    check_output_dir,
+    config_inputs,
+    held,
+    record_kind,
+)
 from ..errors import CheckpointError, ConfigError
 from . import sharding
 from .bnb import build_optimizer, check_bitsandbytes
@@ -43,7 +52,7 @@ from .card import model_card
 from .checkpoint import (
     CheckpointContents,
     check_free_space,
-    check_output_dir,
+    checkpoint_name,
     clear_previous_run,
     load_checkpoint,
     load_models,
@@ -54,14 +63,17 @@ from .checkpoint import (
 )
 from .guard import Signals, StopRequested, check_finite_weights
 from .task import Models, StepPlan, StepSource, TrainResult
-from .tracking import MetricsLog, Progress, Window, check_trackers, console_line
+from .tracking import MetricsLog, Progress, Window, check_trackers, config_lines, console_line, console_values
 from .update import Optimization, Updater
 
 
 class Harness:
-    def __init__(self, config: RunConfig):
+    """``kind`` names the run (``train``, ``sft``, ``rm``, ``ppo``): its output folder holds that
+    kind of run only."""
+
+    def __init__(self, config: RunConfig, kind: str = "train"):
         validate(config)
-        self.config = config
+        self.config, self.kind = config, kind
         self.cfg = cfg = config.train
         self.trackers = check_trackers(cfg.report_to)
         mixed = cfg.mixed_precision
@@ -73,10 +85,16 @@ class Harness:
         check_bitsandbytes(config, self.accelerator, self.say)
         set_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
+        # The output, checked before anything loads: writable, none of the inputs, no other kind of run.
         check_output_dir(self.output_dir)
+        check_not_input(self.output_dir, config_inputs(config), "train.output_dir")
+        check_kind(self.output_dir, kind, "train.output_dir")
         self._earlier_run: list[Path] = []
         self.device = self.accelerator.device
         self.resume_from: Path | None = None
+        self.lock = FolderLock(self.output_dir, kind, "train.output_dir")
+        if not held():  # a run inside another (an online round, a pipeline stage) leaves this to it
+            self.say(config_lines(config))
 
     def say(self, *args: Any) -> None:
         if self.is_main:
@@ -92,15 +110,25 @@ class Harness:
             )
 
     def decide_start(self) -> None:
-        """Decide between a fresh run and a resume, once the data is known good. Nothing of an
-        earlier run is removed here: that waits until the models have loaded (``fit``)."""
+        """Take the output folder (a second run into it is refused until this one ends), and decide
+        between a fresh run and a resume, once the data is known good. Nothing of an earlier run is
+        removed here: that waits until the models have loaded (``fit``)."""
         if self.is_main:
+            self.lock.acquire()
+            check_kind(self.output_dir, self.kind, "train.output_dir")  # again, now that the folder is ours
             recover_stray(self.output_dir)
         self.resume_from, self._earlier_run = plan_output_dir(
             self.output_dir, self.cfg.resume, self.cfg.overwrite
         )
+        if self.resume_from is not None and not self._resumed_here:
+            check_kind(self.resume_from.parent, self.kind, "train.resume")
         if self.cfg.resume and self.resume_from is None:
             self.say(f"resume: no checkpoint in {self.output_dir}; starting from the beginning")
+
+    @property
+    def _resumed_here(self) -> bool:
+        """Resumed from a checkpoint of this folder (not from another run's, into a new folder)."""
+        return self.resume_from is not None and self.resume_from.resolve().parent == self.output_dir.resolve()
 
     def _prepare_output_dir(self, models: Models, trainable: list[nn.Parameter]) -> None:
         """The models loaded: now an earlier run's files may go, if there is room for a checkpoint."""
@@ -111,6 +139,7 @@ class Harness:
             check_free_space(self.output_dir, int(1.1 * (weights + moments)))
             clear_previous_run(self._earlier_run)
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            record_kind(self.output_dir, self.kind)
             (self.output_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=2))
         self.accelerator.wait_for_everyone()
 
@@ -144,7 +173,8 @@ class Harness:
                     )
                     if due or update.stop:
                         state = {"total_steps": plan.total_steps, "num_tokens": progress.tokens_seen}
-                        saved = self._checkpoint(step, optimization, models, state | steps.state())
+                        hf_state = self._trainer_state(step, steps, progress)
+                        saved = self._checkpoint(step, optimization, models, state | steps.state(), hf_state)
                     if update.stop:
                         raise StopRequested(
                             f"stopped by {signals.name or 'a signal on another process'} after step {step}; "
@@ -157,6 +187,7 @@ class Harness:
         # Every rank leaves together (the main one was saving). The group stays up (a script may
         # train again); the command line ends it at its exit (distributed.close_process_group).
         self.accelerator.wait_for_everyone()
+        self.lock.release()
         return TrainResult(self.output_dir, step, progress.log.history, final_dir)
 
     # ------------------------------------------------------------------ pieces of the loop
@@ -190,7 +221,7 @@ class Harness:
             self.trackers,
             to_dict(self.config),
             start_step,
-            self.resume_from is not None,
+            self._resumed_here,
             self.is_main,
             console=plain if self.cfg.progress and bar.disable else None,
         )
@@ -206,9 +237,7 @@ class Harness:
         if update.skipped:
             values[plan.skipped_metric] = float(update.skipped)
         progress.log.log(step, values)
-        progress.bar.set_postfix(
-            {label: f"{values[name]:.4g}" for label, name in plan.console if name in values}
-        )
+        progress.bar.set_postfix(console_values(plan.console, values))
 
     def _finish(
         self,
@@ -278,11 +307,45 @@ class Harness:
         self.say(f"resumed from {self.resume_from} at step {saved['step']}")
         return saved["step"], float(saved.get("num_tokens", 0.0))
 
+    def _trainer_state(self, step: int, steps: StepSource, progress: Progress) -> dict[str, Any]:
+        """``trainer_state.json`` as the Hugging Face Trainer writes it (its every field, and no other:
+        ``TrainerState.load_from_json`` refuses unknown keys); preftune's own state is beside it."""
+        cfg, total = self.cfg, steps.plan.total_steps
+        epochs = steps.current(total).get("epoch")
+        return {
+            "best_global_step": None,
+            "best_metric": None,
+            "best_model_checkpoint": None,
+            "epoch": steps.current(step).get("epoch", 0.0),
+            "eval_steps": cfg.eval_every,
+            "global_step": step,
+            "is_hyper_param_search": False,
+            "is_local_process_zero": True,
+            "is_world_process_zero": True,
+            "log_history": [row for row in progress.log.log_history if row["step"] <= step],
+            "logging_steps": cfg.log_every,
+            "max_steps": total,
+            "num_input_tokens_seen": int(progress.tokens_seen),
+            "num_train_epochs": math.ceil(epochs) if epochs is not None else 1,
+            "save_steps": cfg.save_every,
+            "stateful_callbacks": {},
+            "total_flos": 0.0,
+            "train_batch_size": cfg.batch_size,
+            "trial_name": None,
+            "trial_params": None,
+        }
+
     def _checkpoint(
-        self, step: int, optimization: Optimization, models: Models, state: dict[str, Any]
+        self,
+        step: int,
+        optimization: Optimization,
+        models: Models,
+        state: dict[str, Any],
+        trainer_state: dict[str, Any],
     ) -> Path:
-        """``checkpoint-<step>``: the models, the optimizer, the schedule and ``state``."""
-        path = self.output_dir / f"checkpoint-{step:07d}"
+        """``checkpoint-<step>``: the models, the optimizer, the schedule, ``state`` (preftune's) and
+        ``trainer_state`` (the Hugging Face Trainer's)."""
+        path = self.output_dir / checkpoint_name(step)
         wrapped = optimization.wrapped
         weights = sharding.full_weights(self.accelerator, wrapped)  # sharded: every process gathers
         moments = sharding.optimizer_state(self.accelerator, wrapped, optimization.optimizer, path)
@@ -299,6 +362,7 @@ class Harness:
                 models.extra_models,
                 weights,
                 moments,
+                trainer_state,
             )
             save_checkpoint(self.output_dir, step, contents, self.cfg.save_total_limit)
         self.accelerator.wait_for_everyone()

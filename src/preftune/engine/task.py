@@ -38,8 +38,9 @@ class Task:
     eval_examples: Sequence[Any] = ()
     summarize: Callable[[dict[str, float]], dict[str, float]] = lambda values: values
     """Turns averaged metrics into logged ones (e.g. a ratio of two sums)."""
-    console: tuple[tuple[str, str], ...] = (("loss", "loss"),)
-    """(short label, metric) pairs shown on the progress bar and plain log lines."""
+    console: tuple[str, ...] = ("loss",)
+    """The metrics shown on the progress bar and plain log lines, by their logged (TRL's) names; the
+    learning rate, gradient norm and epoch follow them."""
     unit: str = "pairs"
     """What an example is: throughput is logged as ``<unit>_per_second``."""
     weight: Callable[[Any], float] | None = None
@@ -76,8 +77,9 @@ class StepPlan:
     """The setting that extends a finished run."""
     unit: str = "pairs"
     """What an example is: throughput is logged as ``<unit>_per_second``."""
-    console: tuple[tuple[str, str], ...] = (("loss", "loss"),)
-    """(short label, metric) pairs shown on the progress bar and plain log lines."""
+    console: tuple[str, ...] = ("loss",)
+    """The metrics shown on the progress bar and plain log lines (logged names; the learning rate,
+    gradient norm and epoch follow them)."""
     skipped_metric: str = "skipped_steps"
     """The logged count of updates skipped as non-finite (``train.nonfinite=skip``)."""
 
@@ -88,7 +90,7 @@ class StepSource(Protocol):
     plan: StepPlan
 
     def state(self) -> dict[str, Any]:
-        """Saved in every checkpoint's ``trainer_state.json``: the geometry a resumed run must keep,
+        """Saved in every checkpoint's ``preftune_state.json``: the geometry a resumed run must keep,
         and the source's own state (PPO's β)."""
         ...
 

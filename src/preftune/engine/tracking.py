@@ -126,6 +126,9 @@ class MetricsLog:
         console: Callable[[int, dict[str, float]], None] | None = None,
     ):
         self.history: list[dict[str, float]] = []
+        """The steps logged by this process (a resumed run: those after its checkpoint)."""
+        self.earlier: list[dict[str, Any]] = []
+        """The steps of ``metrics.jsonl`` logged before the checkpoint a run resumed from."""
         self.console = console
         self.file = None
         self.trackers: list[Any] = []
@@ -134,10 +137,17 @@ class MetricsLog:
         path = output_dir / "metrics.jsonl"
         # Keep what was logged up to the resumed step; a fresh run starts a fresh file.
         kept = path.read_text().splitlines() if resumed and path.exists() else []
-        path.write_text("".join(line + "\n" for line in kept if logged_step(line) <= start_step))
+        kept = [line for line in kept if logged_step(line) <= start_step]
+        self.earlier = [json.loads(line) for line in kept]
+        path.write_text("".join(line + "\n" for line in kept))
         self.file = path.open("a")
         for name in trackers:
             self.trackers.append(_start_tracker(name, output_dir, start_step, config))
+
+    @property
+    def log_history(self) -> list[dict[str, Any]]:
+        """Every logged step of the run so far, resumed or not (the main process's)."""
+        return [*self.earlier, *self.history]
 
     def log(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **values}
@@ -196,22 +206,57 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+COMMON_CONSOLE = ("learning_rate", "grad_norm", "epoch")
+"""Shown after every recipe's own metrics, as TRL's log lines show them."""
+
+
+def console_values(shown: Sequence[str], values: dict[str, float], prefix: str = "") -> dict[str, str]:
+    """What the console shows of a logged step, under the logged names (TRL's): the recipe's metrics
+    ``shown`` (``loss``, ``rewards/accuracies``, ``rewards/margins``, …), then the learning rate,
+    the gradient norm and the epoch; ``prefix`` (``eval_``) picks an evaluation's."""
+    names = [*shown, *(name for name in COMMON_CONSOLE if name not in shown)]
+    return {prefix + name: f"{values[prefix + name]:.4g}" for name in names if prefix + name in values}
+
+
 def console_line(
-    say: Callable[..., None], shown: Sequence[tuple[str, str]], unit: str, total_steps: int
+    say: Callable[..., None], shown: Sequence[str], unit: str, total_steps: int
 ) -> Callable[[int, dict[str, float]], None]:
     """One line per logged step where no terminal shows a progress bar (a log file, CI)."""
 
     def line(step: int, values: dict[str, float]) -> None:
         prefix = "eval_" if any(name.startswith("eval_") for name in values) else ""
-        parts = [
-            f"{prefix}{label} {values[prefix + name]:.4f}" for label, name in shown if prefix + name in values
-        ]
+        parts = [f"{name} {text}" for name, text in console_values(shown, values, prefix).items()]
         rate = f"{unit}_per_second"
         if rate in values:
             parts.append(f"{unit}/s {values[rate]:.1f}")
         say(f"step {step}/{total_steps} " + " ".join(parts))
 
     return line
+
+
+def setting_text(value: Any) -> str:
+    """A config value as YAML's flow style and ``--set`` write it: ``[dpo, ipo]``, ``true``, ``null``."""
+    if isinstance(value, list):
+        return "[" + ", ".join(setting_text(v) for v in value) + "]"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
+def config_lines(config: Any) -> str:
+    """The run's settings the user chose, as every key whose value is not its default (a key set
+    to its default value is not told apart from one left alone), one ``section.key: value`` a
+    line, as ``--set`` and the YAML sections spell them."""
+    from ..config import RunConfig, to_dict
+
+    defaults = to_dict(RunConfig())
+    lines = [
+        f"  {section}.{key}: {setting_text(value)}"
+        for section, values in to_dict(config).items()
+        for key, value in values.items()
+        if defaults[section][key] != value
+    ]
+    return "\n".join(["config (every key not at its default; `preftune config` lists them all):", *lines])
 
 
 class Window:

@@ -12,6 +12,14 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..data.outputs import (
+    FolderLock,
+    check_kind,
+    check_not_input,
+    check_output_dir,
+    record_kind,
+    releases_locks,
+)
 from ..errors import ConfigError
 from ..generation.scoring import RewardModelScorer, Scorer, load_scorer
 from ..model.attention import choose_layout
@@ -21,6 +29,7 @@ from .report import format_table, write_outputs
 from .settings import EvalSettings
 
 
+@releases_locks
 def run_eval(
     config: RunConfig,
     specs: list[tuple[str, Any]],
@@ -36,7 +45,13 @@ def run_eval(
     ``reference`` checkpoint and a ``reward_model`` folder or ``reward`` function when given;
     returns the summary that ``OUTPUT/eval.json`` holds. The pairs are batched in the layout
     ``data.layout`` allows for these models, whatever ``settings.layout`` says."""
-    # Everything that can be wrong with the input is checked before a model loads.
+    # Everything that can be wrong with the input is checked before a model loads, the output first.
+    check_output_dir(output, "--output")
+    inputs = {"--policy": config.model.name_or_path, "--reference": reference, "--reward-model": reward_model}
+    inputs |= {"--reward": reward, **{f"--data {name}": source for name, source in specs}}
+    check_not_input(output, inputs, "--output")
+    check_kind(output, "eval", "--output")
+    FolderLock(output, "eval", "--output").acquire()  # until the report is written
     tokenizer = load_tokenizer(config.model, config.data.chat_template)
     if reference:
         reference_cfg = dataclasses.replace(config.model, name_or_path=reference)
@@ -68,6 +83,7 @@ def run_eval(
         names={"policy": config.model.name_or_path, "reference": reference, "reward": reward_model or reward},
     )
     say(format_table(result.summary))
+    record_kind(output, "eval")
     paths = write_outputs(result, output)
     say(f"wrote {paths[0]}" + "".join(f"\n      {p}" for p in paths[1:]))
     return result.summary

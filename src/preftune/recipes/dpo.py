@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.layouts import Batch
+from ..data.outputs import releases_locks
 from ..data.packing import collate_for
 from ..engine import ExampleSteps, Harness, LossFn, Models, Task, TrainResult, sharding
 from ..errors import ConfigError
@@ -139,6 +140,7 @@ def refuse_quantize_without_reference(config: RunConfig, objective: Objective) -
         )
 
 
+@releases_locks
 def train(
     config: RunConfig,
     *,
@@ -165,7 +167,7 @@ def train(
             stop_after=stop_after,
         )
     # check
-    harness = Harness(config)
+    harness = Harness(config, "train")
     objective = checked_objective(harness)
 
     # data: every record checked before any model loads
@@ -201,7 +203,7 @@ def train(
         loss=pair_loss(objective, reference),
         eval_examples=eval_pairs,
         summarize=summarize,
-        console=(("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins")),
+        console=("loss", "rewards/accuracies", "rewards/margins"),
     )
     models = Models(
         PolicyLogps(model, logps_request(objective), config.train.logps_chunk_size),

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data import TokenizedUnpaired, prepare_unpaired
 from ..data.layouts import UnpairedBatch, collate_unpaired
+from ..data.outputs import releases_locks
 from ..data.unpaired import balance_warning
 from ..engine import ExampleSteps, Harness, LossFn, Models, Task, TrainResult, sharding
 from ..errors import ConfigError
@@ -156,6 +157,7 @@ def kl_gather(harness: Harness, objective: UnpairedObjective) -> Callable[[Tenso
     return (lambda kl: accelerator.reduce(kl, reduction="mean")) if processes > 1 else None
 
 
+@releases_locks
 def train_kto(
     config: RunConfig,
     *,
@@ -169,7 +171,7 @@ def train_kto(
     """Train ``config.model`` (or ``model``) on the unpaired examples of ``config.data`` (or the
     records given) with an unpaired objective (``kto``, ``apo_zero_unpaired``)."""
     # check
-    harness = Harness(config)
+    harness = Harness(config, "train")
     objective = checked_objective(harness)
 
     # data: every record checked before any model loads
@@ -212,7 +214,7 @@ def train_kto(
         loss=unpaired_loss(objective, reference, kl_gather(harness, objective)),
         eval_examples=eval_examples,
         summarize=summarize,
-        console=(("loss", "loss"), ("kl", "kl"), ("margin", "rewards/margins")),
+        console=("loss", "kl", "rewards/margins"),
         unit="examples",
     )
     models = Models(

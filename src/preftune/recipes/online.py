@@ -33,9 +33,20 @@ from torch import nn
 from ..config import RunConfig, to_dict, validate
 from ..data import TokenizedPair
 from ..data.files import read_jsonl, write_json, write_jsonl
+from ..data.outputs import (
+    FolderLock,
+    check_kind,
+    check_not_input,
+    check_output_dir,
+    config_inputs,
+    held,
+    record_kind,
+    releases_locks,
+)
 from ..data.prompts import Prompt, read_prompts
 from ..engine.card import model_card
 from ..engine.checkpoint import save_final
+from ..engine.tracking import config_lines
 from ..errors import ConfigError
 from ..evaluation.metrics import sampled_kl
 from ..generation.pair_rules import build_pairs
@@ -62,6 +73,7 @@ class OnlineResult:
     final_dir: Path | None = None
 
 
+@releases_locks
 def train_online(
     config: RunConfig,
     *,
@@ -79,6 +91,8 @@ def train_online(
     # check
     validate(config)
     check_run(config, prompts is not None, scorer is not None, rollout_for is not None)
+    if not held():  # a pipeline stage: the pipeline printed its keys
+        print(config_lines(config), flush=True)
 
     # data: the prompts, and the reward
     online, cfg = config.online, config.train
@@ -88,8 +102,9 @@ def train_online(
     if scorer is None:
         scorer = load_scorer(config.reward.scorer, allow_unscored=True, batch_size=config.reward.batch_size)
     output = Path(cfg.output_dir)
-    done = _claim(output, cfg.resume, cfg.overwrite)
-    output.mkdir(parents=True, exist_ok=True)
+    FolderLock(output, "online", "train.output_dir").acquire()  # until the run ends
+    done = _claim(output, bool(cfg.resume), cfg.overwrite)
+    record_kind(output, "online")
     (output / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     # load: the initial policy stays in memory, frozen: KL to it each round, and the reference of
@@ -142,6 +157,14 @@ def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool, has_rollou
         raise ConfigError("prompts.path: required (--prompts FILE)")
     if not has_scorer and not config.reward.scorer:
         raise ConfigError("reward.scorer: required (--reward RM_FOLDER or module:function)")
+    if isinstance(config.train.resume, str):
+        raise ConfigError(
+            "train.resume: an online run resumes by rounds, where it stopped: use --resume alone"
+        )
+    output = Path(config.train.output_dir)
+    check_output_dir(output)
+    check_not_input(output, config_inputs(config), "train.output_dir")
+    check_kind(output, "online", "train.output_dir")
 
 
 @dataclass

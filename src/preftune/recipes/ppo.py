@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.layouts import collate_sequences
+from ..data.outputs import releases_locks
 from ..data.prompts import Prompt, read_prompts
 from ..engine import Harness, Models, StepPlan, TrainResult, Updater, Window, data_stream
 from ..errors import ConfigError
@@ -49,11 +50,12 @@ from .common import tokenizer_for
 from .online import RolloutFactory
 from .ppo_experience import Experience, PPOModels, build_critic, chunks, collect, policy_tokens, step_seed
 
-CONSOLE = (("score", "objective/scores"), ("kl", "objective/kl"), ("vf", "loss/value_avg"))
+CONSOLE = ("objective/scores", "objective/kl", "loss/value_avg")
 GEOMETRY = ("rollouts_per_step", "ppo_epochs", "num_mini_batches")
 """What a resumed run must keep: the data position and the schedule count rollouts and updates."""
 
 
+@releases_locks
 def train_ppo(
     config: RunConfig,
     *,
@@ -69,7 +71,7 @@ def train_ppo(
     ``rollout_for(policy)`` gives the sampler (default: transformers). ``stop_after`` ends the run
     after that many steps, as if interrupted."""
     # check
-    harness, ppo = Harness(config), config.ppo
+    harness, ppo = Harness(config, "ppo"), config.ppo
     check_run(config, prompts is not None, scorer is not None)
     if rollout_for is None:
         check_engine(config.rollout)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.layouts import Batch
+from ..data.outputs import releases_locks
 from ..data.packing import collate_for
 from ..engine import ExampleSteps, Harness, LossFn, Models, Task, TrainResult
 from ..model.load import load_reward_model, prepare_for_training
@@ -50,6 +51,7 @@ def bradley_terry_loss(center_coefficient: float | None) -> LossFn:
     return loss
 
 
+@releases_locks
 def train_reward_model(
     config: RunConfig,
     *,
@@ -62,7 +64,7 @@ def train_reward_model(
     """Train a reward model on ``config.data`` (or the records given); ``final/`` loads with
     ``AutoModelForSequenceClassification`` and scores with ``preftune rm score``."""
     # check
-    harness = Harness(config)
+    harness = Harness(config, "rm")
 
     # data: every record checked before any model loads
     tokenizer = tokenizer_for(config, tokenizer)
@@ -83,7 +85,7 @@ def train_reward_model(
         collate=collate_for(layout, tokenizer.pad_token_id, config.data.pack_tokens),
         loss=bradley_terry_loss(centering),
         eval_examples=eval_pairs,
-        console=(("loss", "loss"), ("acc", "accuracy"), ("margin", "margin")),
+        console=("loss", "accuracy", "margin"),
     )
     models = Models(
         RewardModule(model),

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.layouts import SequenceBatch, collate_sequences
+from ..data.outputs import releases_locks
 from ..data.sft import SFTReport, TokenizedSequence, prepare_sft
 from ..engine import ExampleSteps, Harness, Models, Task, TrainResult
 from ..model.load import load_model, prepare_for_training
@@ -40,6 +41,7 @@ def loss_tokens(sequence: TokenizedSequence) -> float:
     return float(sequence.loss_tokens)
 
 
+@releases_locks
 def train_sft(
     config: RunConfig,
     *,
@@ -51,7 +53,7 @@ def train_sft(
 ) -> TrainResult:
     """Fine-tune ``config.model`` (or ``model``) on ``config.data`` (or the records given)."""
     # check
-    harness = Harness(config)
+    harness = Harness(config, "sft")
 
     # data: every record checked before any model loads
     tokenizer = tokenizer_for(config, tokenizer)
@@ -69,7 +71,7 @@ def train_sft(
         collate=partial(collate_sequences, pad_token_id=tokenizer.pad_token_id),
         loss=sft_loss,
         eval_examples=eval_examples,
-        console=(("loss", "loss"), ("acc", "mean_token_accuracy")),
+        console=("loss", "mean_token_accuracy"),
         unit="sequences",
         weight=loss_tokens,
     )
