@@ -14,7 +14,7 @@ need nothing new. The KL estimate is per micro-batch, averaged over the processe
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -142,7 +142,7 @@ def train_kto(
     )
     if advice and harness.is_main:
         warnings.warn(advice, stacklevel=2)
-    eval_examples: list[TokenizedUnpaired] = []
+    eval_examples: Sequence[TokenizedUnpaired] = []
     if eval_data is not None or data.eval_path:
         eval_source = eval_data if eval_data is not None else data.eval_path
         eval_examples, _ = prepare_unpaired(eval_source, tokenizer, data, data.eval_split, False)

@@ -11,6 +11,7 @@ Metrics carry TRL's names: ``loss``, ``mean_token_accuracy``, ``entropy`` (token
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -56,7 +57,7 @@ def train_sft(
     source = train_data if train_data is not None else data.path
     examples, report = prepare_sft(source, tokenizer, data, data.completion_only_loss, data.split, progress)
     harness.say(f"data: {report.summary()}")
-    eval_examples: list[TokenizedSequence] = []
+    eval_examples: Sequence[TokenizedSequence] = []
     if eval_data is not None or data.eval_path:
         eval_source = eval_data if eval_data is not None else data.eval_path
         eval_examples, _ = prepare_sft(
