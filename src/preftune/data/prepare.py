@@ -151,14 +151,20 @@ def check_margin_field(cfg: DataConfig, margin_field: str | None) -> None:
 
 
 def _pair_check(
-    encoder: Encoder | None, cfg: DataConfig, margin_field: str | None, report: DataReport, rows: Rows
+    encoder: Encoder | None,
+    cfg: DataConfig,
+    margin_field: str | None,
+    report: DataReport,
+    rows: Rows,
+    parsed: dict[str, PreferenceExample],
 ) -> Callable[[int, str, dict[str, Any]], None]:
-    """The check of one record: parsed, the policies applied, tokenized and truncated, kept in ``rows``."""
+    """The check of one record: parsed (or taken from ``parsed``, records whose parse notes
+    nothing), the policies applied, tokenized and truncated, kept in ``rows``."""
     warned_implicit = False
 
     def check(index: int, where: str, record: dict[str, Any]) -> None:
         nonlocal warned_implicit
-        example = parse_or_skip(record, where, cfg, margin_field, report)
+        example = parsed.pop(where, None) or parse_or_skip(record, where, cfg, margin_field, report)
         if example is None or encoder is None:
             return
         pair = _tokenized(encoder, example, index, cfg, report)
@@ -184,20 +190,32 @@ def _pair_check(
     return check
 
 
-def _prefetch(encoder: Encoder, items: list[Decoded], cfg: DataConfig, margin_field: str | None) -> None:
-    """Every text the chunk's text pairs will tokenize, in one call (parsed here without effect:
-    the check parses each record again, noting what it finds, in order)."""
+def _prefetch(
+    encoder: Encoder | None, items: list[Decoded], cfg: DataConfig, margin_field: str | None
+) -> dict[str, PreferenceExample]:
+    """The chunk's records parsed, and every text their pairs will tokenize tokenized in one call.
+    Returns the examples whose parse noted nothing, by ``where``; the others (dropped, flagged, bad)
+    the check parses again, so that what it notes is noted in order."""
     texts: list[str] = []
+    parsed: dict[str, PreferenceExample] = {}
+    scratch = DataReport()
     for where, record in items:
         if not isinstance(record, dict):
             continue
+        noted = scratch.identical + sum(f.count for f in scratch.findings.by_rule.values())
         try:
-            example = parse_or_skip(record, where, cfg, margin_field, DataReport())
+            example = parse_or_skip(record, where, cfg, margin_field, scratch)
         except DataError:
             continue
-        if example is not None:
+        if example is None:
+            continue
+        if noted == scratch.identical + sum(f.count for f in scratch.findings.by_rule.values()):
+            parsed[where] = example
+        if encoder is not None:
             texts += encoder.texts(example.prompt, [example.chosen, example.rejected])
-    encoder.prefetch(texts)
+    if encoder is not None:
+        encoder.prefetch(texts)
+    return parsed
 
 
 def pairs_work(tokenizer: Any, cfg: DataConfig, margin_field: str | None) -> Callable[[Chunk], ChunkResult]:
@@ -207,9 +225,8 @@ def pairs_work(tokenizer: Any, cfg: DataConfig, margin_field: str | None) -> Cal
         report, rows = DataReport(), Rows(3)
         encoder = Encoder(tokenizer, cfg, report.findings) if tokenizer is not None else None
         items = decode(chunk.items)
-        if encoder is not None:
-            _prefetch(encoder, items, cfg, margin_field)
-        check = _pair_check(encoder, cfg, margin_field, report, rows)
+        parsed = _prefetch(encoder, items, cfg, margin_field)
+        check = _pair_check(encoder, cfg, margin_field, report, rows, parsed)
         counted, caught = caught_warnings(lambda: scan_items(items, chunk.budget, check))
         return ChunkResult(counted, report, rows.arrays(), caught)
 
