@@ -85,15 +85,24 @@ def stores(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "cache").iterdir())
 
 
+def in_file(examples, path: str) -> list[tuple]:
+    """Rows of examples read from a list of records, named as the same records in ``path`` would be."""
+    return [
+        tuple(f"{path}:{int(v[7:]) + 1}" if str(v).startswith("record ") else v for v in row)
+        for row in rows(examples)
+    ]
+
+
 @pytest.mark.parametrize("name", FORMATS)
-def test_ids_read_back_from_the_store_equal_a_fresh_scans(name, tokenizer, tmp_path):
+def test_ids_read_back_from_the_store_equal_a_scan_in_memory(name, tokenizer, tmp_path):
     prepare, records = FORMATS[name]
     path = write(tmp_path, records)
-    fresh, _ = prepare(path, tokenizer, settings(tmp_path, cache=False), progress=False)
+    in_memory, _ = prepare(records, tokenizer, settings(tmp_path), progress=False)
     prepare(path, tokenizer, settings(tmp_path), progress=False)
     reused, report = prepare(path, tokenizer, settings(tmp_path), progress=False)
-    assert isinstance(reused, Examples) and report.cache.startswith("token ids reused from")
-    assert rows(reused) == rows(fresh)
+    assert isinstance(in_memory, list) and isinstance(reused, Examples)
+    assert report.cache.startswith("token ids reused from")
+    assert rows(reused) == in_file(in_memory, path)
 
 
 def test_a_reused_store_brings_back_the_data_report(tokenizer, tmp_path):
@@ -104,7 +113,7 @@ def test_a_reused_store_brings_back_the_data_report(tokenizer, tmp_path):
     prepare_pairs(path, tokenizer, config, progress=False)
     _, reused = prepare_pairs(path, tokenizer, config, progress=False)
     assert reused.findings.by_rule.keys() == {"empty_completion", "identical"}
-    assert reused.summary().splitlines()[:-1] == fresh.summary().splitlines()
+    assert reused.summary().splitlines()[:-1] == fresh.summary().splitlines()[:-1]
     assert reused.statistics() == fresh.statistics()
 
 
@@ -292,3 +301,24 @@ def test_a_bad_margin_in_a_shared_store_stops_the_run_as_a_fresh_scan_does(token
     with pytest.raises(DataError) as shared:
         prepare_pairs(path, tokenizer, settings(tmp_path), progress=False, margin_field="margin")
     assert str(shared.value) == str(fresh.value) == f"{path}:3: field 'margin' must be a number, got 'wide'"
+
+
+def test_a_dataset_backed_by_arrow_files_is_stored_under_its_fingerprint(tokenizer, tmp_path):
+    import datasets
+
+    path = write(tmp_path, PAIRS)
+    dataset = datasets.load_dataset("json", data_files=path, split="train", cache_dir=str(tmp_path / "hf"))
+    fresh, _ = prepare_pairs(path, tokenizer, settings(tmp_path, cache=False), progress=False)
+    prepare_pairs(dataset, tokenizer, settings(tmp_path), progress=False)
+    reused, report = prepare_pairs(dataset, tokenizer, settings(tmp_path), progress=False)
+    assert report.cache.startswith("token ids reused from") and stores(tmp_path)[0].startswith("pairs-")
+    assert [p.prompt_ids for p in reused] == [p.prompt_ids for p in fresh]
+
+
+def test_without_the_cache_a_file_is_tokenized_into_a_store_that_leaves_nothing_on_disk(tokenizer, tmp_path):
+    path = write(tmp_path, PAIRS)
+    pairs, report = prepare_pairs(path, tokenizer, settings(tmp_path, cache=False), progress=False)
+    in_memory, _ = prepare_pairs(PAIRS, tokenizer, settings(tmp_path), progress=False)
+    assert isinstance(pairs, Examples) and isinstance(pairs.store.columns["tokens"], np.memmap)
+    assert rows(pairs) == in_file(in_memory, path) and stores(tmp_path) == []
+    assert report.cache.endswith("token ids kept until the run ends")

@@ -62,6 +62,12 @@ NOT_IN_KEY = (
 arranges ids, it does not make them; the number of processes gives the same ids)."""
 
 TMP = ".tmp-"
+"""Folders a writer works in: ``.tmp-<name>@<host>@<pid>``, taken by no run, removed once their
+writer is gone."""
+
+
+def temporary(name: str) -> str:
+    return f"{TMP}{name}@{socket.gethostname()}@{os.getpid()}"
 
 
 @dataclass
@@ -154,13 +160,15 @@ def tokenized(job: Job, source: Source, tokenizer: Any, cfg: DataConfig, progres
     """``(examples, report)`` of ``source``: from its store when one matches, else scanned (and,
     for a source with an identity, stored). Under a launcher the main process alone scans and
     writes; the others map its store once it is published."""
-    identity = source.identity() if cfg.cache and tokenizer is not None else None
-    if identity is None:  # nothing to key a store on: scanned in memory, as given
+    if tokenizer is None or isinstance(source.source, list):  # records already in memory
         return _in_memory(job, source, progress)
     root = cache_root(cfg)
     if not _writable(root):
         print(f"data: {root} cannot be written; tokenizing in memory (set data.cache_dir to keep the ids)")
         return _in_memory(job, source, progress)
+    identity = source.identity() if cfg.cache else None
+    if identity is None:  # nothing to key a store on (or data.cache=false): a store for this run only
+        return _unnamed(job, source, progress, cfg)
     key = f"{job.kind}-{fingerprint(job, identity, tokenizer, cfg)}"
     rank, _ = process_group()
 
@@ -183,6 +191,28 @@ def _in_memory(job: Job, source: Source, progress: bool) -> tuple[list[Any], Any
     report, errors = job.scan(source, collected, Progress(progress))
     job.finish(report, errors, source.name)
     return collected.examples(job.item, source.name), report
+
+
+def _unnamed(job: Job, source: Source, progress: bool, cfg: DataConfig) -> tuple[Examples[Any], Any]:
+    """A store this run alone maps: built, opened, and its folder removed at once (the mapped
+    files live on until the run ends), so memory stays flat without keeping anything on disk."""
+    folder = cache_root(cfg) / temporary(f"{job.kind}-unnamed")
+    try:
+        _build(job, source, folder, progress, cfg)
+        store = Store.open(folder)
+        report: Any = load_report(job.report_type, store.meta["report"], folder)
+    finally:
+        _remove(folder)
+    report.cache = f"tokenized {_how(store.meta)}; token ids kept until the run ends"
+    return Examples(store, job.item, source.name, None), report
+
+
+def _how(meta: dict[str, Any]) -> str:
+    seconds, records = meta.get("seconds", 0.0), meta.get("records", 0)
+    rate = records / max(seconds, 1e-9)
+    return (
+        f"{records} records in {seconds:.1f} s ({rate:.0f} records/s, {meta.get('processes', 1)} processes)"
+    )
 
 
 def _writable(root: Path) -> bool:
@@ -227,13 +257,11 @@ def _open(
         for category, message in store.meta.get("warnings", []):
             warnings.warn(message, _category(category), stacklevel=3)
         job.finish(report, [], name)
-    meta = store.meta
-    seconds, records = meta.get("seconds", 0.0), meta.get("records", 0)
-    how = f"{records} records in {seconds:.1f} s ({records / max(seconds, 1e-9):.0f} records/s, {meta.get('processes', 1)} processes)"
+    how = _how(store.meta)
     report.cache = (
         f"tokenized {how}; token ids kept in {folder}"
         if built
-        else f"token ids reused from {folder} (tokenized {meta['created']}: {how})"
+        else f"token ids reused from {folder} (tokenized {store.meta['created']}: {how})"
     )
     return Examples(store, job.item, name, key), report
 
@@ -267,7 +295,7 @@ def find_or_build(
             _remove(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     clear_stale(folder.parent)
-    tmp = folder.with_name(f"{TMP}{folder.name}-{socket.gethostname()}-{os.getpid()}")
+    tmp = folder.with_name(temporary(folder.name))
     _remove(tmp)
     try:
         build(tmp)
@@ -284,7 +312,7 @@ def _remove(path: Path) -> None:
     """A folder removed; renamed aside first, so a half-removed one is never taken for a store."""
     if not path.exists():
         return
-    aside = path.with_name(f"{TMP}removed-{path.name}-{os.getpid()}")
+    aside = path.with_name(temporary(f"removed-{path.name.removeprefix(TMP).split('@')[0]}"))
     try:
         os.rename(path, aside)
     except OSError:
@@ -296,7 +324,7 @@ def clear_stale(root: Path) -> None:
     """Temporary folders of writers on this machine that no longer run (killed mid-write)."""
     host = socket.gethostname()
     for path in root.glob(f"{TMP}*"):
-        owner = path.name.rsplit("-", 2)
+        owner = path.name.rsplit("@", 2)
         if len(owner) == 3 and owner[1] == host and owner[2].isdigit() and not _alive(int(owner[2])):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -360,4 +388,4 @@ class Collected:
 
     def examples(self, item: Callable[[Store, int, str], Any], name: str) -> list[Any]:
         store = Store.from_arrays(self.chunks, self.parts, name)
-        return list(Examples(store, item, name, ""))
+        return list(Examples(store, item, name, None))

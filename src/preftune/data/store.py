@@ -263,9 +263,12 @@ def split_parts(ids: list[int], parts: list[int]) -> list[list[int]]:
 class Examples(Sequence[T], Generic[T]):
     """A store's examples as a lazy sequence: ``examples[i]`` builds example ``i`` from the mapped
     columns (``item(store, i, name)``); nothing else is held. ``fingerprint`` names the ids (the
-    cache key), so what is computed from them (the reference's log-probs) can key on it."""
+    cache key; None for a store of one run), so what is computed from them (the reference's
+    log-probs) can key on it."""
 
-    def __init__(self, store: Store, item: Callable[[Store, int, str], T], name: str, fingerprint: str):
+    def __init__(
+        self, store: Store, item: Callable[[Store, int, str], T], name: str, fingerprint: str | None
+    ):
         self.store = store
         self.item = item
         self.name = name
