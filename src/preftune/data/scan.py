@@ -238,7 +238,6 @@ class Progress:
     show: bool = True
     desc: str = "tokenizing"
     started: float = field(default_factory=time.perf_counter)
-    records: int = 0
 
     @property
     def seconds(self) -> float:
@@ -300,7 +299,6 @@ def scan_chunks(
                     break
     finally:
         bar.close()
-    progress.records = records
     return records, errors
 
 
@@ -312,6 +310,3 @@ def _show(caught: list[tuple[type[Warning], str]], shown: dict[type[Warning], in
                 continue
         warnings.warn(message, category, stacklevel=4)
 
-
-def open_source(source: Any, split: str) -> Source:
-    return source if isinstance(source, Source) else Source(source, split)
