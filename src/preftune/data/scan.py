@@ -309,4 +309,3 @@ def _show(caught: list[tuple[type[Warning], str]], shown: dict[type[Warning], in
             if shown[category] > category.limit:
                 continue
         warnings.warn(message, category, stacklevel=4)
-
