@@ -388,3 +388,15 @@ def test_deepspeed_zero_run_stopped_after_step_2_resumes_to_the_uninterrupted_lo
         AutoModelForCausalLM.from_pretrained(folder / "full" / "checkpoint-2").state_dict().items()
     ):
         torch.testing.assert_close(saved[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_a_launch_of_two_processes_tokenizes_once_and_both_read_the_same_store(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_records(40, seed=6)))
+    stdout = _launch(
+        [*TORCHRUN, str(HERE / "distributed_data.py"), str(data), str(tmp_path / "cache")], tmp_path
+    )
+    ranks = [json.loads(line[len("DATA ") :]) for line in stdout.splitlines() if line.startswith("DATA ")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    assert sum(r["scans"] for r in ranks) == 1  # the main process scanned, the other mapped its store
+    assert ranks[0]["ids"] == ranks[1]["ids"] and ranks[0]["pairs"] == 40

@@ -311,6 +311,7 @@ def test_kill_9_at_several_points_resumes_to_the_uninterrupted_losses(cli_setup)
     for step, extra in ((5, []), (10, ["--resume"])):
         returncode, out = _kill_at(_arguments(cli_setup, killed, *extra), step)
         assert returncode == -signal.SIGKILL, out
+        assert "token ids reused from" in out  # the pairs come from the store the first run wrote
     assert main(_arguments(cli_setup, killed, "--resume")) == 0
     assert _losses(killed) == _losses(whole)
     assert not list(killed.glob(".tmp-*"))

@@ -1,5 +1,5 @@
-"""``preftune config | check-data | pipeline run | synthetic-task``: the commands about configs,
-data files and pipelines, around training rather than training itself."""
+"""``preftune config | check-data | cache | pipeline run | synthetic-task``: the commands about
+configs, data files and pipelines, around training rather than training itself."""
 
 from __future__ import annotations
 
@@ -115,6 +115,37 @@ def _check_unpaired(args: argparse.Namespace, config: RunConfig, tokenizer: obje
     _bad_records(errors, args.max_errors, report.records, args.file)
 
 
+def _cache(args: argparse.Namespace) -> None:
+    """``preftune cache ls`` lists the tokenized stores; ``preftune cache clear`` removes them."""
+    from ..data.cache import cache_root, clear, listing
+
+    root = Path(args.dir).expanduser() if args.dir else cache_root()
+    if args.cache_command == "clear":
+        removed = clear(root, args.names)
+        print(f"{root}: removed {len(removed)} tokenized store{'s' * (len(removed) != 1)}")
+        return
+    rows = listing(root) if root.exists() else []
+    print(
+        f"{root}: {len(rows)} tokenized store{'s' * (len(rows) != 1)}, {_size(sum(r['bytes'] for r in rows))}"
+    )
+    for row in rows:
+        if "error" in row:
+            print(f"{row['name']}  damaged: {row['error']}")
+        else:
+            print(
+                f"{row['name']}  {row['examples']} {row['kind']} from {row['source']}, "
+                f"{_size(row['bytes'])}, {row['created']}"
+            )
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024  # type: ignore[assignment]
+    return f"{count} B"
+
+
 def _pipeline(args: argparse.Namespace) -> None:
     from ..recipes.pipeline import run_pipeline
 
@@ -129,7 +160,7 @@ def _synthetic_task(args: argparse.Namespace) -> None:
 
 
 def add_data_commands(commands: Any, keys_help: str) -> None:
-    """``config``, ``check-data``, ``pipeline run``, ``synthetic-task``."""
+    """``config``, ``check-data``, ``cache ls|clear``, ``pipeline run``, ``synthetic-task``."""
     config = commands.add_parser("config", help="list every config key with its type, default and meaning")
     config.add_argument(
         "section", nargs="?", help="only this section: model, data, objective, reference, train, reward, …"
@@ -169,6 +200,19 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
     )
     check.add_argument("--margins", action="store_true", help="also check the reward-model margin column")
     check.set_defaults(run=_check_data)
+
+    cache = commands.add_parser(
+        "cache", help="list or remove the tokenized stores that train, sft and rm train reuse"
+    )
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("ls", "list the stores: kind, source, examples, size"), ("clear", "remove stores")):
+        sub = cache_commands.add_parser(name, help=text)
+        sub.add_argument(
+            "--dir", help="the cache folder (default: $PREFTUNE_CACHE_DIR or $HF_HOME/preftune/tokenized)"
+        )
+        if name == "clear":
+            sub.add_argument("names", nargs="*", help="stores to remove, as ls names them (default: all)")
+        sub.set_defaults(run=_cache)
 
     pipeline = commands.add_parser("pipeline", help="run named stages (sft, rm, dpo, …) from one YAML file")
     pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)

@@ -47,6 +47,9 @@ KEY_READERS: dict[str, tuple[str, ...]] = {
     "data.preference_field": _PAIRS,
     "data.preference_values": _PAIRS,
     "data.score_fields": _PAIRS,
+    "data.cache": ("train", "sft", "rm train", "eval"),
+    "data.cache_dir": ("train", "sft", "rm train", "eval"),
+    "data.num_proc": (*_TRAINED_ON_DATA, "eval"),
 }
 """Keys of a shared section that only some of the commands reading the section read."""
 

@@ -120,6 +120,14 @@ class DataConfig:
     once), ``packed`` (several pairs a row); ``auto``: packed where the model's attention allows it."""
     pack_tokens: int | None = None
     """Tokens per row of the packed layout; None: the longest pair of the micro-batch."""
+    cache: bool = True
+    """Keep the token ids of a file or hub dataset on disk, memory-mapped, and reuse them while
+    nothing that decides them changes (``preftune cache ls``); false: tokenize on every start, in memory."""
+    cache_dir: str | None = None
+    """Folder of the tokenized stores; None: ``$PREFTUNE_CACHE_DIR``, else ``preftune/tokenized`` in
+    the Hugging Face cache (``$HF_HOME``, default ``~/.cache/huggingface``)."""
+    num_proc: int | None = None
+    """Processes that tokenize; None: every core, up to 8. Any number gives the same ids."""
 
 
 @dataclass
@@ -243,6 +251,7 @@ def check_model(m: ModelConfig) -> None:
 def check_data(d: DataConfig) -> None:
     need(d.max_length is None or d.max_length >= 2, "data.max_length", "must be >= 2")
     need(d.max_prompt_length is None or d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+    need(d.num_proc is None or d.num_proc >= 1, "data.num_proc", "must be >= 1")
     packs = d.pack_tokens is None or (d.pack_tokens >= 2 and d.layout in ("auto", "packed"))
     need(packs, "data.pack_tokens", f"must be >= 2, for the packed layout (data.layout={d.layout})")
     if d.max_length is not None and d.max_prompt_length is not None:

@@ -4,7 +4,12 @@ findings of the data rules (empty completions, chat-template checks, double BOS,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
 
 FIRST_WHERES = 3
 """How many ``file:line``s a finding keeps, to point at without flooding the report."""
@@ -59,6 +64,31 @@ class Findings:
         finding = self.by_rule.get(rule)
         return finding.count if finding else 0
 
+    def merge(self, other: Findings) -> None:
+        """``other``'s findings after these: the records of one chunk after the chunks before it
+        (a record's notes all happen in its own chunk, so counts add)."""
+        for rule, theirs in other.by_rule.items():
+            ours = self.by_rule.setdefault(rule, Finding(rule, theirs.setting))
+            ours.count += theirs.count
+            ours.wheres += theirs.wheres[: FIRST_WHERES - len(ours.wheres)]
+            ours.example = ours.example or theirs.example
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [
+            {"rule": f.rule, "setting": f.setting, "count": f.count, "wheres": f.wheres, "example": f.example}
+            for f in self.by_rule.values()
+        ]
+
+    @classmethod
+    def from_json(cls, rows: list[dict[str, Any]]) -> Findings:
+        return cls({row["rule"]: Finding(**row) for row in rows})
+
+    def renamed(self, old: str, new: str) -> None:
+        """Wheres named after the source as another run gave it (``data/x.jsonl`` for ``x.jsonl``)."""
+        if old and new and old != new:
+            for f in self.by_rule.values():
+                f.wheres = [new + w[len(old) :] if w.startswith(old) else w for w in f.wheres]
+
     def ordered(self) -> list[Finding]:
         return sorted(self.by_rule.values(), key=lambda f: list(RULES).index(f.rule))
 
@@ -95,6 +125,94 @@ def shown(text: str, limit: int = 60) -> str:
     return repr(text)
 
 
+class Lengths:
+    """Token lengths of every example: appended one by one within a chunk, kept as int32 arrays
+    (four bytes an example, not a Python int in a list)."""
+
+    def __init__(self, values: Iterable[int] = ()):
+        self._arrays: list[np.ndarray] = []
+        self._tail: list[int] = list(values)
+
+    def append(self, length: int) -> None:
+        self._tail.append(length)
+
+    def extend(self, other: Lengths | np.ndarray) -> None:
+        self._flush()
+        self._arrays.append(other.array() if isinstance(other, Lengths) else np.asarray(other, np.int32))
+
+    def _flush(self) -> None:
+        if self._tail:
+            self._arrays.append(np.array(self._tail, dtype=np.int32))
+            self._tail = []
+
+    def array(self) -> np.ndarray:
+        self._flush()
+        if len(self._arrays) != 1:
+            self._arrays = [np.concatenate(self._arrays) if self._arrays else np.zeros(0, np.int32)]
+        return self._arrays[0]
+
+    def __len__(self) -> int:
+        return sum(len(a) for a in self._arrays) + len(self._tail)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.array().tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Lengths | list | tuple | np.ndarray):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Lengths({len(self)})"
+
+
+R = TypeVar("R")
+
+
+def merge_reports(ours: Any, theirs: Any) -> None:
+    """``theirs`` (a report of the same kind, of a later chunk) added to ``ours``: counts add,
+    lengths follow, findings merge."""
+    for f in fields(ours):
+        mine, other = getattr(ours, f.name), getattr(theirs, f.name)
+        if isinstance(mine, Lengths):
+            mine.extend(other)
+        elif isinstance(mine, Findings):
+            mine.merge(other)
+        elif isinstance(mine, int) and not isinstance(mine, bool):
+            setattr(ours, f.name, mine + other)
+
+
+def save_report(report: Any, folder: Path) -> dict[str, Any]:
+    """The report as JSON, its lengths as ``<name>.lengths`` files in ``folder`` (a store's)."""
+    out: dict[str, Any] = {}
+    for f in fields(report):
+        value = getattr(report, f.name)
+        if isinstance(value, Lengths):
+            (folder / f"{f.name}.lengths").write_bytes(value.array().tobytes())
+        elif isinstance(value, Findings):
+            out[f.name] = value.to_json()
+        elif isinstance(value, int | float | str):
+            out[f.name] = value
+    return out
+
+
+def load_report(kind: type[R], saved: dict[str, Any], folder: Path) -> R:
+    """The report :func:`save_report` kept; its lengths mapped from the store's files."""
+    report = kind()
+    for f in fields(report):  # type: ignore[arg-type]
+        value = getattr(report, f.name)
+        if isinstance(value, Lengths):
+            path = folder / f"{f.name}.lengths"
+            value.extend(np.fromfile(path, dtype=np.int32) if path.stat().st_size else np.zeros(0, np.int32))
+        elif isinstance(value, Findings):
+            setattr(report, f.name, Findings.from_json(saved.get(f.name, [])))
+        elif f.name in saved:
+            setattr(report, f.name, saved[f.name])
+    return report
+
+
 @dataclass
 class DataReport:
     """What happened to the records on their way to token ids."""
@@ -106,14 +224,16 @@ class DataReport:
     identical: int = 0
     prompt_truncated: int = 0
     completion_truncated: int = 0
-    prompt_lengths: list[int] = field(default_factory=list, repr=False)
+    prompt_lengths: Lengths = field(default_factory=Lengths, repr=False)
     """Token counts as in the data, before truncation (so are the next three)."""
-    completion_lengths: list[int] = field(default_factory=list, repr=False)
+    completion_lengths: Lengths = field(default_factory=Lengths, repr=False)
     """The longer completion of each pair."""
-    chosen_lengths: list[int] = field(default_factory=list, repr=False)
-    rejected_lengths: list[int] = field(default_factory=list, repr=False)
+    chosen_lengths: Lengths = field(default_factory=Lengths, repr=False)
+    rejected_lengths: Lengths = field(default_factory=Lengths, repr=False)
     findings: Findings = field(default_factory=Findings, repr=False)
     """What the data rules found (counted once per record), beside the counts above."""
+    cache: str = ""
+    """Where the token ids are kept and whether this run reused them (the summary's last line)."""
 
     def statistics(self) -> str:
         """Token lengths as a small table: min, median, p95, max of prompt, chosen and rejected."""
@@ -123,7 +243,7 @@ class DataReport:
             ("chosen", self.chosen_lengths),
             ("rejected", self.rejected_lengths),
         ):
-            ordered = sorted(xs) or [0]
+            ordered = np.sort(xs.array()) if len(xs) else np.zeros(1, np.int32)
             quantiles = (ordered[0], ordered[len(ordered) // 2], p95(ordered), ordered[-1])
             lines.append(f"{side:10}" + "".join(f"{q:>8}" for q in quantiles))
         return "\n".join(lines)
@@ -138,7 +258,8 @@ class DataReport:
             lines.append(
                 f"{self.identical} pairs have chosen identical to rejected ({self.dropped_identical} dropped)"
             )
-        return "\n".join(lines + (self.findings.lines(skip=COUNTED_ABOVE) if with_findings else []))
+        lines += self.findings.lines(skip=COUNTED_ABOVE) if with_findings else []
+        return "\n".join(lines + ([self.cache] if self.cache else []))
 
 
 COUNTED_ABOVE = ("identical", "overlong_prompt")
@@ -157,13 +278,13 @@ def truncation_lines(report: DataReport, completions: str, items: str) -> list[s
     return lines
 
 
-def spread(lengths: list[int]) -> str:
+def spread(lengths: Lengths) -> str:
     """Mean, p95 and max of token lengths, for the reports."""
-    if not lengths:
+    if not len(lengths):
         return "-"
-    ordered = sorted(lengths)
-    return f"mean {sum(lengths) / len(lengths):.1f}, p95 {p95(ordered)}, max {ordered[-1]}"
+    ordered = np.sort(lengths.array())
+    return f"mean {int(ordered.sum()) / len(ordered):.1f}, p95 {p95(ordered)}, max {int(ordered[-1])}"
 
 
-def p95(ordered: list[int]) -> int:
-    return ordered[math.ceil(0.95 * (len(ordered) - 1))]
+def p95(ordered: Any) -> int:
+    return int(ordered[math.ceil(0.95 * (len(ordered) - 1))])

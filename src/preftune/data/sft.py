@@ -18,14 +18,33 @@ Three record shapes, field names configurable (``data.prompt_field``, ``data.com
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
+
+import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError
+from .cache import Job, processes, tokenized
+from .readers import Source
 from .records import Text, check_string, check_text, is_empty, template_kwargs
-from .report import Findings, p95
-from .scan import Scan
+from .report import Findings, Lengths, p95
+from .scan import (
+    Chunk,
+    ChunkResult,
+    Decoded,
+    Progress,
+    Sink,
+    caught_warnings,
+    chunks_of,
+    decode,
+    error_report,
+    scan_chunks,
+    scan_items,
+)
+from .store import Examples, Rows, Store
 from .tokenize import Encoder, with_eos
 
 
@@ -50,19 +69,22 @@ class SFTReport:
     kept: int = 0
     truncated: int = 0
     dropped_no_loss: int = 0
-    lengths: list[int] = field(default_factory=list, repr=False)
-    loss_tokens: list[int] = field(default_factory=list, repr=False)
+    lengths: Lengths = field(default_factory=Lengths, repr=False)
+    loss_tokens: Lengths = field(default_factory=Lengths, repr=False)
     findings: Findings = field(default_factory=Findings, repr=False)
+    cache: str = ""
+    """Where the token ids are kept and whether this run reused them."""
 
     def summary(self) -> str:
-        ordered = sorted(self.lengths) or [0]
+        ordered = np.sort(self.lengths.array()) if len(self.lengths) else np.zeros(1, np.int32)
         line = (
-            f"{self.kept}/{self.records} sequences kept; tokens: mean {sum(ordered) / len(ordered):.1f}, "
-            f"p95 {p95(ordered)}, max {ordered[-1]}; {sum(self.loss_tokens)} tokens carry the loss"
+            f"{self.kept}/{self.records} sequences kept; tokens: mean {int(ordered.sum()) / len(ordered):.1f}, "
+            f"p95 {p95(ordered)}, max {int(ordered[-1])}; {int(self.loss_tokens.array().sum(dtype=np.int64))} "
+            "tokens carry the loss"
         )
         if self.truncated or self.dropped_no_loss:
             line += f"\ntruncated: {self.truncated} (kept their start); dropped: {self.dropped_no_loss} with no loss token left"
-        return "\n".join([line, *self.findings.lines()])
+        return "\n".join([line, *self.findings.lines(), *([self.cache] if self.cache else [])])
 
 
 def tokenize_sft(
@@ -139,22 +161,9 @@ def empty_completion(
     return "" if isinstance(completion, str) else [{"role": "assistant", "content": ""}]
 
 
-def prepare_sft(
-    source: Any,
-    tokenizer: Any,
-    cfg: DataConfig,
-    completion_only: bool = True,
-    split: str = "train",
-    progress: bool = True,
-    max_errors: int = 20,
-) -> tuple[list[TokenizedSequence], SFTReport]:
-    """Every record read, checked and tokenized; bad records reported together, as for pairs.
-    Over ``data.max_length`` a sequence keeps its start (TRL's ``keep_start``)."""
-    report = SFTReport()
-    examples: list[TokenizedSequence] = []
-    encoder = Encoder(tokenizer, cfg, report.findings)
-    reading = Scan(source, split, max_errors, progress, "checking and tokenizing", " records")
-
+def _sft_check(
+    tokenizer: Any, cfg: DataConfig, completion_only: bool, encoder: Encoder, report: SFTReport, rows: Rows
+) -> Callable[[int, str, dict[str, Any]], None]:
     def check(index: int, where: str, record: dict[str, Any]) -> None:
         tokenized = tokenize_sft(tokenizer, record, where, cfg, completion_only, encoder)
         if tokenized is None:
@@ -164,18 +173,110 @@ def prepare_sft(
         if cfg.max_length is not None and len(ids) > cfg.max_length:
             ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
             report.truncated += 1
-        sequence = TokenizedSequence(ids, mask, index, where)
-        if sequence.loss_tokens == 0:
+        loss_tokens = sum(mask[1:])  # the first token has no predecessor
+        if loss_tokens == 0:
             report.dropped_no_loss += 1
             return
-        report.loss_tokens.append(sequence.loss_tokens)
-        examples.append(sequence)
+        report.loss_tokens.append(loss_tokens)
+        rows.add((ids,), index, where, mask=mask)
+        report.kept += 1
 
-    reading.each(check)
-    report.records = reading.records
-    reading.raise_errors()
-    reading.require_records()
-    if not examples:
-        raise DataError(f"{reading.name}: every sequence was dropped\n{report.summary()}")
-    report.kept = len(examples)
-    return examples, report
+    return check
+
+
+def _prefetch(tokenizer: Any, encoder: Encoder, items: list[Decoded], cfg: DataConfig) -> None:
+    """The texts of the chunk's text records, tokenized in one call (the check tokenizes anything else)."""
+    texts: list[str] = []
+    for where, record in items:
+        if not isinstance(record, dict):
+            continue
+        try:
+            if cfg.completion_field in record and cfg.prompt_field in record:
+                prompt = check_text(record[cfg.prompt_field], where, cfg.prompt_field)
+                completion = check_text(record[cfg.completion_field], where, cfg.completion_field)
+                kept = empty_completion(completion, where, cfg.completion_field, cfg, Findings())
+                texts += encoder.texts(prompt, [kept]) if kept is not None else []
+            elif cfg.messages_field not in record and isinstance(record.get(cfg.text_field), str):
+                texts.append(with_eos(tokenizer, record[cfg.text_field]))
+        except DataError:
+            continue
+    encoder.prefetch(texts)
+
+
+def sft_work(tokenizer: Any, cfg: DataConfig, completion_only: bool) -> Callable[[Chunk], ChunkResult]:
+    """A chunk of records -> its sequences in columns, its report and errors (run in a worker)."""
+
+    def work(chunk: Chunk) -> ChunkResult:
+        report, rows = SFTReport(), Rows(1, mask=True)
+        encoder = Encoder(tokenizer, cfg, report.findings)
+        items = decode(chunk.items)
+        if tokenizer.eos_token is not None:
+            _prefetch(tokenizer, encoder, items, cfg)
+        check = _sft_check(tokenizer, cfg, completion_only, encoder, report, rows)
+        counted, caught = caught_warnings(lambda: scan_items(items, chunk.budget, check))
+        return ChunkResult(counted, report, rows.arrays(), caught)
+
+    return work
+
+
+def scan_sft(
+    source: Source,
+    tokenizer: Any,
+    cfg: DataConfig,
+    completion_only: bool,
+    sink: Sink,
+    progress: Progress,
+    max_errors: int,
+) -> tuple[SFTReport, list[DataError]]:
+    report = SFTReport()
+    progress.desc = "checking and tokenizing"
+    report.records, errors = scan_chunks(
+        lambda budget: chunks_of(source.items(), budget),
+        sft_work(tokenizer, cfg, completion_only),
+        report,
+        sink,
+        processes(cfg),
+        max_errors,
+        progress,
+    )
+    return report, errors
+
+
+def finish_sft(report: SFTReport, errors: list[DataError], name: str, max_errors: int) -> None:
+    if errors:
+        raise error_report(name, errors, len(errors) >= max_errors)
+    if report.records == 0:
+        raise DataError(f"{name}: no records")
+    if not report.kept:
+        raise DataError(f"{name}: every sequence was dropped\n{report.summary()}")
+
+
+def sequence_item(store: Store, i: int, name: str) -> TokenizedSequence:
+    ids, _ = store.ids(i)
+    return TokenizedSequence(ids, store.mask(i), int(store.columns["index"][i]), store.where(i, name))
+
+
+def prepare_sft(
+    source: Any,
+    tokenizer: Any,
+    cfg: DataConfig,
+    completion_only: bool = True,
+    split: str = "train",
+    progress: bool = True,
+    max_errors: int = 20,
+) -> tuple[list[TokenizedSequence] | Examples[TokenizedSequence], SFTReport]:
+    """Every record read, checked and tokenized; bad records reported together, as for pairs.
+    Over ``data.max_length`` a sequence keeps its start (TRL's ``keep_start``). A file or a hub
+    dataset is tokenized once into the tokenized store, and read from it lazily."""
+    job = Job(
+        kind="sft",
+        settings={"completion_only": completion_only},
+        parts=1,
+        report_type=SFTReport,
+        scan=lambda opened, sink, shown: scan_sft(
+            opened, tokenizer, cfg, completion_only, sink, shown, max_errors
+        ),
+        item=sequence_item,
+        finish=partial(finish_sft, max_errors=max_errors),
+    )
+    return tokenized(job, Source(source, split), tokenizer, cfg, progress)

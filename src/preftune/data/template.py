@@ -12,6 +12,7 @@ so the text-level checks cost string comparisons, not extra renders.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import DataError
@@ -26,8 +27,9 @@ LEADING_TAG = re.compile(r"\s*(<[^<>\s]+>)")
 class ChatTemplate:
     """Render messages, tokenize the text, and find the assistant spans where the template marks them."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, encode: Callable[[str], list[int]] | None = None):
         self.tokenizer = tokenizer
+        self._encode = encode
         template = tokenizer.chat_template
         text = " ".join(template.values()) if isinstance(template, dict) else template or ""
         self.masks = bool(GENERATION_BLOCK.search(text))
@@ -49,6 +51,8 @@ class ChatTemplate:
 
     def ids(self, text: str) -> list[int]:
         """Token ids of rendered text, as ``apply_chat_template(tokenize=True)`` makes them."""
+        if self._encode is not None:
+            return self._encode(text)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def masked(

@@ -6,6 +6,11 @@ examples, SFT records and the prompts of the sampling commands, so each rule app
 them: double BOS (``data.double_bos``), the chat-template checks (``data.template_mismatch``,
 ``data.missing_eos``, text the template drops or adds), the assistant mask of templates that mark
 it, and template errors as data errors naming ``file:line``.
+
+Chunks of records are tokenized in batches: :meth:`Encoder.prefetch` hands the fast tokenizer every
+text a chunk will need in one call (its Rust side encodes each text exactly as a call of its own
+would, without the per-call Python overhead), and the per-record logic then finds each text's ids
+ready; a text it did not foresee is tokenized on its own, so the ids never depend on the batching.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .records import Message, PreferenceExample, Text
 from .report import DataReport, Findings, shown
-from .scan import TokenizerProblem
+from .scan import LimitedWarning, TokenizerProblem
 from .template import ChatTemplate, answer_findings, common_text_length
 
 AS_RENDERED = "trained as rendered"
@@ -49,13 +54,57 @@ def check_tokenizer(tokenizer: Any, conversational: bool, where: str) -> None:
         )
 
 
+class OverlongPromptWarning(LimitedWarning):
+    """A prompt that fills ``data.max_length``: the first three are named, the rest counted."""
+
+    limit = 3
+
+
+GENERIC = (
+    "transformers.tokenization_utils_base",
+    "transformers.tokenization_utils_tokenizers",
+    "transformers.tokenization_utils_fast",
+)
+"""transformers' own modules: a tokenizer whose calling methods all come from them encodes a
+batch with the Rust tokenizer's ``encode_batch`` and nothing else."""
+
+
+def batch_ids(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    """Ids of ``texts``, each as ``tokenizer(text, add_special_tokens=special)`` gives them.
+
+    A plain fast tokenizer's Rust side is called directly with ``encode_batch_fast`` (the same
+    ids, without the character offsets transformers computes and drops: about 40% less time).
+    The first text goes through transformers, which sets the Rust side's truncation, padding and
+    special-token handling as it does for every call, and checks that the direct call agrees."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    direct = getattr(backend, "encode_batch_fast", None)
+    methods = [
+        getattr(type(tokenizer), name, None) for name in ("__call__", "_encode_plus", "_batch_encode_plus")
+    ]
+    plain = all(m is None or getattr(m, "__module__", "") in GENERIC for m in methods)
+    first = tokenizer(texts[:1], add_special_tokens=special)["input_ids"]
+    if direct is None or not plain or len(texts) == 1:
+        return first + tokenizer(texts[1:], add_special_tokens=special)["input_ids"] if texts[1:] else first
+    encoded = direct(texts, add_special_tokens=special)
+    if encoded[0].ids != list(first[0]):
+        return first + tokenizer(texts[1:], add_special_tokens=special)["input_ids"]
+    return [first[0]] + [e.ids for e in encoded[1:]]
+
+
 def common_prefix_length(ids: list[int], other: list[int]) -> int:
-    length = 0
-    for a, b in zip(ids, other, strict=False):
-        if a != b:
-            break
-        length += 1
-    return length
+    """How many leading ids the two lists share: slices compared at C speed, the first
+    difference found by halving (sharing a prefix of k ids implies sharing every shorter one)."""
+    n = min(len(ids), len(other))
+    if other[:n] == ids[:n]:
+        return n
+    shared, differs = 0, n
+    while differs - shared > 1:
+        middle = (shared + differs) // 2
+        if other[:middle] == ids[:middle]:
+            shared = middle
+        else:
+            differs = middle
+    return shared
 
 
 def with_eos(tokenizer: Any, completion: str) -> str:
@@ -88,6 +137,32 @@ class Encoder:
         self.findings = findings
         self._chat: ChatTemplate | None = None
         self._checked: set[bool] = set()
+        self._ready: dict[tuple[str, bool], list[int]] = {}
+
+    def prefetch(self, texts: list[str], special: bool = True) -> None:
+        """Tokenize ``texts`` in one call, for :meth:`encode` to find (``special``: with the
+        tokenizer's special tokens)."""
+        todo = list(dict.fromkeys(t for t in texts if (t, special) not in self._ready))
+        if todo:
+            ids = batch_ids(self.tokenizer, todo, special)
+            self._ready.update(((text, special), list(i)) for text, i in zip(todo, ids, strict=True))
+
+    def forget(self) -> None:
+        """Drop the prefetched ids (a chunk is done)."""
+        self._ready.clear()
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Ids of ``text``: prefetched, or tokenized now."""
+        ready = self._ready.get((text, special))
+        if ready is not None:
+            return list(ready)
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def texts(self, prompt: Text, completions: list[Text]) -> list[str]:
+        """The texts (with special tokens) :meth:`completions` tokenizes for a text prompt."""
+        if not isinstance(prompt, str) or self.tokenizer.eos_token is None:
+            return []
+        return [prompt] + [prompt + with_eos(self.tokenizer, str(c)) for c in completions]
 
     def check(self, conversational: bool, where: str) -> None:
         """A tokenizer that cannot serve this kind of record stops the scan at once."""
@@ -98,7 +173,7 @@ class Encoder:
     @property
     def chat(self) -> ChatTemplate:
         if self._chat is None:
-            self._chat = ChatTemplate(self.tokenizer)
+            self._chat = ChatTemplate(self.tokenizer, lambda text: self.encode(text, special=False))
         return self._chat
 
     # ------------------------------------------------------------------ text
@@ -106,7 +181,7 @@ class Encoder:
     def text_ids(self, text: str, where: str, field: str) -> list[int]:
         """Ids of text with the tokenizer's special tokens; text that already starts with the BOS
         the tokenizer adds (chat data rendered to text) follows ``data.double_bos``."""
-        ids = list(self.tokenizer(text)["input_ids"])
+        ids = self.encode(text)
         bos = self.tokenizer.bos_token_id
         if bos is None or ids[:2] != [bos, bos]:
             return ids
@@ -310,6 +385,6 @@ def overlong(length: int, where: str, cfg: DataConfig, report: DataReport, item:
     )
     if cfg.overlong_prompt == "error":
         raise DataError(message + f" (set data.overlong_prompt=drop to skip such {item}s)")
-    if report.dropped_overlong_prompt < 3:
-        warnings.warn(message + f"; {item} dropped", stacklevel=3)
+    if report.dropped_overlong_prompt < OverlongPromptWarning.limit:
+        warnings.warn(message + f"; {item} dropped", OverlongPromptWarning, stacklevel=3)
     report.dropped_overlong_prompt += 1

@@ -22,17 +22,36 @@ row (TRL's), so a completion borrowed for another prompt's KL sequence is cut to
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from functools import partial
 from typing import Any
 
 from ..config import DataConfig
 from ..errors import DataError
+from .cache import Collected, Job, processes, tokenized
 from .prepare import parse_or_skip
+from .readers import Source
 from .records import PreferenceExample, Text, check_text, template_kwargs
 from .report import COUNTED_ABOVE, DataReport, Findings, spread, truncation_lines
-from .scan import Scan, error_report, source_name
+from .scan import (
+    Chunk,
+    ChunkResult,
+    Counted,
+    Progress,
+    Scan,
+    Sink,
+    caught_warnings,
+    chunk_size,
+    chunks_of,
+    decode,
+    error_report,
+    scan_chunks,
+    scan_items,
+)
 from .sft import empty_completion
+from .store import Examples, Rows, Store
 from .tokenize import Encoder, overlong
 
 UNPAIR_BLOCK = 1000
@@ -88,7 +107,8 @@ class UnpairedReport(DataReport):
             lines.append(
                 f"{self.identical} pairs have chosen identical to rejected ({self.dropped_identical} dropped)"
             )
-        return "\n".join(lines + (self.findings.lines(skip=COUNTED_ABOVE) if with_findings else []))
+        lines += self.findings.lines(skip=COUNTED_ABOVE) if with_findings else []
+        return "\n".join(lines + ([self.cache] if self.cache else []))
 
 
 def check_label(value: Any, where: str, name: str) -> bool:
@@ -138,9 +158,11 @@ def unpair(pairs: list[PreferenceExample]) -> list[UnpairedExample]:
     return chosen + rejected
 
 
-def read_unpaired(reading: Scan, cfg: DataConfig, report: UnpairedReport) -> list[UnpairedExample]:
-    """Every record checked and pairs unpaired; bad records go to ``reading.errors``."""
-    examples: list[UnpairedExample] = []
+def _record_check(
+    cfg: DataConfig, report: UnpairedReport, emit: Callable[[list[UnpairedExample]], None]
+) -> tuple[Callable[[int, str, dict[str, Any]], None], Callable[[], None]]:
+    """The check of one record (validated, pairs unpaired by blocks of :data:`UNPAIR_BLOCK`), and
+    the call that closes the last block; ``emit`` gets whole blocks of examples, in order."""
     block: list[PreferenceExample] = []
 
     def check(index: int, where: str, record: dict[str, Any]) -> None:
@@ -154,14 +176,14 @@ def read_unpaired(reading: Scan, cfg: DataConfig, report: UnpairedReport) -> lis
                 report.pairs += 1
                 block.append(pair)
             if len(block) == UNPAIR_BLOCK:
-                examples.extend(unpair(block))
+                emit(unpair(block))
                 block = []
         elif cfg.completion_field in record or cfg.label_field in record:
-            examples.extend(unpair(block))  # an unpaired record closes the block of pairs before it
+            emit(unpair(block))  # an unpaired record closes the block of pairs before it
             block = []
             example = parse_unpaired(record, where, cfg, report.findings)
             if example is not None:
-                examples.append(example)
+                emit([example])
         else:
             have = ", ".join(sorted(map(str, record))) or "none"
             raise DataError(
@@ -170,9 +192,22 @@ def read_unpaired(reading: Scan, cfg: DataConfig, report: UnpairedReport) -> lis
                 f"(fields present: {have})"
             )
 
+    def close() -> None:
+        nonlocal block
+        emit(unpair(block))
+        block = []
+
+    return check, close
+
+
+def read_unpaired(reading: Scan, cfg: DataConfig, report: UnpairedReport) -> list[UnpairedExample]:
+    """Every record checked and pairs unpaired; bad records go to ``reading.errors``."""
+    examples: list[UnpairedExample] = []
+    check, close = _record_check(cfg, report, examples.extend)
     reading.each(check)
     report.records = reading.records
-    return examples + unpair(block)
+    close()
+    return examples
 
 
 def truncate_prompt(
@@ -188,25 +223,9 @@ def truncate_prompt(
     return prompt_ids
 
 
-def scan_unpaired(
-    source: Any,
-    tokenizer: Any,
-    cfg: DataConfig,
-    split: str = "train",
-    progress: bool = True,
-    max_errors: int = 20,
-) -> tuple[list[TokenizedUnpaired], UnpairedReport, list[DataError]]:
-    """Every record checked, unpaired and (with a tokenizer) tokenized and truncated; bad ones
-    collected (up to ``max_errors``)."""
-    report = UnpairedReport()
-    reading = Scan(source, split, max_errors, progress, "checking", " records")
-    examples = read_unpaired(reading, cfg, report)
-    report.examples = len(examples)
-    tokenized: list[TokenizedUnpaired] = []
-    if tokenizer is None:
-        return tokenized, report, reading.errors
-    encoder = Encoder(tokenizer, cfg, report.findings)
-
+def _example_check(
+    encoder: Encoder, cfg: DataConfig, report: UnpairedReport, rows: Rows
+) -> Callable[[tuple[int, UnpairedExample]], None]:
     def check(item: tuple[int, UnpairedExample]) -> None:
         index, example = item
         # TRL's KTOTrainer tokenizes each example on its own, the completion starting where the
@@ -223,13 +242,157 @@ def scan_unpaired(
             return
         if cfg.max_length is not None and len(prompt) + len(completion_ids) > cfg.max_length:
             report.completion_truncated += 1
-        tokenized.append(TokenizedUnpaired(prompt, completion_ids, example.desirable, index, example.where))
+        rows.add((prompt, completion_ids), index, example.where, desirable=example.desirable)
+        report.kept += 1
+        report.desirable += example.desirable
 
-    reading.over(enumerate(examples), check)
-    report.kept = len(tokenized)
-    report.desirable = sum(e.desirable for e in tokenized)
+    return check
+
+
+def unpaired_work(tokenizer: Any, cfg: DataConfig) -> Callable[[Chunk], ChunkResult]:
+    """A chunk of ``(index, example)`` (whole blocks) -> its examples tokenized, in columns."""
+
+    def work(chunk: Chunk) -> ChunkResult:
+        report, rows = UnpairedReport(), Rows(2)
+        encoder = Encoder(tokenizer, cfg, report.findings)
+        items: list[tuple[int, UnpairedExample]] = chunk.items  # type: ignore[assignment]
+        if tokenizer.eos_token is not None:
+            encoder.prefetch([t for _, e in items for t in encoder.texts(e.prompt, [e.completion])])
+        check = _example_check(encoder, cfg, report, rows)
+        counted, caught = caught_warnings(lambda: _over(items, chunk.budget, check))
+        return ChunkResult(counted, report, rows.arrays(), caught)
+
+    return work
+
+
+def _over(items: list[tuple[int, UnpairedExample]], budget: int, check: Callable[..., None]) -> Counted:
+    """:meth:`Scan.over` on a chunk: stops before an example once ``budget`` errors are collected."""
+    counted = Counted()
+    for item in items:
+        if len(counted.errors) >= budget:
+            counted.stopped = True
+            break
+        counted.records += 1
+        try:
+            check(item)
+        except DataError as err:
+            counted.errors.append(err)
+    return counted
+
+
+class _BadRecords(Exception):
+    """A record failed its checks: the exact two-pass scan takes over (the errors of every
+    record come before those of any example)."""
+
+
+def _example_chunks(
+    source: Source, cfg: DataConfig, report: UnpairedReport, max_errors: int
+) -> Callable[[Callable[[], int]], Iterator[Chunk]]:
+    """Records read and unpaired here, in order (blocks depend on the pairs kept before them);
+    the examples go out in chunks of whole blocks, so a record's examples share a chunk."""
+
+    def chunks(budget: Callable[[], int]) -> Iterator[Chunk]:
+        ready: list[tuple[int, UnpairedExample]] = []
+
+        def emit(examples: list[UnpairedExample]) -> None:
+            start = report.examples
+            ready.extend(enumerate(examples, start))
+            report.examples += len(examples)
+
+        check, close = _record_check(cfg, report, emit)
+        for raw in chunks_of(source.items(), lambda: max_errors):
+            counted = scan_items(decode(raw.items), max_errors, check)
+            report.records += counted.records
+            if counted.errors:
+                raise _BadRecords
+            if len(ready) >= chunk_size():
+                yield Chunk(ready, budget())  # type: ignore[arg-type]
+                ready = []
+        close()
+        if ready:
+            yield Chunk(ready, budget())  # type: ignore[arg-type]
+
+    return chunks
+
+
+def scan_unpaired_into(
+    source: Source, tokenizer: Any, cfg: DataConfig, sink: Sink, progress: Progress, max_errors: int
+) -> tuple[UnpairedReport, list[DataError]]:
+    """Every record checked, unpaired, tokenized and truncated, the examples to ``sink``."""
+    report = UnpairedReport()
+    if tokenizer is None:
+        return _two_passes(source, None, cfg, sink, progress, max_errors)
+    progress.desc = "tokenizing examples"
+    try:
+        _, errors = scan_chunks(
+            _example_chunks(source, cfg, report, max_errors),
+            unpaired_work(tokenizer, cfg),
+            report,
+            sink,
+            processes(cfg),
+            max_errors,
+            progress,
+        )
+    except _BadRecords:
+        return _two_passes(source, tokenizer, cfg, sink, progress, max_errors)
     report.undesirable = report.kept - report.desirable
-    return tokenized, report, reading.errors
+    return report, errors
+
+
+def _two_passes(
+    source: Source, tokenizer: Any, cfg: DataConfig, sink: Sink, progress: Progress, max_errors: int
+) -> tuple[UnpairedReport, list[DataError]]:
+    """Every record checked first, then every example tokenized (errors in that order), in memory."""
+    report = UnpairedReport()
+    reading = Scan(source.source, source.split, max_errors, progress.show, "checking", " records")
+    examples = read_unpaired(reading, cfg, report)
+    report.examples = len(examples)
+    if tokenizer is None:
+        return report, reading.errors
+    rows = Rows(2)
+    reading.over(
+        enumerate(examples), _example_check(Encoder(tokenizer, cfg, report.findings), cfg, report, rows)
+    )
+    sink.add(rows.arrays())
+    report.undesirable = report.kept - report.desirable
+    return report, reading.errors
+
+
+def scan_unpaired(
+    source: Any,
+    tokenizer: Any,
+    cfg: DataConfig,
+    split: str = "train",
+    progress: bool = True,
+    max_errors: int = 20,
+) -> tuple[list[TokenizedUnpaired], UnpairedReport, list[DataError]]:
+    """Every record checked, unpaired and (with a tokenizer) tokenized and truncated; bad ones
+    collected (up to ``max_errors``)."""
+    collected = Collected(2)
+    opened = Source(source, split)
+    report, errors = scan_unpaired_into(opened, tokenizer, cfg, collected, Progress(progress), max_errors)
+    return collected.examples(unpaired_item, opened.name), report, errors
+
+
+def unpaired_item(store: Store, i: int, name: str) -> TokenizedUnpaired:
+    ids, (prompt, _) = store.ids(i)
+    desirable = bool(store.columns["desirable"][i])
+    return TokenizedUnpaired(
+        ids[:prompt], ids[prompt:], desirable, int(store.columns["index"][i]), store.where(i, name)
+    )
+
+
+def finish_unpaired(
+    report: UnpairedReport, errors: list[DataError], name: str, max_errors: int, cfg: DataConfig
+) -> None:
+    if errors:
+        raise error_report(name, errors, len(errors) >= max_errors)
+    if report.records == 0:
+        raise DataError(f"{name}: no records")
+    if report.identical and cfg.identical_pairs == "warn":
+        warnings.warn(f"{report.identical} pairs have chosen identical to rejected", stacklevel=4)
+    if not report.kept:
+        raise DataError(f"{name}: every example was dropped\n{report.summary()}")
 
 
 def prepare_unpaired(
@@ -239,20 +402,20 @@ def prepare_unpaired(
     split: str = "train",
     progress: bool = True,
     max_errors: int = 20,
-) -> tuple[list[TokenizedUnpaired], UnpairedReport]:
+) -> tuple[list[TokenizedUnpaired] | Examples[TokenizedUnpaired], UnpairedReport]:
     """Read, validate, unpair, tokenize and truncate every record of ``source``; bad records are
-    reported together in one :class:`DataError` (the first line is the first error)."""
-    name = source_name(source)
-    examples, report, errors = scan_unpaired(source, tokenizer, cfg, split, progress, max_errors)
-    if errors:
-        raise error_report(name, errors, len(errors) >= max_errors)
-    if report.records == 0:
-        raise DataError(f"{name}: no records")
-    if report.identical and cfg.identical_pairs == "warn":
-        warnings.warn(f"{report.identical} pairs have chosen identical to rejected", stacklevel=2)
-    if not examples:
-        raise DataError(f"{name}: every example was dropped\n{report.summary()}")
-    return examples, report
+    reported together in one :class:`DataError` (the first line is the first error). A file or a
+    hub dataset is tokenized once into the tokenized store, and read from it lazily."""
+    job = Job(
+        kind="unpaired",
+        settings={},
+        parts=2,
+        report_type=UnpairedReport,
+        scan=lambda opened, sink, shown: scan_unpaired_into(opened, tokenizer, cfg, sink, shown, max_errors),
+        item=unpaired_item,
+        finish=partial(finish_unpaired, max_errors=max_errors, cfg=cfg),
+    )
+    return tokenized(job, Source(source, split), tokenizer, cfg, progress)
 
 
 def balance_warning(

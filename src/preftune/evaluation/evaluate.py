@@ -83,7 +83,9 @@ def load_sets(specs: Sequence[tuple[str, Any]], tokenizer: Any, cfg: DataConfig)
         pairs, _ = prepare_pairs(source, tokenizer, cfg, cfg.split, progress=False)
         records = dict(enumerate(read_records(source, cfg.split)))
         examples = [parse_example(records[p.index][1], p.where, cfg) for p in pairs]
-        sets.append(EvalSet(name, str(source) if isinstance(source, str | Path) else name, pairs, examples))
+        sets.append(
+            EvalSet(name, str(source) if isinstance(source, str | Path) else name, list(pairs), examples)
+        )
     return sets
 
 

@@ -146,7 +146,7 @@ def run_demo(output_dir: str = "demo-output", quick: bool = False, seed: int = 0
         result, cfg = train_from_sft(policy, name, tokenizer, train_records, out / name, quick, seed)
         samples = sample(policy, tokenizer, eval_prompts, seed + 7)
         held_out_pairs, _ = prepare_pairs(held_out_records, tokenizer, cfg.data, progress=False)
-        implicit = implicit_rewards(policy, sft_model, held_out_pairs, tokenizer.pad_token_id, BETA)
+        implicit = implicit_rewards(policy, sft_model, list(held_out_pairs), tokenizer.pad_token_id, BETA)
         columns[name] = {
             "win_rate_vs_sft": win_rate(task, samples, sft_samples),
             "true_reward": _mean(map(task.true_reward, samples)),

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -33,6 +34,7 @@ from ..config import RunConfig
 from ..data import TokenizedPair
 from ..data.layouts import Batch, SequenceBatch
 from ..data.packing import collate_for
+from ..data.store import pair_indices, pair_lengths
 from ..distributed import on_main, process_group
 from ..errors import ConfigError, ReferenceCacheError
 from .attention import choose_layout
@@ -186,22 +188,23 @@ def precompute(
     every process returns all the tables, each pair computed once.
     """
     rank, world = process_group()
-    size = max(p.index for p in pairs) + 1
+    size = int(pair_indices(pairs).max()) + 1
     tables = {name: torch.full((size,), float("nan")) for name in TABLES}
-    # Longest first: the first batch shows an out-of-memory at once, not at the end.
-    ordered = sorted(pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
+    # Longest first: the first batch shows an out-of-memory at once, not at the end. Sorted by
+    # the lengths alone: a stored dataset's pairs are built only when their batch comes.
+    ordered = np.argsort(-pair_lengths(pairs), kind="stable")
     share = ordered[rank::world]
     starts = range(0, len(share), batching.size)
     collate = batching.collate()
     for start in tqdm(starts, desc="reference log-probs", disable=None if progress else True, leave=False):
-        batch = collate(share[start : start + batching.size]).to(placement.device)
+        batch = collate([pairs[int(i)] for i in share[start : start + batching.size]]).to(placement.device)
         with placement.autocast():
             sums, tails = (t.float().cpu() for t in reference.logps_and_tails(batch))
         keys, chosen, rejected = batch.pair_index.cpu(), batch.chosen.cpu(), batch.rejected.cpu()
         tables["chosen"][keys], tables["rejected"][keys] = sums[chosen], sums[rejected]
         tables["chosen_tail"][keys], tables["rejected_tail"][keys] = tails[chosen], tails[rejected]
     if world > 1:
-        keys = torch.tensor([p.index for p in share], dtype=torch.long)
+        keys = torch.from_numpy(pair_indices(pairs)[share]).long()
         shares: list[Any] = [None] * world
         torch.distributed.all_gather_object(shares, (keys, {name: t[keys] for name, t in tables.items()}))
         for keys, values in shares:
@@ -235,11 +238,18 @@ def weights_digest(*models: nn.Module | None) -> str:
 
 
 def fingerprint(model: nn.Module, pairs: Sequence[TokenizedPair], extra: dict[str, Any]) -> str:
-    """A hash of the reference weights, every pair's token ids and the settings that change log-probs."""
+    """A hash of the reference weights, the pairs' token ids (a tokenized store's own key, which
+    names its ids, rather than every id hashed again) and the settings that change log-probs."""
     digest = hashlib.sha256()
     digest.update(_param_digest(model).encode())
-    for pair in pairs:
-        digest.update(json.dumps([pair.index, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    stored = getattr(pairs, "fingerprint", None)
+    if isinstance(stored, str):
+        digest.update(stored.encode())
+    else:
+        for pair in pairs:
+            digest.update(
+                json.dumps([pair.index, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode()
+            )
     digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
 

@@ -9,6 +9,7 @@ from torch import nn
 from ..config import RunConfig
 from ..data import DataReport, TokenizedPair, prepare_pairs
 from ..data.prepare import measure_and_truncate
+from ..data.store import Examples
 from ..engine import Harness
 from ..model.attention import choose_layout
 from ..model.load import load_tokenizer, prepare_tokenizer
@@ -42,7 +43,7 @@ def load_pairs(
     train_data: Any = None,
     eval_data: Any = None,
     margin_field: str | None = None,
-) -> tuple[list[TokenizedPair], list[TokenizedPair], DataReport]:
+) -> tuple[list[TokenizedPair] | Examples[TokenizedPair], list[TokenizedPair], DataReport]:
     """Training and eval pairs, every record checked before any model loads.
 
     Eval pairs are numbered after every training record (dropped ones included), so the
@@ -51,6 +52,7 @@ def load_pairs(
     data = harness.config.data
     progress = harness.config.train.progress and harness.is_main
     source = train_data if train_data is not None else data.path
+    pairs: list[TokenizedPair] | Examples[TokenizedPair]  # a stored source's pairs are read as drawn
     if isinstance(source, list) and source and all(isinstance(p, TokenizedPair) for p in source):
         pairs, report = tokenized_pairs(source, data)
     else:

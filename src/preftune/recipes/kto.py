@@ -14,7 +14,7 @@ need nothing new. The KL estimate is per micro-batch, averaged over the processe
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -125,7 +125,7 @@ def checked_objective(harness: Harness) -> UnpairedObjective:
 
 def load_examples(
     harness: Harness, tokenizer: Any, train_data: Any, eval_data: Any, objective: UnpairedObjective
-) -> tuple[list[TokenizedUnpaired], list[TokenizedUnpaired], Any]:
+) -> tuple[Sequence[TokenizedUnpaired], Sequence[TokenizedUnpaired], Any]:
     """Training and eval examples, every record checked; a warning when the two kinds are so
     unbalanced that their weights should change."""
     data, progress = harness.config.data, harness.config.train.progress and harness.is_main
@@ -139,7 +139,7 @@ def load_examples(
     )
     if advice and harness.is_main:
         warnings.warn(advice, stacklevel=3)
-    eval_examples: list[TokenizedUnpaired] = []
+    eval_examples: Sequence[TokenizedUnpaired] = []
     if eval_data is not None or data.eval_path:
         eval_source = eval_data if eval_data is not None else data.eval_path
         eval_examples, _ = prepare_unpaired(eval_source, tokenizer, data, data.eval_split, False)

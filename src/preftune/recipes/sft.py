@@ -11,6 +11,7 @@ Metrics carry TRL's names: ``loss``, ``mean_token_accuracy``, ``entropy`` (token
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -89,13 +90,13 @@ def train_sft(
 
 def load_sequences(
     harness: Harness, tokenizer: Any, train_data: Any, eval_data: Any
-) -> tuple[list[TokenizedSequence], list[TokenizedSequence], SFTReport]:
+) -> tuple[Sequence[TokenizedSequence], Sequence[TokenizedSequence], SFTReport]:
     """Training and eval sequences (the records given, or ``data.path`` / ``data.eval_path``)."""
     data, progress = harness.config.data, harness.config.train.progress and harness.is_main
     source = train_data if train_data is not None else data.path
     examples, report = prepare_sft(source, tokenizer, data, data.completion_only_loss, data.split, progress)
     harness.say(f"data: {report.summary()}")
-    eval_examples: list[TokenizedSequence] = []
+    eval_examples: Sequence[TokenizedSequence] = []
     if eval_data is not None or data.eval_path:
         eval_source = eval_data if eval_data is not None else data.eval_path
         eval_examples, _ = prepare_sft(
