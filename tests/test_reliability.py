@@ -54,7 +54,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_records_and_saves_n
     assert (
         message.startswith("step 2: the loss") and "record " in message and "train.nonfinite=skip" in message
     )
-    assert "the last good checkpoint is" in message and "checkpoint-1" in message
+    assert "the latest checkpoint is" in message and "checkpoint-1" in message
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]
     assert not (tmp_path / "run" / "final").exists()
     from safetensors.torch import load_file

@@ -161,7 +161,8 @@ def test_a_non_finite_step_stops_ppo_as_it_stops_dpo_naming_the_step_with_exit_c
         assert not (tmp_path / recipe / "final").exists()
     expected = (
         "preftune: error: step 2: the loss (nan) or gradient norm (nan) is not finite, in a batch of records "
-        "RECORDS; the weights were not updated and the last good checkpoint is OUT/checkpoint-1. Lower "
+        "RECORDS; the weights were not updated and the latest checkpoint is OUT/checkpoint-1 (checked finite and in "
+        "scale when saved). Lower "
         "train.learning_rate or set train.max_grad_norm and --resume, or --set train.nonfinite=skip"
     )
     assert lines_with(said["dpo"], "not finite") == lines_with(said["ppo"], "not finite") == [expected]

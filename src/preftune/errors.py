@@ -6,6 +6,8 @@ what was expected, so the CLI prints it as one line with no traceback.
 
 from __future__ import annotations
 
+import json
+
 
 class PreftuneError(Exception):
     """An error in the user's input, configuration, files or environment."""
@@ -33,3 +35,9 @@ class ReferenceCacheError(PreftuneError, RuntimeError):
 
 class ScorerError(PreftuneError, RuntimeError):
     """A reward model or reward function that cannot score; the message names it."""
+
+
+def json_problem(err: json.JSONDecodeError) -> str:
+    """``Expecting ',' delimiter at column 12``: Python's "Invalid control character at" already
+    ends in "at", which the column must not repeat."""
+    return f"{err.msg.removesuffix(' at')} at column {err.colno}"

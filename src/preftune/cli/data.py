@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import RunConfig, load_config
 from ..errors import ConfigError, DataError
+from .values import count, positive_int
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -34,6 +35,7 @@ def _check_data(args: argparse.Namespace) -> None:
 
 def _check_pairs(args: argparse.Namespace) -> None:
     from ..data import scan
+    from ..data.prepare import finish_pairs
     from ..losses import is_unpaired
     from ..model.load import load_tokenizer
 
@@ -69,6 +71,7 @@ def _check_pairs(args: argparse.Namespace) -> None:
     elif report.records:
         _data_report(args, config, pairs if tokenizer is not None else None, tokenizer, report.identical)
     _bad_records(errors, args.max_errors, report.records, args.file)
+    finish_pairs(report, errors, args.file, args.max_errors, None)  # train's verdicts: the same exit
 
 
 def _data_report(
@@ -101,6 +104,7 @@ def _check_unpaired(args: argparse.Namespace, config: RunConfig, tokenizer: obje
     """``check-data`` for an unpaired objective (``--set objective.loss=kto``): unpaired records and
     pairs, as the KTO recipe reads them."""
     from ..data import scan_unpaired
+    from ..data.unpaired import finish_unpaired
 
     data = config.data
     _, report, errors = scan_unpaired(args.file, tokenizer, data, data.split, True, args.max_errors)
@@ -113,6 +117,7 @@ def _check_unpaired(args: argparse.Namespace, config: RunConfig, tokenizer: obje
         print(f"{args.file}: {report.summary(with_findings=False)}")
     _findings(report.findings)
     _bad_records(errors, args.max_errors, report.records, args.file)
+    finish_unpaired(report, errors, args.file, args.max_errors, None)  # the KTO recipe's verdicts
 
 
 def _cache(args: argparse.Namespace) -> None:
@@ -188,7 +193,7 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
     )
     check.add_argument(
         "--sample",
-        type=int,
+        type=count,
         default=2000,
         metavar="N",
         help="edit distances, log-probs and rewards on a uniform sample of N pairs (0: all; default 2000)",
@@ -196,7 +201,7 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
     check.add_argument("--config", help="YAML config whose data section (fields, limits) applies")
     check.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     check.add_argument(
-        "--max-errors", type=int, default=50, help="stop after this many bad records (default 50)"
+        "--max-errors", type=positive_int, default=50, help="stop after this many bad records (default 50)"
     )
     check.add_argument("--margins", action="store_true", help="also check the reward-model margin column")
     check.set_defaults(run=_check_data)
@@ -227,5 +232,5 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
         help="write the built-in task to a folder: a tiny base model, SFT, preference and held-out files",
     )
     task.add_argument("output", help="folder to write")
-    task.add_argument("--seed", type=int, default=0)
+    task.add_argument("--seed", type=count, default=0)
     task.set_defaults(run=_synthetic_task)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_config
+from .values import count, positive_float, positive_int
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -89,12 +90,20 @@ def add_evaluation_commands(commands: Any) -> None:
     )
     evaluation.add_argument("--output", required=True, help="folder for eval.json, pairs/ and the plots")
     evaluation.add_argument(
-        "--samples", type=int, default=0, metavar="K", help="sample K completions per prompt from each model"
+        "--samples",
+        type=count,
+        default=0,
+        metavar="K",
+        help="sample K completions per prompt from each model",
     )
-    evaluation.add_argument("--max-new-tokens", type=int, default=128, help="length limit of the samples")
-    evaluation.add_argument("--beta", type=float, default=0.1, help="β of the DPO-RM margin (default 0.1)")
-    evaluation.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-    evaluation.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    evaluation.add_argument(
+        "--max-new-tokens", type=positive_int, default=128, help="length limit of the samples"
+    )
+    evaluation.add_argument(
+        "--beta", type=positive_float, default=0.1, help="β of the DPO-RM margin (default 0.1)"
+    )
+    evaluation.add_argument("--batch-size", type=positive_int, default=8, help="pairs per forward pass")
+    evaluation.add_argument("--seed", type=count, default=0, help="seed of the samples")
     evaluation.add_argument("--config", help="YAML file (model and data sections: dtype, fields, lengths)")
     evaluation.add_argument(
         "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value"
@@ -108,7 +117,7 @@ def add_evaluation_commands(commands: Any) -> None:
     experiment.add_argument("--list", action="store_true", help="list the experiments")
     experiment.add_argument("--output", help="folder for results.json, report.md, the PNG and the runs")
     experiment.add_argument(
-        "--seed", type=int, default=0, help="seed of the data, the models and the training"
+        "--seed", type=count, default=0, help="seed of the data, the models and the training"
     )
     experiment.add_argument("--quick", action="store_true", help="tiny sizes, seconds: a smoke test")
     experiment.set_defaults(run=_experiment)

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..config import RunConfig, load_config
 from ..errors import ConfigError
+from .values import positive_int
 
 
 def add_sampling_commands(commands: Any, keys_help: str) -> None:
@@ -19,9 +20,11 @@ def add_sampling_commands(commands: Any, keys_help: str) -> None:
         keys_help,
     )
     online.add_argument("--loss", help="objective name(s), comma-separated (default dpo)")
-    online.add_argument("--rounds", type=int, help="rounds of sample -> score -> pair -> train (default 3)")
     online.add_argument(
-        "--samples-per-prompt", type=int, metavar="K", help="completions per prompt (default 4)"
+        "--rounds", type=positive_int, help="rounds of sample -> score -> pair -> train (default 3)"
+    )
+    online.add_argument(
+        "--samples-per-prompt", type=positive_int, metavar="K", help="completions per prompt (default 4)"
     )
     online.set_defaults(run=_online)
 
@@ -33,7 +36,7 @@ def add_sampling_commands(commands: Any, keys_help: str) -> None:
         keys_help,
     )
     ppo.add_argument("--kl-coef", type=float, help="β of the per-token KL penalty (default 0.05)")
-    ppo.add_argument("--steps", type=int, help="PPO steps: rollout batches (default 100)")
+    ppo.add_argument("--steps", type=positive_int, help="PPO steps: rollout batches (default 100)")
     ppo.set_defaults(run=_ppo)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..config import RunConfig, load_config
 from ..errors import ConfigError
+from .values import positive_int
 
 
 def _run_config(args: argparse.Namespace, command: str) -> RunConfig:
@@ -120,5 +121,5 @@ def add_training_commands(commands: Any, keys_help: str) -> None:
     rm_score.add_argument("--model", required=True, help="reward-model folder (rm train's OUTPUT/final)")
     rm_score.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet records")
     rm_score.add_argument("--output", required=True, help="scores, one JSON object per record")
-    rm_score.add_argument("--batch-size", type=int, default=16)
+    rm_score.add_argument("--batch-size", type=positive_int, default=16, help="records per forward pass")
     rm_score.set_defaults(run=_rm_score)

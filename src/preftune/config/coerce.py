@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal
@@ -123,6 +124,9 @@ def _float(value: Any, key: str) -> float:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        # inf and nan pass every `> 0` rule and turn the weights into NaN a step later.
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return float(value)
 
 

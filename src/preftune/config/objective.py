@@ -76,6 +76,11 @@ def check_objective(o: ObjectiveConfig) -> None:
     for key in ("desirable_weight", "undesirable_weight"):
         value = getattr(o, key)
         need(math.isfinite(value) and value >= 0, f"objective.{key}", f"must be finite and >= 0, got {value}")
+    need(
+        o.desirable_weight > 0 or o.undesirable_weight > 0,
+        "objective.desirable_weight",
+        "and objective.undesirable_weight are both 0: every example would weigh nothing and the loss stay 0",
+    )
     if o.f_divergence_alpha != ObjectiveConfig.f_divergence_alpha:
         need(
             o.f_divergence == "alpha_divergence",

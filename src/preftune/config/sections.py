@@ -191,7 +191,7 @@ class TrainConfig:
     save_every: int | None = 500
     """Checkpoint every N steps and at the last step; null: only when a signal stops the run."""
     save_total_limit: int | None = 2
-    """Keep the newest N checkpoints."""
+    """Keep the newest N checkpoints; null keeps every one."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient: stop the run (naming step and records), or skip the step."""
     max_skipped_steps: int = 10
@@ -298,6 +298,15 @@ def check_train(t: TrainConfig) -> None:
     need(t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
     need(t.logps_chunk_size is None or t.logps_chunk_size >= 1, "train.logps_chunk_size", "must be >= 1")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= t.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
+    need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
+    need(t.adam_epsilon > 0, "train.adam_epsilon", "must be > 0")
+    need(0 <= t.seed < 2**32, "train.seed", "must be in [0, 2**32)")
+    need(
+        t.save_total_limit is None or t.save_total_limit >= 1,
+        "train.save_total_limit",
+        "must be >= 1 (or null: keep every checkpoint)",
+    )
     for name in t.report_to:
         need(
             name in (*TRACKERS, "none"),

@@ -365,9 +365,10 @@ def complete_margins(
 
 
 def finish_pairs(
-    report: DataReport, errors: list[DataError], name: str, max_errors: int, cfg: DataConfig
+    report: DataReport, errors: list[DataError], name: str, max_errors: int, cfg: DataConfig | None
 ) -> None:
-    """What a finished scan of pairs must pass: no bad record, records, not all identical, a pair kept."""
+    """What a finished scan of pairs must pass: no bad record, records, not all identical, a pair kept
+    (``check-data`` gives the same verdicts; ``cfg`` None: it has told the identical pairs itself)."""
     if errors:
         raise error_report(name, errors, len(errors) >= max_errors)
     if report.records == 0:
@@ -376,7 +377,7 @@ def finish_pairs(
         raise DataError(
             f"{name}: every pair has chosen identical to rejected; there is nothing to learn from them"
         )
-    if report.identical and cfg.identical_pairs == "warn":
+    if report.identical and cfg is not None and cfg.identical_pairs == "warn":
         warnings.warn(f"{report.identical} pairs have chosen identical to rejected", stacklevel=4)
     if not report.kept:
         raise DataError(f"{name}: every pair was dropped\n{report.summary()}")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..errors import DataError
+from ..errors import DataError, json_problem
 
 
 class RawLine(NamedTuple):
@@ -159,7 +159,7 @@ def parse_line(raw: RawLine) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"{raw.path}:{raw.line}: malformed JSON ({err.msg} at column {err.colno})") from None
+        raise DataError(f"{raw.path}:{raw.line}: malformed JSON ({json_problem(err)})") from None
     if not isinstance(record, dict):
         raise DataError(f"{raw.path}:{raw.line}: expected a JSON object, got {_kind(record)}")
     return record
@@ -176,9 +176,7 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
-            ) from None
+            raise DataError(f"{path}:{err.lineno}: malformed JSON ({json_problem(err)})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import DataError, json_problem
 
 Message = dict[str, Any]
 Text = str | list[Message]
@@ -134,9 +134,7 @@ def _json_field(record: dict[str, Any], name: str, where: str) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as err:
-            raise DataError(
-                f"{where}: field '{name}' is not valid JSON ({err.msg} at column {err.colno})"
-            ) from None
+            raise DataError(f"{where}: field '{name}' is not valid JSON ({json_problem(err)})") from None
     return value
 
 

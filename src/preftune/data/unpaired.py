@@ -383,13 +383,15 @@ def unpaired_item(store: Store, i: int, name: str) -> TokenizedUnpaired:
 
 
 def finish_unpaired(
-    report: UnpairedReport, errors: list[DataError], name: str, max_errors: int, cfg: DataConfig
+    report: UnpairedReport, errors: list[DataError], name: str, max_errors: int, cfg: DataConfig | None
 ) -> None:
+    """What a finished scan of unpaired examples must pass (``check-data`` gives the same verdicts;
+    ``cfg`` None: it has told the identical pairs itself)."""
     if errors:
         raise error_report(name, errors, len(errors) >= max_errors)
     if report.records == 0:
         raise DataError(f"{name}: no records")
-    if report.identical and cfg.identical_pairs == "warn":
+    if report.identical and cfg is not None and cfg.identical_pairs == "warn":
         warnings.warn(f"{report.identical} pairs have chosen identical to rejected", stacklevel=4)
     if not report.kept:
         raise DataError(f"{name}: every example was dropped\n{report.summary()}")

@@ -75,9 +75,32 @@ def step_verdict(accelerator: Any, grad_norm: Tensor, loss_sum: Tensor, stop: bo
     return finite_count == accelerator.num_processes, stop_count > 0
 
 
-def check_finite_weights(model: nn.Module, what: str, weights: dict[str, Tensor] | None = None) -> None:
-    """Refuse to save weights that are not finite (they would replace good ones); ``weights``:
-    the gathered ones of a sharded model, checked in place of the model's."""
+MAGNITUDE_JUMP = 1e3
+"""How far a trained tensor's largest |value| may grow over its value at the start (or over 1, for a
+tensor that starts below 1, as LoRA's zero-initialised B does) before its weights count as diverged.
+Fine-tuning moves weights by a small fraction of their size; a thousandfold growth is a blown-up step."""
+
+
+def weight_scale(model: nn.Module) -> dict[str, float]:
+    """The largest |value| of each trained tensor, taken at the start of a run: the yardstick
+    :func:`check_finite_weights` measures the saved weights against."""
+    with torch.no_grad():
+        return {
+            name: float(p.detach().abs().max()) if p.numel() else 0.0
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+
+
+def check_finite_weights(
+    model: nn.Module,
+    what: str,
+    weights: dict[str, Tensor] | None = None,
+    start_scale: dict[str, float] | None = None,
+) -> None:
+    """Refuse to save weights that are not finite, or that grew more than :data:`MAGNITUDE_JUMP`
+    times over ``start_scale`` (one step at ``lr=1e20`` leaves finite weights of size 1e20): they would
+    replace good ones. ``weights``: the gathered ones of a sharded model, checked in place of the model's."""
     if weights is not None:
         named = [(name, t) for name, t in weights.items() if t.is_floating_point()]
     else:
@@ -85,6 +108,17 @@ def check_finite_weights(model: nn.Module, what: str, weights: dict[str, Tensor]
     bad = [name for name, tensor in named if not torch.isfinite(tensor).all()]
     if bad:
         raise NonFiniteError(f"{what}: not saved, {len(bad)} weight tensors are not finite (first: {bad[0]})")
+    for name, tensor in named:
+        start = (start_scale or {}).get(name)
+        if start is None or not tensor.numel():
+            continue
+        largest = float(tensor.detach().abs().max())
+        if largest > MAGNITUDE_JUMP * max(start, 1.0):
+            raise NonFiniteError(
+                f"{what}: not saved, weight tensor {name} grew from max |w| {start:.3g} at the start to "
+                f"{largest:.3g} (over {MAGNITUDE_JUMP:g}x): the training diverged. Lower "
+                "train.learning_rate or set train.max_grad_norm"
+            )
 
 
 def nonfinite_message(step: int, loss: float, grad_norm: float, records: Iterable[str], kept: str) -> str:

@@ -61,7 +61,7 @@ from .checkpoint import (
     save_checkpoint,
     save_final,
 )
-from .guard import Signals, StopRequested, check_finite_weights
+from .guard import Signals, StopRequested, check_finite_weights, weight_scale
 from .task import Models, StepPlan, StepSource, TrainResult
 from .tracking import MetricsLog, Progress, Window, check_trackers, config_lines, console_line, console_values
 from .update import Optimization, Updater
@@ -90,6 +90,7 @@ class Harness:
         check_not_input(self.output_dir, config_inputs(config), "train.output_dir")
         check_kind(self.output_dir, kind, "train.output_dir")
         self._earlier_run: list[Path] = []
+        self._start_scale: dict[str, float] = {}
         self.device = self.accelerator.device
         self.resume_from: Path | None = None
         self.lock = FolderLock(self.output_dir, kind, "train.output_dir")
@@ -150,6 +151,7 @@ class Harness:
         ``stop_after`` ends the run after that many steps as if interrupted (checkpoints and
         resume are tested with it)."""
         cfg, plan = self.cfg, steps.plan
+        self._start_scale = weight_scale(models.model)  # before any sharding: whole tensors
         # plan: optimizer and schedule over every update, the checkpoint resumed, the output folder
         optimization, start_step, tokens_seen = self._prepare(models, steps)
         last_step = min(plan.total_steps, stop_after) if stop_after else plan.total_steps
@@ -262,7 +264,7 @@ class Harness:
         weights = sharding.full_weights(self.accelerator, optimization.wrapped)  # every process gathers
         if not self.is_main:
             return None
-        check_finite_weights(models.model, str(self.output_dir / "final"), weights)
+        check_finite_weights(models.model, str(self.output_dir / "final"), weights, self._start_scale)
         text = model_card(self.output_dir, self.config, log.history, models.card)
         final_dir = save_final(self.output_dir, models.model, models.tokenizer, text, weights)
         self.say(f"saved {final_dir}")
@@ -350,7 +352,7 @@ class Harness:
         weights = sharding.full_weights(self.accelerator, wrapped)  # sharded: every process gathers
         moments = sharding.optimizer_state(self.accelerator, wrapped, optimization.optimizer, path)
         if self.is_main:
-            check_finite_weights(models.model, str(path), weights)
+            check_finite_weights(models.model, str(path), weights, self._start_scale)
             for name, extra in models.extra_models.items():
                 check_finite_weights(extra, str(path / name))
             contents = CheckpointContents(

@@ -33,6 +33,11 @@ class ExampleSteps:
 
     def __init__(self, task: Task, accelerator: Accelerator, cfg: TrainConfig):
         self.task, self.accelerator, self.cfg = task, accelerator, cfg
+        if cfg.eval_every and not task.eval_examples:
+            raise ConfigError(
+                f"train.eval_every: {cfg.eval_every}, but the run has no eval data to evaluate "
+                "(give --eval-data or data.eval_path, or leave train.eval_every unset)"
+            )
         self.per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(task.examples) / self.per_step))
         self.plan = StepPlan(total, unit=task.unit, console=task.console)

@@ -84,6 +84,10 @@ class Updater:
         self.skipped += 1
         if self.cfg.nonfinite == "stop" or self.skipped >= self.cfg.max_skipped_steps:
             found = list_checkpoints(self.output_dir)
-            kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+            kept = (
+                f"the latest checkpoint is {found[-1]} (checked finite and in scale when saved)"
+                if found
+                else "no checkpoint was written yet"
+            )
             raise NonFiniteError(nonfinite_message(step, loss.item(), norm.item(), records, kept))
         self.say(f"step {step}: a non-finite loss or gradient, update skipped ({self.skipped} so far)")

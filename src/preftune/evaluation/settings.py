@@ -3,7 +3,10 @@ and the experiments set too."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from ..config.coerce import need
 
 
 @dataclass(frozen=True)
@@ -25,3 +28,15 @@ class EvalSettings:
     """How pairs are batched (``data.layout``'s values; :func:`~preftune.model.set_logps.pair_logps`)."""
     progress: bool = False
     """Progress bars over the batches."""
+
+    def __post_init__(self) -> None:
+        # A negative batch or sample count once gave every metric as 0.0% with exit 0.
+        need(
+            math.isfinite(self.beta) and self.beta > 0,
+            "eval.beta",
+            f"must be a finite number > 0, got {self.beta}",
+        )
+        need(self.samples >= 0, "eval.samples", f"must be >= 0, got {self.samples}")
+        need(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        need(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        need(self.seed >= 0, "eval.seed", f"must be >= 0, got {self.seed}")

@@ -131,8 +131,14 @@ def checked_objective(harness: Harness) -> Objective:
 
 
 def refuse_quantize_without_reference(config: RunConfig, objective: Objective) -> None:
-    """``reference.quantize`` on a reference-free objective would quantize nothing: a knob silently
-    ignored is a wasted run."""
+    """``reference.quantize``, or a reference strategy, on a reference-free objective would set up
+    nothing: a knob silently ignored is a wasted run."""
+    strategy = config.reference.strategy
+    if strategy not in ("auto", "none") and not objective.needs_reference:
+        raise ConfigError(
+            f"reference.strategy: '{strategy}' but objective '{objective.name}' is reference-free and "
+            "reads no reference (leave reference.strategy=auto)"
+        )
     if config.reference.quantize != "none" and not objective.needs_reference:
         raise ConfigError(
             f"reference.quantize: objective '{objective.name}' is reference-free; there is no reference "
