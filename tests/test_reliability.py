@@ -39,17 +39,11 @@ def _losses(folder):
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_records_and_saves_nothing_non_finite(
-    tmp_path, tokenizer
+    tmp_path, tokenizer, monkeypatch
 ):
+    _poison_objective_at(monkeypatch, {2})
     with pytest.raises(NonFiniteError) as info:
-        _train(
-            tmp_path,
-            tokenizer,
-            "train.learning_rate=1e20",
-            "train.max_grad_norm=null",
-            "train.max_steps=6",
-            "train.save_every=1",
-        )
+        _train(tmp_path, tokenizer, "train.max_steps=6", "train.save_every=1")
     message = str(info.value)
     assert (
         message.startswith("step 2: the loss") and "record " in message and "train.nonfinite=skip" in message
@@ -63,6 +57,24 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_records_and_saves_n
     assert all(torch.isfinite(t).all() for t in weights.values())
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+
+
+def test_a_diverging_run_saves_no_checkpoint_of_blown_up_weights(tmp_path, tokenizer):
+    """One step at lr=1e20 leaves finite weights of size 1e20: the next checkpoint is refused, so no
+    checkpoint a later message calls the latest holds them."""
+    with pytest.raises(
+        NonFiniteError, match=r"checkpoint-1: not saved, weight tensor .* the training diverged"
+    ):
+        _train(
+            tmp_path,
+            tokenizer,
+            "train.learning_rate=1e20",
+            "train.max_grad_norm=null",
+            "train.max_steps=6",
+            "train.save_every=1",
+        )
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def _on_objective_calls(monkeypatch, act):

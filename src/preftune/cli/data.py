@@ -71,7 +71,9 @@ def _check_pairs(args: argparse.Namespace) -> None:
     elif report.records:
         _data_report(args, config, pairs if tokenizer is not None else None, tokenizer, report.identical)
     _bad_records(errors, args.max_errors, report.records, args.file)
-    finish_pairs(report, errors, args.file, args.max_errors, None)  # train's verdicts: the same exit
+    # train's verdicts and exit code; which pairs are kept is known only with a tokenizer
+    if tokenizer is not None or report.identical == report.records:
+        finish_pairs(report, errors, args.file, args.max_errors, None)
 
 
 def _data_report(
@@ -117,7 +119,8 @@ def _check_unpaired(args: argparse.Namespace, config: RunConfig, tokenizer: obje
         print(f"{args.file}: {report.summary(with_findings=False)}")
     _findings(report.findings)
     _bad_records(errors, args.max_errors, report.records, args.file)
-    finish_unpaired(report, errors, args.file, args.max_errors, None)  # the KTO recipe's verdicts
+    if tokenizer is not None:  # the KTO recipe's verdicts (examples kept need the tokenizer)
+        finish_unpaired(report, errors, args.file, args.max_errors, None)
 
 
 def _cache(args: argparse.Namespace) -> None:
