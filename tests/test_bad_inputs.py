@@ -6,6 +6,7 @@ output folder created, and the input file unchanged.
 """
 
 import json
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -260,6 +261,11 @@ DATA_CASES = [
     ),
 ]
 
+ALIAS_BOMB = "train:\n  report_to:\n    - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"    - &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+"""A "billion laughs": nine lines standing for 9**9 values once expanded, under a key train reads."""
+
 CONFIG_CASES = [
     (
         "unknown-key",
@@ -297,6 +303,11 @@ CONFIG_CASES = [
         "data.chat_template: missing.jinja: no such file",
     ),
     ("bad-choice", ["--set", "train.scheduler=exponential"], "train.scheduler: 'exponential' is not one of"),
+    (
+        "set-list-duplicate-key",
+        ["--set", "objective.loss=[{dpo: 1, dpo: 2}]"],
+        "objective.loss: duplicate key '[0].dpo' (first on line 1)",
+    ),
 ]
 
 
@@ -354,6 +365,22 @@ def test_bad_config_ends_in_one_line_naming_the_key(tmp_path, capsys, model_dir,
         ("not-a-mapping", "- train\n- model\n", "expected a mapping of sections"),
         ("malformed", "train: [unclosed\n", "run.yaml:2: malformed YAML (expected"),
         ("section-not-mapping", "train: 3\n", "train: expected a section (mapping)"),
+        (
+            "duplicate-section",
+            "train:\n  learning_rate: 1.0e-5\ndata:\n  max_length: 64\ntrain:\n  seed: 3\n",
+            "run.yaml:5: duplicate key 'train' (first on line 1)",
+        ),
+        (
+            "duplicate-key",
+            "train:\n  learning_rate: 1.0e-5\n  seed: 3\n  learning_rate: 2.0e-5\n",
+            "run.yaml:4: duplicate key 'train.learning_rate' (first on line 2)",
+        ),
+        ("alias-bomb", ALIAS_BOMB, "run.yaml:8: train.report_to[5]: its aliases expand to more than"),
+        (
+            "alias-in-its-own-anchor",
+            "train:\n  report_to: &a [*a]\n",
+            "run.yaml:2: train.report_to[0]: an alias inside its own anchor",
+        ),
     ],
 )
 def test_bad_config_file_ends_in_one_line_naming_the_file(
@@ -375,7 +402,10 @@ def test_bad_config_file_ends_in_one_line_naming_the_file(
         "--config",
         str(config),
     ]
+    started = time.perf_counter()
     _fails_cleanly(capsys, argv, expected, output)
+    assert time.perf_counter() - started < 5  # refused from the text, before a value is built
+    assert config.read_text() == yaml_text
 
 
 @pytest.mark.parametrize(
@@ -422,4 +452,4 @@ def test_a_byte_order_mark_is_accepted_in_every_text_format(tmp_path, model_dir)
 
 
 def test_the_corpus_covers_at_least_forty_malformed_inputs():
-    assert len(DATA_CASES) + len(CONFIG_CASES) + 3 + 4 >= 40
+    assert len(DATA_CASES) + len(CONFIG_CASES) + 7 + 4 >= 40

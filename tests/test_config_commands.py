@@ -62,6 +62,11 @@ def test_a_data_key_only_some_commands_read_is_refused_by_the_others():
         load_config(overrides=["data.messages_field=conversation"], command="train")
 
 
+def test_eval_accepts_the_split_it_reads_its_sets_from():
+    """``eval`` reads a hub dataset's sets from ``data.split`` (evaluate.load_sets): the key is its."""
+    assert load_config(overrides=["data.split=test_prefs"], command="eval").data.split == "test_prefs"
+
+
 def test_a_section_given_empty_in_a_file_is_not_a_key_set(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: {name_or_path: m}\nppo:\n")

@@ -87,7 +87,7 @@ def test_only_and_from_select_stages(tmp_path, inputs):
     assert [r["status"] for r in run_pipeline(path, start="dpo")["stages"]] == ["skipped", "ran", "ran"]
 
 
-def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path, inputs, monkeypatch):
+def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path, inputs, monkeypatch, capsys):
     import preftune.recipes.dpo as pairwise
 
     build = pairwise.build_objective
@@ -112,6 +112,9 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path, inputs, monk
     path = _pipeline(tmp_path, inputs, {"dpo": stages["dpo"]})
     monkeypatch.setattr(pairwise, "build_objective", interrupting)
     assert main(["pipeline", "run", str(path)]) == 143
+    said = capsys.readouterr().err.strip().splitlines()[-1]  # what to do, in a pipeline's terms
+    assert said.startswith("preftune: stage dpo: stopped by SIGTERM after step 2; saved ")
+    assert f"run `preftune pipeline run {path}` again" in said and "--resume" not in said
     assert json.loads((tmp_path / "out" / "dpo" / "stage.json").read_text())["status"] == "running"
     monkeypatch.setattr(pairwise, "build_objective", build)
     result = run_pipeline(path)
@@ -209,14 +212,13 @@ def test_an_online_stage_without_a_reward_is_refused_before_anything_runs(tmp_pa
 
 
 @pytest.mark.parametrize("name", ["pipeline.yaml", "qwen-0.5b-pipeline.yaml"])
-def test_the_example_pipelines_load_and_every_stage_is_a_valid_config(name):
+def test_the_example_pipelines_load_and_every_stage_is_a_valid_config_of_its_command(name):
     from pathlib import Path
 
-    from preftune.config import load_config
-    from preftune.recipes.pipeline import EVAL_OPTIONS, _dotted
+    from preftune.recipes.pipeline import check_stages
 
-    _, stages = load_pipeline(Path(__file__).parent.parent / "examples" / name)
+    path = Path(__file__).parent.parent / "examples" / name
+    output, stages = load_pipeline(path)
     assert {"sft", "rm", "dpo", "online"} <= {stage.kind for stage in stages}
-    for stage in stages:
-        sections = {k: v for k, v in stage.tree.items() if k not in EVAL_OPTIONS}
-        load_config(base=_dotted(sections))  # an unknown key or a bad value raises, naming it
+    # an unknown key, a key the stage's command does not read, or a bad value raises, naming it
+    check_stages(path, stages, {stage.name: output / stage.name for stage in stages})

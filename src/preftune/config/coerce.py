@@ -14,9 +14,8 @@ import types
 import typing
 from typing import Any, Literal
 
-import yaml
-
 from ..errors import ConfigError
+from .yamlfile import parse_yaml
 
 
 def need(ok: bool, key: str, message: str) -> None:
@@ -81,10 +80,9 @@ def _list(value: Any, item: Any, key: str) -> list[Any]:
     """A YAML list, or ``--set`` text: ``[a, b]`` in YAML's syntax or ``a,b``."""
     if isinstance(value, str):
         if value.lstrip().startswith("["):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise ConfigError(f"{key}: malformed list {value!r}") from None
+            value, _ = parse_yaml(
+                value, key, numbered=False
+            )  # a malformed, repeated or exploding value named by key
         else:
             value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list):

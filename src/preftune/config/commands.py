@@ -27,7 +27,7 @@ _PAIRS = ("train", "rm train", "eval", "check-data")
 _TRAINED_ON_DATA = ("train", "sft", "rm train", "check-data")
 KEY_READERS: dict[str, tuple[str, ...]] = {
     "data.path": _TRAINED_ON_DATA,
-    "data.split": _TRAINED_ON_DATA,
+    "data.split": (*_TRAINED_ON_DATA, "eval"),  # eval reads its sets from this split of a hub dataset
     "data.eval_path": ("train", "sft", "rm train", "check-data"),
     "data.eval_split": ("train", "sft", "rm train", "check-data"),
     "data.chosen_field": _PAIRS,

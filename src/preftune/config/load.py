@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
 from .coerce import build
 from .commands import check_command_keys
@@ -39,6 +37,7 @@ from .sections import (
     check_sampling,
     check_train,
 )
+from .yamlfile import read_yaml
 
 __all__ = ["RunConfig", "load_config", "validate"]
 
@@ -103,17 +102,8 @@ def load_config(
     with ``command`` (``train``, ``sft``, ``rm train``, …), refuse a key that command does not read."""
     tree: dict[str, Any] = {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"{where}: malformed YAML ({problem})") from None
+        loaded, _ = read_yaml(path, "config file")
+        loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections")
         for section, value in loaded.items():

@@ -170,15 +170,21 @@ def recorded_kind(folder: Path) -> str | None:
     return None
 
 
-def check_kind(folder: Path, kind: str, key: str) -> None:
-    """Refuse a folder that holds another kind of run, naming both."""
+def check_kind(
+    folder: Path,
+    kind: str,
+    key: str,
+    remedy: str = "neither --resume nor train.overwrite applies; choose another output",
+) -> None:
+    """Refuse a folder that holds another kind of run, naming both, and what to do (``remedy``:
+    a pipeline names its own)."""
     found = recorded_kind(folder)
     if found is None or found == kind or (found == "training" and kind in TRAINING_KINDS):
         return
     held = KINDS.get(found, f"a {found} run")
     raise ConfigError(
         f"{key}: {folder} holds {held}; this is {KINDS.get(kind, kind)}: a folder holds one kind of run, "
-        "so neither --resume nor train.overwrite applies; choose another output"
+        f"so {remedy}"
     )
 
 

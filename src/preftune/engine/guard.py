@@ -24,17 +24,31 @@ from torch import Tensor, nn
 
 from ..errors import PreftuneError
 
+RESUME = "run the same command with --resume to continue"
+
 
 class StopRequested(PreftuneError):
-    """The run stopped on a signal after saving a checkpoint; ``exit_code`` is 128 + the signal."""
+    """The run stopped on a signal after saving a checkpoint; ``exit_code`` is 128 + the signal.
+    ``problem`` is what happened, ``remedy`` what to do: a caller that ran the command another
+    way (a pipeline's stage) says what to do in its own terms."""
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, problem: str, exit_code: int, remedy: str = ""):
+        super().__init__(f"{problem}; {remedy}" if remedy else problem)
+        self.problem, self.exit_code, self.remedy = problem, exit_code, remedy
+
+
+NONFINITE_REMEDY = (
+    "Lower train.learning_rate or set train.max_grad_norm and --resume, or --set train.nonfinite=skip"
+)
 
 
 class NonFiniteError(PreftuneError):
-    """The loss, a gradient or the weights stopped being finite."""
+    """The loss, a gradient or the weights stopped being finite (``problem``, and ``remedy``
+    when there is one, as for :class:`StopRequested`)."""
+
+    def __init__(self, problem: str, remedy: str = ""):
+        super().__init__(f"{problem}. {remedy}" if remedy else problem)
+        self.problem, self.remedy = problem, remedy
 
 
 class Signals:
@@ -116,8 +130,8 @@ def check_finite_weights(
         if largest > MAGNITUDE_JUMP * max(start, 1.0):
             raise NonFiniteError(
                 f"{what}: not saved, weight tensor {name} grew from max |w| {start:.3g} at the start to "
-                f"{largest:.3g} (over {MAGNITUDE_JUMP:g}x): the training diverged. Lower "
-                "train.learning_rate or set train.max_grad_norm"
+                f"{largest:.3g} (over {MAGNITUDE_JUMP:g}x): the training diverged",
+                "Lower train.learning_rate or set train.max_grad_norm",
             )
 
 
@@ -126,8 +140,7 @@ def nonfinite_message(step: int, loss: float, grad_norm: float, records: Iterabl
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return (
         f"step {step}: the loss ({loss:g}) or gradient norm ({grad_norm:g}) is not finite, in a batch of "
-        f"records {shown or '(unnamed)'}; the weights were not updated and {kept}. Lower "
-        "train.learning_rate or set train.max_grad_norm and --resume, or --set train.nonfinite=skip"
+        f"records {shown or '(unnamed)'}; the weights were not updated and {kept}"
     )
 
 

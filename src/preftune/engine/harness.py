@@ -61,7 +61,7 @@ from .checkpoint import (
     save_checkpoint,
     save_final,
 )
-from .guard import Signals, StopRequested, check_finite_weights, weight_scale
+from .guard import RESUME, Signals, StopRequested, check_finite_weights, weight_scale
 from .task import Models, StepPlan, StepSource, TrainResult
 from .tracking import MetricsLog, Progress, Window, check_trackers, config_lines, console_line, console_values
 from .update import Optimization, Updater
@@ -180,8 +180,9 @@ class Harness:
                     if update.stop:
                         raise StopRequested(
                             f"stopped by {signals.name or 'a signal on another process'} after step {step}; "
-                            f"saved {saved}; run the same command with --resume to continue",
+                            f"saved {saved}",
                             128 + (signals.received or 15),
+                            RESUME,
                         )
             progress.bar.close()
             # save

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..config import TrainConfig
 from . import sharding
 from .checkpoint import list_checkpoints
-from .guard import NonFiniteError, Signals, nonfinite_message, step_verdict
+from .guard import NONFINITE_REMEDY, NonFiniteError, Signals, nonfinite_message, step_verdict
 
 
 @dataclass
@@ -89,5 +89,7 @@ class Updater:
                 if found
                 else "no checkpoint was written yet"
             )
-            raise NonFiniteError(nonfinite_message(step, loss.item(), norm.item(), records, kept))
+            raise NonFiniteError(
+                nonfinite_message(step, loss.item(), norm.item(), records, kept), NONFINITE_REMEDY
+            )
         self.say(f"step {step}: a non-finite loss or gradient, update skipped ({self.skipped} so far)")
