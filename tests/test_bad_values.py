@@ -210,3 +210,13 @@ def test_an_ordinary_run_passes_the_magnitude_guard(tmp_path, model_dir):
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--output", str(output)]
     assert main([*argv, "--set", "train.max_steps=2", "--set", "train.learning_rate=1e-3"]) == 0
     assert (output / "final" / "config.json").exists()
+
+
+def test_preftunes_own_warnings_are_one_line_each_like_its_errors():
+    import preftune.cli as cli
+    import preftune.data.prepare as prepare
+
+    ours = cli._format_warning("d.jsonl:2: pair dropped", UserWarning, prepare.__file__, 276, "x = 1")
+    theirs = cli._format_warning("deprecated", FutureWarning, "/elsewhere/lib.py", 3, "y = 2")
+    assert ours == "preftune: warning: d.jsonl:2: pair dropped\n"
+    assert theirs.startswith("/elsewhere/lib.py:3: FutureWarning: deprecated")

@@ -11,6 +11,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import PreftuneError
 from .data import add_data_commands
@@ -33,9 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """preftune's own warnings as one line, like its errors (not Python's two, the second a line of
+    preftune's source); other packages' warnings as Python writes them."""
+    if filename.startswith(_PACKAGE_DIR):
+        return f"preftune: warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
+_python_format = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default", UserWarning)
+    warnings.formatwarning = _format_warning
     from ..distributed import close_process_group
     from ..engine.guard import StopRequested, tell_launcher
 
