@@ -7,13 +7,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig
 from ..errors import ConfigError, DataError
+from .flags import add_key_flags, load_run, record
+from .foreign import add_foreign_config_options, show_foreign
 
 
 def _config(args: argparse.Namespace) -> None:
     from ..config import SECTIONS, RunConfig
     from ..config.coerce import describe
+
+    if args.from_trl or args.from_llamafactory or args.mapping:
+        return show_foreign(args)
 
     rows = [row for row in describe(RunConfig) if not args.section or row[0].startswith(args.section + ".")]
     if not rows:
@@ -27,12 +32,7 @@ def _check_data(args: argparse.Namespace) -> None:
     from ..losses import is_unpaired
     from ..model.load import load_tokenizer
 
-    config = load_config(
-        args.config,
-        args.set or (),
-        {"data.path": args.file} | ({"model.name_or_path": args.model} if args.model else {}),
-        command="check-data",
-    )
+    config = load_run(args, "check-data", {"data.path": args.file})
     tokenizer = load_tokenizer(config.model, config.data.chat_template) if config.model.name_or_path else None
     if is_unpaired(config.objective):
         return _check_unpaired(args, config, tokenizer)
@@ -105,6 +105,7 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
     config.add_argument(
         "section", nargs="?", help="only this section: model, data, objective, reference, train, reward, …"
     )
+    add_foreign_config_options(config)
     config.set_defaults(run=_config)
 
     check = commands.add_parser(
@@ -113,15 +114,19 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
         epilog=keys_help,
     )
     check.add_argument("file", help="JSONL/JSON/CSV/Parquet file or hub dataset name")
-    check.add_argument(
-        "--model", help="a tokenizer (hub name or folder): token lengths and what the limits cut"
+    record(
+        check,
+        "--model",
+        key="model.name_or_path",
+        help="a tokenizer (hub name or folder): token lengths and what the limits cut",
     )
     check.add_argument("--config", help="YAML config whose data section (fields, limits) applies")
-    check.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    record(check, "--set", key="", metavar="SECTION.KEY=VALUE", help="override a config value")
     check.add_argument(
         "--max-errors", type=int, default=50, help="stop after this many bad records (default 50)"
     )
     check.add_argument("--margins", action="store_true", help="also check the reward-model margin column")
+    add_key_flags(check, "check-data", skip=("data.path",))
     check.set_defaults(run=_check_data)
 
     pipeline = commands.add_parser("pipeline", help="run named stages (sft, rm, dpo, …) from one YAML file")
