@@ -25,6 +25,24 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak() -> bool:
+    """Start the peak resident memory (VmHWM) afresh, so that :func:`window_peak_mib` measures what
+    runs from now on and not the imports before (Linux); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_mib() -> float:
+    """Peak resident memory since :func:`reset_peak` (Linux's VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return peak_mib()
+
+
 def gemm_limit_gflops(size: int = 2048, tries: int = 5) -> float:
     """This machine's fp32 matmul rate now, at the current thread count: the best of a few
     ``size``-square products (GFLOP/s). The ceiling a training step's FLOP rate is measured against."""
@@ -55,7 +73,7 @@ def machine() -> dict[str, object]:
         platform.processor(),
     )
     versions = {}
-    for package in ("torch", "transformers", "trl", "accelerate", "preftune"):
+    for package in ("torch", "transformers", "trl", "accelerate", "peft", "bitsandbytes", "preftune"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:

@@ -36,9 +36,10 @@ def main() -> None:
     from preftune.data import prepare_pairs
     from preftune.data.packing import collate_for
     from preftune.experiments.synthetic import build_tokenizer
-    from preftune.model.logps import batch_logps
+    from preftune.model.logps import LogpsRequest, sequence_logps
 
     torch.set_num_threads(args.threads)
+    dpo_request = LogpsRequest(stats=("mean_logit",))  # what a DPO step computes beside the log-probs
     tokenizer = build_tokenizer(vocab_size=512)
     collate = collate_for(args.layout, tokenizer.pad_token_id)
     batches = []
@@ -53,7 +54,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for batch in batches:
                 start = time.perf_counter()
-                batch_logps(model, batch).logps.sum().backward()
+                sequence_logps(model, batch, dpo_request).logps.sum().backward()
                 times.append(time.perf_counter() - start)
                 model.zero_grad(set_to_none=True)
         return times[0], median(times[len(batches) :])

@@ -34,7 +34,7 @@ def main() -> None:
     from preftune.config import DataConfig
     from preftune.data import prepare_pairs
     from preftune.experiments.synthetic import build_tokenizer
-    from preftune.model.reference import ModelReference, precompute
+    from preftune.model.reference import Batching, ModelReference, precompute
     from preftune.model.set_logps import pair_logps
 
     torch.set_num_threads(args.threads)
@@ -42,12 +42,10 @@ def main() -> None:
     records = synthetic_records(tokenizer, case_lengths(args.case, args.pairs, seed=10), seed=0)
     pairs = prepare_pairs(records, tokenizer, DataConfig(max_length=2048), progress=False)[0]
     model = MODELS[args.model].build(seed=0)
-    reference, pad, cpu = ModelReference(model), tokenizer.pad_token_id, torch.device("cpu")
+    reference, pad = ModelReference(model), tokenizer.pad_token_id
 
     def reference_pass(layout: str, some: list | None = None) -> torch.Tensor:
-        tables = precompute(
-            reference, some or pairs, pad, args.batch_size, cpu, progress=False, layout=layout
-        )
+        tables = precompute(reference, some or pairs, Batching(pad, args.batch_size, layout), progress=False)
         return torch.cat([tables["chosen"], tables["rejected"]]).double()
 
     def eval_pass(layout: str, some: list | None = None) -> torch.Tensor:

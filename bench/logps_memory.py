@@ -29,8 +29,9 @@ from common import peak_mib, rss_mib
 
 
 def run_variant(args: argparse.Namespace) -> dict[str, float]:
+    from preftune.data.layouts import SequenceBatch
     from preftune.experiments.synthetic import tiny_llama
-    from preftune.model.logps import full_logits_sequence_logps, sequence_logps
+    from preftune.model.logps import LogpsRequest, full_logits_sequence_logps, sequence_logps
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -56,9 +57,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
         if args.variant == "trl":
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
             return out.log_probs.sum(dim=1)
-        return sequence_logps(
-            model, input_ids, attention_mask, label_index, label_sequence, rows, args.chunk
-        ).logps
+        batch = SequenceBatch(input_ids, attention_mask, label_index, label_sequence, torch.arange(rows))
+        return sequence_logps(model, batch, LogpsRequest(stats=("mean_logit",)), args.chunk).logps
 
     compute().sum().backward()  # warm-up: allocator pools, lazy inits
     model.zero_grad(set_to_none=False)  # keep gradient buffers: every variant needs them

@@ -45,7 +45,7 @@ def main() -> None:
     from preftune.data import prepare_pairs
     from preftune.data.packing import collate_for
     from preftune.experiments.synthetic import build_tokenizer
-    from preftune.model.logps import PolicyLogps
+    from preftune.model.logps import LogpsRequest, PolicyLogps
     from preftune.model.reference import ModelReference
 
     torch.set_num_threads(args.threads)
@@ -56,7 +56,7 @@ def main() -> None:
     collate = collate_for("packed", tokenizer.pad_token_id)
     batches = [collate(pairs[i : i + args.batch_size]) for i in range(0, count, args.batch_size)]
     model = MODELS[args.model].build(seed=0)
-    policy = PolicyLogps(model).train()
+    policy = PolicyLogps(model, LogpsRequest(stats=("mean_logit",))).train()  # as a DPO policy
     reference = ModelReference(copy.deepcopy(model))
 
     def policy_step(batch) -> None:

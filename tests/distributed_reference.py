@@ -12,7 +12,14 @@ from helpers import sentiment_records
 from preftune.config import DataConfig
 from preftune.data import prepare_pairs
 from preftune.experiments.synthetic import build_tokenizer, tiny_llama
-from preftune.model.reference import ModelReference, ReferenceCacheError, load_or_precompute
+from preftune.model.reference import (
+    Batching,
+    ModelReference,
+    Placement,
+    ReferenceCache,
+    ReferenceCacheError,
+    load_or_precompute,
+)
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -35,18 +42,14 @@ reference = Counted(tiny_llama(len(tokenizer), seed=6))
 cache = out / "reference_logps.pt"
 
 
-def load(extra):
+def load(settings):
     return load_or_precompute(
-        cache,
+        ReferenceCache(cache, reference.model, settings),
         reference,
-        reference.model,
         pairs,
-        tokenizer.pad_token_id,
-        2,
-        torch.device("cpu"),
-        extra,
+        Batching(tokenizer.pad_token_id, 2),
+        Placement(is_main=rank == 0),
         progress=False,
-        is_main=rank == 0,
     )
 
 

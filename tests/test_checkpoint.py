@@ -7,7 +7,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from preftune.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_final
+from preftune.engine.checkpoint import (
+    CheckpointContents,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    save_final,
+)
 from preftune.experiments.synthetic import tiny_llama
 from preftune.model.load import is_peft
 
@@ -15,6 +21,11 @@ from preftune.model.load import is_peft
 def _optimizer(model):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def _save(tmp_path, model, tokenizer, state=None, **kwargs):
+    contents = CheckpointContents(model, tokenizer, *_optimizer(model), state or {}, **kwargs)
+    return save_checkpoint(tmp_path, 1, contents)
 
 
 def _tiny_moe_config(tokenizer):
@@ -33,7 +44,7 @@ def _tiny_moe_config(tokenizer):
 
 
 def _roundtrip(tmp_path, model, fresh, tokenizer):
-    path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {"examples_seen": 4})
+    path = _save(tmp_path, model, tokenizer, {"examples_seen": 4})
     state = load_checkpoint(path, fresh, *_optimizer(fresh))
     assert state == {"examples_seen": 4, "step": 1}
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
@@ -59,9 +70,9 @@ def test_a_model_with_tied_embeddings_round_trips(tmp_path, tokenizer):
 
 def test_a_corrupt_checkpoint_fails_with_a_message_naming_it(tmp_path, tokenizer):
     model = tiny_llama(len(tokenizer))
-    path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {})
+    path = _save(tmp_path, model, tokenizer)
     (path / "optimizer.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"checkpoint-0000001: cannot resume from this checkpoint"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-1: cannot resume from this checkpoint"):
         load_checkpoint(path, model, *_optimizer(model))
 
 
@@ -69,7 +80,7 @@ def test_a_deepspeed_checkpoint_resumed_without_deepspeed_says_which_launch_it_n
     model = tiny_llama(len(tokenizer))
     partitions = tmp_path / ".tmp-optimizer"
     partitions.mkdir()  # what every DeepSpeed process wrote its optimizer file into
-    path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {}, optimizer_state=partitions)
+    path = _save(tmp_path, model, tokenizer, optimizer_state=partitions)
     assert (path / "optimizer").is_dir() and not (path / "optimizer.pt").exists()
     with pytest.raises(CheckpointError, match="written by DeepSpeed"):
         load_checkpoint(path, model, *_optimizer(model))
@@ -91,7 +102,7 @@ def test_final_lora_folder_has_merged_weights_and_the_live_model_keeps_its_adapt
 
 def test_resuming_lora_with_other_adapter_layers_is_refused(tmp_path, tokenizer):
     saved = get_peft_model(tiny_llama(len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    path = save_checkpoint(tmp_path, 1, saved, tokenizer, *_optimizer(saved), {})
+    path = _save(tmp_path, saved, tokenizer)
     other = get_peft_model(
         tiny_llama(len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"])
     )
@@ -104,7 +115,7 @@ def test_a_converted_checkpoint_missing_weights_is_refused_not_filled_at_random(
 
     config = _tiny_moe_config(tokenizer)
     model = Qwen2MoeForCausalLM(config)
-    path = save_checkpoint(tmp_path, 1, model, tokenizer, *_optimizer(model), {})
+    path = _save(tmp_path, model, tokenizer)
     weights = load_file(str(path / "model.safetensors"))
     del weights[next(k for k in weights if "q_proj" in k)]
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})

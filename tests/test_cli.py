@@ -298,9 +298,9 @@ def test_resume_continues_from_the_latest_checkpoint_as_if_never_interrupted(
     full = tmp_path / "full"
     assert main(train_argv(model_dir, pairs_file, full, *settings, "--set", "train.save_total_limit=3")) == 0
     assert sorted(p.name for p in full.glob("checkpoint-*")) == [
-        "checkpoint-0000002",
-        "checkpoint-0000003",
-        "checkpoint-0000004",
+        "checkpoint-2",
+        "checkpoint-3",
+        "checkpoint-4",
     ]
     expected = read_metrics(full)
     assert [r["step"] for r in expected] == [1, 2, 3, 4]
@@ -308,7 +308,7 @@ def test_resume_continues_from_the_latest_checkpoint_as_if_never_interrupted(
     # A run interrupted after step 2: its output folder holds only that checkpoint.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(full / "checkpoint-0000002", resumed / "checkpoint-0000002")
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
     capsys.readouterr()
     assert main(train_argv(model_dir, pairs_file, resumed, *settings, "--resume")) == 0
     assert "at step 2" in capsys.readouterr().out
@@ -332,11 +332,7 @@ def test_a_fresh_run_refuses_a_folder_holding_an_earlier_runs_checkpoints(
     capsys.readouterr()
     assert main(train_argv(model_dir, pairs_file, output, *settings)) == 2
     line = error_line(capsys)
-    assert (
-        "holds an earlier run (checkpoint-0000002)" in line
-        and "--resume" in line
-        and "train.overwrite" in line
-    )
+    assert "holds an earlier run (checkpoint-2)" in line and "--resume" in line and "train.overwrite" in line
     assert (output / "metrics.jsonl").read_text() == before
 
 
@@ -367,7 +363,7 @@ def test_overwrite_with_bad_data_keeps_the_earlier_runs_checkpoints(model_dir, p
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q:", "chosen": " a"\n')
     assert main(train_argv(model_dir, bad, output, *settings, "--set", "train.overwrite=true")) == 2
-    assert (output / "checkpoint-0000001" / "trainer_state.json").is_file()
+    assert (output / "checkpoint-1" / "preftune_state.json").is_file()
 
 
 @pytest.mark.parametrize("module", ["preftune", "preftune.cli"])

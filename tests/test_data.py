@@ -335,7 +335,7 @@ def test_errors_name_the_source_and_line_or_row(make_source, where, tokenizer, t
     records = [RECORDS[0], {**RECORDS[1], "chosen": ""}, RECORDS[2]]
     source = make_source(tmp_path, monkeypatch, records)
     with pytest.raises(DataError, match=where(source) + r" field 'chosen' is an empty completion"):
-        prepare(source, tokenizer)
+        prepare(source, tokenizer, empty_completions="error")
 
 
 def test_hub_dataset_name_is_loaded_with_the_requested_split(tokenizer, monkeypatch):
@@ -366,7 +366,7 @@ def test_csv_reads_every_value_as_text_so_an_empty_cell_is_an_empty_completion(t
     path = tmp_path / "data.csv"
     path.write_text('prompt,chosen,rejected\nQ:," yes"," no"\nQ:," yes",\n')
     with pytest.raises(DataError, match=loc(path, 3) + r" field 'rejected' is an empty completion"):
-        prepare(path, tokenizer)
+        prepare(path, tokenizer, empty_completions="error")
 
 
 # --------------------------------------------------------------------------- truncation
@@ -573,7 +573,7 @@ BAD_RECORDS = {
 def test_bad_record_raises_data_error_naming_file_line_and_field(record, message, tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [GOOD, record, GOOD])
     with pytest.raises(DataError, match=loc(path, 2) + " " + message):
-        prepare(path, tokenizer)
+        prepare(path, tokenizer, empty_completions="error")
 
 
 def test_malformed_jsonl_line_names_its_line_number(tokenizer, tmp_path):

@@ -57,8 +57,11 @@ CONVERSATIONAL = [
 
 IMPLICIT_TEXT = [
     {
+        # Answers that differ from their first word: TRL cuts at the turn marker too. (Answers that
+        # share their first words keep them in the completions here, not in TRL:
+        # test_data_real.py compares those with TRL given the prompt cut at the marker.)
         "chosen": "\n\nHuman: what colour is the sky?\n\nAssistant: it is blue.",
-        "rejected": "\n\nHuman: what colour is the sky?\n\nAssistant: it is green.",
+        "rejected": "\n\nHuman: what colour is the sky?\n\nAssistant: green, I think.",
     },
     # Diverge mid-word: the shared prefix ends with "pa" / "th", whose last token merges with the
     # chosen completion ("ar", "the").

@@ -26,7 +26,7 @@ from preftune.data import prepare_pairs
 from preftune.engine.sharding import check_distributed
 from preftune.errors import ConfigError
 from preftune.experiments.synthetic import tiny_llama, tiny_reward_model
-from preftune.model.reference import ModelReference, precompute
+from preftune.model.reference import Batching, ModelReference, precompute
 from preftune.recipes.dpo import train
 from preftune.recipes.reward import train_reward_model
 from preftune.recipes.sft import train_sft
@@ -115,11 +115,7 @@ def test_two_processes_share_the_precomputed_reference_and_equal_one_process(tmp
     reports = [json.loads((tmp_path / f"report-rank{rank}.json").read_text()) for rank in (0, 1)]
     pairs, _ = prepare_pairs(sentiment_records(11, seed=2), tokenizer, DataConfig(), progress=False)
     single = precompute(
-        ModelReference(tiny_llama(len(tokenizer), seed=6)),
-        pairs,
-        tokenizer.pad_token_id,
-        2,
-        torch.device("cpu"),
+        ModelReference(tiny_llama(len(tokenizer), seed=6)), pairs, Batching(tokenizer.pad_token_id, 2)
     )
     cached = torch.load(tmp_path / "reference_logps.pt", weights_only=True)
     for rank in (0, 1):
@@ -385,10 +381,22 @@ def test_deepspeed_zero_run_stopped_after_step_2_resumes_to_the_uninterrupted_lo
         assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-5)
         assert resumed[step]["grad_norm"] == pytest.approx(uninterrupted[step]["grad_norm"], rel=1e-4)
     # The optimizer state as DeepSpeed wrote it, one file per process; the weights gathered.
-    checkpoint = folder / "resumed" / "checkpoint-0000002"
+    checkpoint = folder / "resumed" / "checkpoint-2"
     assert len(list((checkpoint / "optimizer" / "zero").glob("*optim_states.pt"))) == 2
     saved = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
     for name, tensor in (
-        AutoModelForCausalLM.from_pretrained(folder / "full" / "checkpoint-0000002").state_dict().items()
+        AutoModelForCausalLM.from_pretrained(folder / "full" / "checkpoint-2").state_dict().items()
     ):
         torch.testing.assert_close(saved[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_a_launch_of_two_processes_tokenizes_once_and_both_read_the_same_store(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_records(40, seed=6)))
+    stdout = _launch(
+        [*TORCHRUN, str(HERE / "distributed_data.py"), str(data), str(tmp_path / "cache")], tmp_path
+    )
+    ranks = [json.loads(line[len("DATA ") :]) for line in stdout.splitlines() if line.startswith("DATA ")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    assert sum(r["scans"] for r in ranks) == 1  # the main process scanned, the other mapped its store
+    assert ranks[0]["ids"] == ranks[1]["ids"] and ranks[0]["pairs"] == 40

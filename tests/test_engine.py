@@ -7,12 +7,13 @@ import pytest
 import torch
 from helpers import quiet_config, sentiment_records
 
-from preftune.config import ConfigError, DataConfig
+from preftune.config import ConfigError, DataConfig, ObjectiveConfig
 from preftune.data import prepare_pairs
 from preftune.data.layouts import collate_pairs, tail_of
 from preftune.experiments.synthetic import tiny_llama
-from preftune.model.logps import batch_logps
-from preftune.recipes.dpo import pair_stats, train
+from preftune.losses import build_objective
+from preftune.model.logps import sequence_logps
+from preftune.recipes.dpo import logps_request, pair_stats, train
 
 RECORDS = sentiment_records(16, seed=5)
 
@@ -60,9 +61,10 @@ def test_pair_statistics_follow_the_batchs_sequence_map_not_row_order(tokenizer)
     swapped.label_sequence = swapped.label_sequence[sort]
     swapped.chosen, swapped.rejected = new_row[batch.chosen], new_row[batch.rejected]
     swapped.label_tail = tail_of(swapped.label_sequence, swapped.chosen, swapped.rejected, 6)
+    request = logps_request(build_objective(ObjectiveConfig(loss=["sigmoid"], ld_alpha=0.5, wpo=True)))
     with torch.no_grad():
-        expected = pair_stats(batch_logps(model, batch, with_tails=True, with_wpo=True), None, batch)
-        got = pair_stats(batch_logps(model, swapped, with_tails=True, with_wpo=True), None, swapped)
+        expected = pair_stats(sequence_logps(model, batch, request), None, batch)
+        got = pair_stats(sequence_logps(model, swapped, request), None, swapped)
     assert expected.tails is not None and got.tails is not None
     for stats, other in ((got, expected), (got.tails, expected.tails)):
         torch.testing.assert_close(stats.chosen_logps, other.chosen_logps)

@@ -18,7 +18,7 @@ from preftune.errors import DataError
 from preftune.evaluation.evaluate import EvalSet, evaluate, load_sets, parse_data_specs, set_report
 from preftune.evaluation.report import format_table
 from preftune.experiments.synthetic import build_tokenizer, tiny_llama
-from preftune.model.logps import batch_logps
+from preftune.model.logps import LogpsRequest, sequence_logps
 from preftune.model.set_logps import PairLogps, pair_logps
 
 REQUIRED = {
@@ -121,7 +121,7 @@ def test_a_policy_trained_to_lower_chosen_likelihood_shows_a_negative_drift(toke
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
     for _ in range(5):  # gradient descent on log p(chosen): its likelihood can only fall
-        loss = batch_logps(policy, batch).logps[batch.chosen].mean()
+        loss = sequence_logps(policy, batch).logps[batch.chosen].mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -138,7 +138,7 @@ def test_pair_logps_batches_longest_first_and_answers_in_the_pairs_order(tokeniz
     pairs, _ = prepare_pairs(records(5), tokenizer, DataConfig(), progress=False)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
-        whole = batch_logps(model, batch, with_token_logps=True)
+        whole = sequence_logps(model, batch, LogpsRequest(per_token=True))
     norms = torch.zeros(batch.num_sequences).index_add(0, batch.label_sequence, whole.token_logps**2).sqrt()
     got = pair_logps(model, pairs, tokenizer.pad_token_id, batch_size=2)
     assert got.chosen.tolist() == pytest.approx(whole.logps[batch.chosen].tolist(), abs=1e-5)

@@ -130,12 +130,25 @@ def test_dporm_vs_exrm_full(tmp_path):
     assert sets["response_shift"]["beta=0.3"]["gap"] < sets["in_distribution"]["beta=0.3"]["gap"] - 0.01
 
 
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """``full(name)``: the experiment's folder and results at seed 0, run once for the module."""
+    runs = {}
+
+    def run(name):
+        if name not in runs:
+            output = tmp_path_factory.mktemp(name)
+            runs[name] = output, EXPERIMENTS[name][1](output, 0, False)
+        return runs[name]
+
+    return run
+
+
 @pytest.mark.slow
-def test_likelihood_drift_full(tmp_path):
+def test_likelihood_drift_full(full):
     """DPO lowers log p(chosen) when chosen and rejected differ in one token, raises it at sixteen;
     DPOP keeps it up."""
-    _, run = EXPERIMENTS["likelihood-drift"]
-    by_objective = run(tmp_path, 0, False)["objectives"]
+    by_objective = full("likelihood-drift")[1]["objectives"]
     dpo = by_objective["DPO"]
     assert dpo["1"]["chosen_logp_drift"] < -3 < 0 < dpo["16"]["chosen_logp_drift"]
     assert all(dpo[k]["dpo_rm_accuracy"] > 0.95 for k in dpo)
@@ -146,14 +159,44 @@ def test_likelihood_drift_full(tmp_path):
 
 
 @pytest.mark.slow
-def test_ranking_consistency_full(tmp_path):
+def test_check_data_suggests_dpop_on_exactly_the_pair_sets_whose_chosen_likelihood_dpo_lowered(full):
+    """check-data's prediction from the data and the reference against what the experiment measured."""
+    output, results = full("likelihood-drift")
+    dpo = results["objectives"]["DPO"]
+    for k in ("1", "2", "4", "8", "16"):
+        report = output / f"check-k{k}.json"
+        argv = ["check-data", str(output / "data" / f"train_k{k}.jsonl"), "--output", str(report)]
+        assert main([*argv, "--model", str(output / "runs" / "sft" / "final")]) == 0
+        fired = {f["name"]: f["fires"] for f in json.loads(report.read_text())["findings"]}
+        assert fired["near-identical pairs"] == (dpo[k]["chosen_logp_drift"] < 0), k
+
+
+@pytest.mark.slow
+def test_ranking_consistency_full(full):
     """The reference ranks at chance; gentle DPO's mean log-prob trails its implicit reward; SimPO ranks higher."""
-    _, run = EXPERIMENTS["ranking-consistency"]
-    models = run(tmp_path, 0, False)["models"]
+    models = full("ranking-consistency")[1]["models"]
     assert 0.4 < models["reference"]["ranking_consistency_train"] < 0.6
     dpo, simpo = models["DPO (gentle)"], models["SimPO (gentle)"]
     assert dpo["dpo_rm_accuracy_train"] - dpo["ranking_consistency_train"] > 0.05
     assert simpo["ranking_consistency_train"] > dpo["ranking_consistency_train"]
+
+
+@pytest.mark.slow
+def test_check_data_measures_the_reference_ranking_the_ranking_consistency_experiment_measures(full):
+    output, results = full("ranking-consistency")
+    reference = results["models"]["reference"]
+    for name, key in (("train", "ranking_consistency_train"), ("heldout", "ranking_consistency_heldout")):
+        report = output / f"check-{name}.json"
+        argv = [
+            "check-data",
+            str(output / "data" / f"{name}.jsonl"),
+            "--output",
+            str(report),
+            "--sample",
+            "0",
+        ]
+        assert main([*argv, "--model", str(output / "runs" / "sft" / "final")]) == 0
+        assert json.loads(report.read_text())["reference"]["ranking_average"] == pytest.approx(reference[key])
 
 
 def test_online_vs_offline_measures_the_start_and_both_policies_with_the_true_reward(quick):

@@ -11,7 +11,7 @@ from preftune.data.layouts import collate_pairs
 from preftune.data.packing import collate_packed, collate_prefix_shared, first_fit
 from preftune.experiments.synthetic import tiny_llama
 from preftune.model.attention import allowed_pairs, choose_layout
-from preftune.model.logps import batch_logps
+from preftune.model.logps import LogpsRequest, sequence_logps
 from preftune.recipes.dpo import train
 
 RECORDS = [
@@ -47,8 +47,9 @@ def test_sequence_and_token_logps_equal_the_padded_layouts(tokenizer, layout, fa
     model = MODELS[family](len(tokenizer))
     model.config._attn_implementation = attention
     pairs = _pairs(tokenizer)
-    padded = batch_logps(model, collate_pairs(pairs, tokenizer.pad_token_id), with_token_logps=True)
-    shared = batch_logps(model, LAYOUTS[layout](pairs, tokenizer.pad_token_id), with_token_logps=True)
+    per_token = LogpsRequest(per_token=True)
+    padded = sequence_logps(model, collate_pairs(pairs, tokenizer.pad_token_id), per_token)
+    shared = sequence_logps(model, LAYOUTS[layout](pairs, tokenizer.pad_token_id), per_token)
     torch.testing.assert_close(shared.logps, padded.logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared.token_logps, padded.token_logps, rtol=1e-5, atol=1e-5)
     assert shared.tokens.tolist() == padded.tokens.tolist()
@@ -56,7 +57,7 @@ def test_sequence_and_token_logps_equal_the_padded_layouts(tokenizer, layout, fa
 
 def _grads(model, batch):
     weights = torch.linspace(-1, 1, batch.num_sequences)
-    (batch_logps(model, batch, chunk_size=5).logps * weights).sum().backward()
+    (sequence_logps(model, batch, chunk_size=5).logps * weights).sum().backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
@@ -106,8 +107,8 @@ def test_changing_chosen_leaves_rejected_logps_unchanged(tokenizer):
     model = tiny_llama(len(tokenizer), seed=3)
     pairs = [TokenizedPair([1, 20, 21], [30, 31, 2], [40, 2], index=0)]
     other = [TokenizedPair([1, 20, 21], [50, 51, 52, 53, 2], [40, 2], index=0)]
-    a = batch_logps(model, collate_prefix_shared(pairs, 0)).logps
-    b = batch_logps(model, collate_prefix_shared(other, 0)).logps
+    a = sequence_logps(model, collate_prefix_shared(pairs, 0)).logps
+    b = sequence_logps(model, collate_prefix_shared(other, 0)).logps
     assert a[1] == b[1] and a[0] != b[0]
 
 
@@ -122,8 +123,8 @@ def test_a_pair_without_a_prompt_gets_the_padded_layouts_numbers(tokenizer, layo
     ]
     model = tiny_llama(len(tokenizer), seed=1)
     padded_batch, shared_batch = collate_pairs(pairs, 0), LAYOUTS[layout](pairs, 0)
-    padded = batch_logps(model, padded_batch, with_token_logps=True)
-    shared = batch_logps(model, shared_batch, with_token_logps=True)
+    padded = sequence_logps(model, padded_batch, LogpsRequest(per_token=True))
+    shared = sequence_logps(model, shared_batch, LogpsRequest(per_token=True))
     assert shared.tokens.tolist() == padded.tokens.tolist() == [2, 2, 1, 1, 3, 0]
     torch.testing.assert_close(shared.logps, padded.logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared.token_logps, padded.token_logps, rtol=1e-5, atol=1e-5)
@@ -202,9 +203,9 @@ def test_flex_attention_block_mask_gives_the_padded_layouts_logps(tokenizer):
     model = tiny_llama(len(tokenizer), seed=1)
     pairs = _pairs(tokenizer)
     with torch.no_grad():
-        padded = batch_logps(model, collate_pairs(pairs, tokenizer.pad_token_id)).logps
+        padded = sequence_logps(model, collate_pairs(pairs, tokenizer.pad_token_id)).logps
         model.config._attn_implementation = "flex_attention"
-        packed = batch_logps(model, collate_packed(pairs, tokenizer.pad_token_id, max_tokens=48)).logps
+        packed = sequence_logps(model, collate_packed(pairs, tokenizer.pad_token_id, max_tokens=48)).logps
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     assert choose_layout("auto", model, device_type="cpu")[0] == "padded"
     assert choose_layout("auto", model, device_type="cuda") == ("packed", None)

@@ -12,7 +12,7 @@ from preftune.cli import main
 from preftune.config import DataConfig
 from preftune.data import TokenizedPair, prepare_pairs
 from preftune.experiments.synthetic import tiny_llama
-from preftune.model.reference import ModelReference, precompute
+from preftune.model.reference import Batching, ModelReference, precompute
 from preftune.model.set_logps import pair_logps
 from preftune.recipes.dpo import train
 
@@ -53,12 +53,10 @@ def _layouts_used(monkeypatch):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_precomputed_tables_equal_the_padded_layouts(tokenizer, family, layout):
     reference = ModelReference(MODELS[family](len(tokenizer)))
-    pairs, cpu = _pairs(tokenizer), torch.device("cpu")
-    padded = precompute(reference, pairs, tokenizer.pad_token_id, 3, cpu, progress=False)
+    pairs, pad = _pairs(tokenizer), tokenizer.pad_token_id
+    padded = precompute(reference, pairs, Batching(pad, 3), progress=False)
     # An 80-token budget: two pairs in most rows, one in some.
-    shared = precompute(
-        reference, pairs, tokenizer.pad_token_id, 3, cpu, progress=False, layout=layout, pack_tokens=80
-    )
+    shared = precompute(reference, pairs, Batching(pad, 3, layout, pack_tokens=80), progress=False)
     assert padded.keys() == shared.keys()
     for name, table in padded.items():
         assert not table.isnan().any()

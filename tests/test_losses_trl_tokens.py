@@ -21,8 +21,8 @@ from preftune.config import ObjectiveConfig
 from preftune.data import TokenizedPair
 from preftune.data.layouts import Batch, collate_pairs
 from preftune.losses import build_objective
-from preftune.model.logps import sequence_sums
-from preftune.recipes.dpo import pair_stats
+from preftune.model.logps import LogpsRequest, sequence_sums
+from preftune.recipes.dpo import logps_request, pair_stats
 
 DTYPE = torch.float64
 ATOL = 1e-6
@@ -47,11 +47,11 @@ class TokenData:
         self.log_sum_sq = -(0.1 + 3 * torch.rand(n, generator=g, dtype=DTYPE))
 
     def ours(self, config: ObjectiveConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = self.batch
-        args = (b.label_sequence, b.num_sequences)
-        policy = sequence_sums(self.policy, *args, label_tail=b.label_tail, log_sum_sq=self.log_sum_sq)
-        reference = sequence_sums(self.reference, *args, label_tail=b.label_tail)
-        out = build_objective(config)(pair_stats(policy, reference.logps, b, reference.tail_logps))
+        b, objective = self.batch, build_objective(config)
+        token_stats = {"log_sum_sq": self.log_sum_sq} if objective.needs_wpo else {}
+        policy = sequence_sums(self.policy, token_stats, b, logps_request(objective))
+        reference = sequence_sums(self.reference, {}, b, LogpsRequest(masks=("label_tail",)))
+        out = objective(pair_stats(policy, reference.logps, b, reference.masked_logps["label_tail"]))
         return out.losses, out.chosen_rewards, out.rejected_rewards
 
     def _grid(self, values: torch.Tensor, i: int) -> torch.Tensor:
@@ -81,7 +81,7 @@ class TokenData:
 def test_the_fake_batches_agree_on_every_sequence_and_have_tails():
     """Guard: our label order and TRL's grid hold the same tokens; most pairs differ in length."""
     data = TokenData(seed=0)
-    policy = sequence_sums(data.policy, data.batch.label_sequence, data.batch.num_sequences)
+    policy = sequence_sums(data.policy, {}, data.batch, LogpsRequest())
     for i in range(PAIRS):
         grid = data._grid(data.policy, i)
         torch.testing.assert_close(grid.sum(1), policy.logps[[i, PAIRS + i]], rtol=0, atol=1e-12)

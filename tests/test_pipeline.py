@@ -156,7 +156,7 @@ def test_a_ppo_stage_trains_the_policy_an_earlier_stage_saved_with_that_stages_r
     assert [row["status"] for row in result["stages"]] == ["ran", "ran", "ran"]
     assert "objective/scores" in result["stages"][2]
     assert (tmp_path / "out" / "ppo" / "final" / "model.safetensors").exists()
-    assert (tmp_path / "out" / "ppo" / "checkpoint-0000002" / "value" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "ppo" / "checkpoint-2" / "value" / "model.safetensors").exists()
 
 
 def test_an_eval_stage_scores_an_earlier_stages_policy_against_its_reference(tmp_path, inputs):

@@ -15,11 +15,12 @@ from preftune.data.layouts import collate_sequences
 from preftune.data.sft import TokenizedSequence
 from preftune.errors import ConfigError
 from preftune.evaluation.samples import sample_report
+from preftune.evaluation.settings import EvalSettings
 from preftune.experiments.common import Lab, one_thread
 from preftune.experiments.synthetic import SentimentTask, tiny_llama, tiny_reward_model, true_reward
 from preftune.generation.scoring import RewardModelScorer
 from preftune.losses.ppo import value_loss
-from preftune.model.logps import batch_logps
+from preftune.model.logps import LogpsRequest, sequence_logps
 from preftune.model.reward_head import sequence_rewards, token_values
 from preftune.recipes.ppo import train_ppo
 from preftune.recipes.ppo_experience import build_critic
@@ -102,8 +103,10 @@ def test_token_log_probs_are_those_of_the_temperature_scaled_distribution_genera
         TokenizedSequence(prompt[0].tolist() + completion, [0] * prompt.shape[1] + [1] * len(completion), 0)
     ]
     with torch.no_grad():
-        ours = batch_logps(model, collate_sequences(rows, 0), with_token_logps=True, temperature=0.7)
-        plain = batch_logps(model, collate_sequences(rows, 0), with_token_logps=True)
+        ours = sequence_logps(
+            model, collate_sequences(rows, 0), LogpsRequest(per_token=True, temperature=0.7)
+        )
+        plain = sequence_logps(model, collate_sequences(rows, 0), LogpsRequest(per_token=True))
     assert not torch.allclose(plain.token_logps, sampled, atol=1e-3)  # temperature 1 would not match
     torch.testing.assert_close(ours.token_logps, sampled, atol=1e-5, rtol=1e-5)
 
@@ -158,16 +161,16 @@ def test_resuming_an_interrupted_run_ends_exactly_where_the_uninterrupted_run_en
     straight = run_ppo(tmp_path / "a", tokenizer, *adaptive)
     stopped = run_ppo(tmp_path / "b", tokenizer, *adaptive, stop_after=2)
     assert stopped.final_dir is None and stopped.steps == 2
-    saved = tmp_path / "b" / "ppo" / "checkpoint-0000002"
-    state = json.loads((saved / "trainer_state.json").read_text())
+    saved = tmp_path / "b" / "ppo" / "checkpoint-2"
+    state = json.loads((saved / "preftune_state.json").read_text())
     assert state["kl_coef"] != 0.05 and (saved / "value" / "model.safetensors").exists()
     resumed = run_ppo(tmp_path / "b", tokenizer, *adaptive, "train.resume=true")
     from safetensors.torch import load_file
 
-    for part in ("final/model.safetensors", "checkpoint-0000003/value/model.safetensors"):
+    for part in ("final/model.safetensors", "checkpoint-3/value/model.safetensors"):
         a, b = (load_file(tmp_path / run / "ppo" / part) for run in ("a", "b"))
         assert all(torch.equal(a[name], b[name]) for name in a), part
-    strip = ("rollouts_per_second",)
+    strip = ("rollouts_per_second", "tokens_per_second")  # timings
     rows = [
         [{k: v for k, v in row.items() if k not in strip} for row in r.history] for r in (straight, resumed)
     ]
@@ -196,7 +199,8 @@ def test_ppo_on_the_synthetic_task_raises_the_true_reward_of_an_sft_policy(tmp_p
         held_out = {
             tuple(lab.tokenizer(task.prompt(t))["input_ids"]): task.prompt(t) for t in ("park", "song")
         }
-        report = sample_report(policy, reference, lab.tokenizer, held_out, TrueReward(), 32, 8, seed=9)
+        sampling = EvalSettings(samples=32, max_new_tokens=8, seed=9)
+        report = sample_report(policy, reference, lab.tokenizer, held_out, TrueReward(), sampling)
     assert report["reward_policy"] > report["reward_reference"] + 0.2
     assert report["kl_policy_reference"] > 0
 
@@ -308,7 +312,7 @@ def test_a_signal_finishes_the_step_checkpoints_it_and_the_resumed_run_ends_like
             return super().__call__(prompts, completions)
 
     run_ppo(tmp_path / "a", tokenizer)
-    with pytest.raises(StopRequested, match=r"after step 2; saved .*checkpoint-0000002") as stopped:
+    with pytest.raises(StopRequested, match=r"after step 2; saved .*checkpoint-2") as stopped:
         run_ppo(tmp_path / "b", tokenizer, scorer=SignalAtCall())
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     run_ppo(tmp_path / "b", tokenizer, "train.resume=true")

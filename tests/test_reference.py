@@ -1,6 +1,5 @@
 """Reference strategies give the same DPO numbers as an explicit frozen copy."""
 
-import contextlib
 import copy
 import math
 
@@ -218,7 +217,9 @@ def test_every_strategy_gives_the_same_tail_sums(tokenizer):
     pairs, _ = prepare_pairs(RECORDS, tokenizer, DataConfig(), progress=False)
     batch = collate_pairs(pairs[2:5], tokenizer.pad_token_id)
     live = ModelReference(model)
-    tables = reference_module.precompute(live, pairs[:6], tokenizer.pad_token_id, 3, torch.device("cpu"))
+    tables = reference_module.precompute(
+        live, pairs[:6], reference_module.Batching(tokenizer.pad_token_id, 3)
+    )
     sums, tails = live.logps_and_tails(batch)
     cached_sums, cached_tails = reference_module.PrecomputedReference(tables).logps_and_tails(batch)
     torch.testing.assert_close(cached_sums, sums)
@@ -275,10 +276,7 @@ def _build(tmp_path, tokenizer, strategy, shard, policy=None):
         None,
         pairs,
         tokenizer.pad_token_id,
-        torch.device("cpu"),
-        contextlib.nullcontext,
-        True,
-        shard,
+        reference_module.Placement(shard=shard),
     )
 
 

@@ -54,12 +54,12 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_records_and_saves_n
     assert (
         message.startswith("step 2: the loss") and "record " in message and "train.nonfinite=skip" in message
     )
-    assert "the last good checkpoint is" in message and "checkpoint-0000001" in message
-    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-0000001"]
+    assert "the last good checkpoint is" in message and "checkpoint-1" in message
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]
     assert not (tmp_path / "run" / "final").exists()
     from safetensors.torch import load_file
 
-    weights = load_file(str(tmp_path / "run" / "checkpoint-0000001" / "model.safetensors"))
+    weights = load_file(str(tmp_path / "run" / "checkpoint-1" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
@@ -151,20 +151,20 @@ def test_a_full_disk_says_so_keeps_the_last_checkpoint_and_leaves_no_temporary_f
     real_save = torch.save
 
     def save(obj, path, *args, **kwargs):
-        if "checkpoint-0000002" in str(path):
+        if "checkpoint-2" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", save)
-    with pytest.raises(CheckpointError, match=r"the disk is full.*checkpoint-0000001, is kept"):
+    with pytest.raises(CheckpointError, match=r"the disk is full.*checkpoint-1, is kept"):
         _train(tmp_path, tokenizer, "train.max_steps=3", "train.save_every=1")
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert "checkpoint-0000001" in names and not [n for n in names if n.startswith(".tmp")]
+    assert "checkpoint-1" in names and not [n for n in names if n.startswith(".tmp")]
 
 
 def test_a_stray_temporary_checkpoint_is_removed_at_the_next_start(tmp_path, tokenizer):
     _train(tmp_path, tokenizer, "train.max_steps=2", "train.save_every=1", stop_after=1)
-    (tmp_path / "run" / ".tmp-checkpoint-0000002").mkdir()  # what kill -9 mid-save leaves
+    (tmp_path / "run" / ".tmp-checkpoint-2").mkdir()  # what kill -9 mid-save leaves
     _train(tmp_path, tokenizer, "train.max_steps=2", "train.save_every=1", "train.resume=true")
     assert not list((tmp_path / "run").glob(".tmp-*"))
 
@@ -182,7 +182,7 @@ class _Payload:
 
 def test_resuming_from_a_checkpoint_whose_state_files_were_crafted_runs_nothing(tmp_path, tokenizer):
     _train(tmp_path, tokenizer, "train.max_steps=2", "train.save_every=1", stop_after=1)
-    checkpoint = tmp_path / "run" / "checkpoint-0000001"
+    checkpoint = tmp_path / "run" / "checkpoint-1"
     marker = tmp_path / "pwned"
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
         (checkpoint / name).write_bytes(pickle.dumps({"state": _Payload(marker)}))
@@ -204,7 +204,7 @@ def test_a_crafted_reference_cache_runs_nothing(tmp_path, tokenizer):
 
 def test_checkpoint_state_files_hold_no_pickled_objects(tmp_path, tokenizer):
     _train(tmp_path, tokenizer, "train.max_steps=1", "train.save_every=1")
-    checkpoint = tmp_path / "run" / "checkpoint-0000001"
+    checkpoint = tmp_path / "run" / "checkpoint-1"
     assert (checkpoint / "rng.json").is_file() and (checkpoint / "rng.safetensors").is_file()
     assert not (checkpoint / "rng.pt").exists()
     for name in ("optimizer.pt", "scheduler.pt"):
@@ -237,11 +237,11 @@ def test_a_signal_finishes_the_step_checkpoints_it_and_resume_reproduces_the_uni
     with monkeypatch.context() as patch:
         _signal_at_call(patch, 3, number)
         with pytest.raises(
-            StopRequested, match=r"after step 3; saved .*checkpoint-0000003; run the same command"
+            StopRequested, match=r"after step 3; saved .*checkpoint-3; run the same command"
         ) as stopped:
             _train(tmp_path, tokenizer, *settings, name="cut")
     assert stopped.value.exit_code == code  # 128 + the signal that stopped this run
-    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-0000003"]
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-3"]
     _train(tmp_path, tokenizer, *settings, "train.resume=true", name="cut")
     assert _losses(tmp_path / "cut") == {h["step"]: h["loss"] for h in whole.history}
 
@@ -254,7 +254,7 @@ def test_the_command_line_exits_with_128_plus_the_signal_and_says_how_to_resume(
 
     def stopped(config, **kwargs):
         raise StopRequested(
-            "stopped by SIGTERM after step 3; saved run/checkpoint-0000003; run the same "
+            "stopped by SIGTERM after step 3; saved run/checkpoint-3; run the same "
             "command with --resume to continue",
             143,
         )
@@ -311,6 +311,7 @@ def test_kill_9_at_several_points_resumes_to_the_uninterrupted_losses(cli_setup)
     for step, extra in ((5, []), (10, ["--resume"])):
         returncode, out = _kill_at(_arguments(cli_setup, killed, *extra), step)
         assert returncode == -signal.SIGKILL, out
+        assert "token ids reused from" in out  # the pairs come from the store the first run wrote
     assert main(_arguments(cli_setup, killed, "--resume")) == 0
     assert _losses(killed) == _losses(whole)
     assert not list(killed.glob(".tmp-*"))

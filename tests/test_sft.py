@@ -82,7 +82,7 @@ def test_a_bad_sft_record_is_named_with_its_line_and_field(tmp_path, tokenizer, 
     path = tmp_path / "sft.jsonl"
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(DataError, match=rf"^{path}:2: .*{message.replace('(', '.').replace(')', '.')}"):
-        prepare_sft(str(path), tokenizer, DataConfig(), progress=False)
+        prepare_sft(str(path), tokenizer, DataConfig(empty_completions="error"), progress=False)
 
 
 def test_over_the_length_limit_a_sequence_keeps_its_start(tokenizer):

@@ -50,9 +50,8 @@ def test_checkpoint_and_final_folders_load_with_transformers(tmp_path, tokenizer
     result, model = _run(
         tmp_path, "run", tokenizer, "train.batch_size=4", "train.max_steps=3", "train.save_every=2"
     )
-    checkpoint = tmp_path / "run" / "checkpoint-0000002"
-    assert (checkpoint / "trainer_state.json").is_file()
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert json.loads((checkpoint / "preftune_state.json").read_text())["step"] == 2
     loaded = AutoModelForCausalLM.from_pretrained(result.final_dir)
     for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, msg=name)
@@ -71,7 +70,7 @@ def test_old_checkpoints_beyond_the_limit_are_removed(tmp_path, tokenizer):
         "train.save_total_limit=2",
     )
     names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
-    assert names == ["checkpoint-0000006", "checkpoint-0000007"]
+    assert names == ["checkpoint-6", "checkpoint-7"]
 
 
 def test_metrics_file_has_one_object_per_logged_step_with_trl_names(tmp_path, tokenizer):

@@ -1,9 +1,12 @@
-"""``preftune config | check-data | pipeline run | synthetic-task``: the commands about configs,
-data files and pipelines, around training rather than training itself."""
+"""``preftune config | check-data | cache | pipeline run | synthetic-task``: the commands about
+configs, data files and pipelines, around training rather than training itself."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,13 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _check_data(args: argparse.Namespace) -> None:
+    # Under a launcher (the model's log-probs shared out) every process reads the data; one speaks.
+    quiet = os.environ.get("RANK", "0") != "0"
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        _check_pairs(args)
+
+
+def _check_pairs(args: argparse.Namespace) -> None:
     from ..data import scan
     from ..losses import is_unpaired
     from ..model.load import load_tokenizer
@@ -43,7 +53,10 @@ def _check_data(args: argparse.Namespace) -> None:
     limits = (
         f"data.max_length={config.data.max_length}, data.max_prompt_length={config.data.max_prompt_length}"
     )
-    print(f"{args.file}: {report.records} records, {report.records - len(errors)} valid, {len(errors)} bad")
+    kept = f"; {report.kept} pair{'s' * (report.kept != 1)} kept" if tokenizer is not None else ""
+    print(
+        f"{args.file}: {report.records} records, {report.records - len(errors)} valid, {len(errors)} bad{kept}"
+    )
     if tokenizer is not None and pairs:
         print(report.statistics())
         print(
@@ -53,37 +66,91 @@ def _check_data(args: argparse.Namespace) -> None:
     elif tokenizer is None:
         print("token lengths: give --model (a tokenizer) to see them and what the limits would cut")
     print(f"chosen identical to rejected: {report.identical}")
-    _bad_records(errors, args.max_errors)
+    _findings(report.findings)
+    if errors:
+        print("data report: given once every record is good")
+    elif report.records:
+        _data_report(args, config, pairs if tokenizer is not None else None, tokenizer, report.identical)
+    _bad_records(errors, args.max_errors, report.records, args.file)
 
 
-def _bad_records(errors: list[DataError], max_errors: int) -> None:
+def _data_report(
+    args: argparse.Namespace, config: RunConfig, pairs: Any, tokenizer: Any, identical: int
+) -> None:
+    from ..evaluation.data_report import ReportOptions, data_report
+
+    options = ReportOptions(
+        config.model.name_or_path or None,
+        args.reward,
+        config.data.eval_path,
+        args.output and Path(args.output),
+        args.sample,
+    )
+    data_report(args.file, pairs, tokenizer, config, options, identical)
+
+
+def _findings(findings: Any) -> None:
+    """The data rules' findings as a short table (rule, records affected, setting, first example)."""
+    if findings.by_rule:
+        print(findings.table())
+
+
+def _bad_records(errors: list[DataError], max_errors: int, records: int, name: str) -> None:
     if errors:
         shown = "\n  ".join(str(err) for err in errors)
         more = " (stopped there; --max-errors to see more)" if len(errors) >= max_errors else ""
         raise DataError(f"{len(errors)} bad records{more}:\n  {shown}")
+    if records == 0:  # train refuses an empty file: a check that passes it would mislead a CI gate
+        raise DataError(f"{name}: no records")
 
 
 def _check_unpaired(args: argparse.Namespace, config: RunConfig, tokenizer: object) -> None:
     """``check-data`` for an unpaired objective (``--set objective.loss=kto``): unpaired records and
     pairs, as the KTO recipe reads them."""
-    from ..data import UnpairedReport, scan_unpaired
-    from ..data.unpaired import read_unpaired
+    from ..data import scan_unpaired
 
     data = config.data
+    _, report, errors = scan_unpaired(args.file, tokenizer, data, data.split, True, args.max_errors)
     if tokenizer is None:
-        report = UnpairedReport()
-        errors: list[DataError] = []
-        report.examples = len(
-            read_unpaired(args.file, data, report, errors, data.split, True, args.max_errors)
-        )
         print(
             f"{args.file}: {report.records} records, {report.examples} examples ({report.pairs} from pairs)"
         )
         print("token lengths: give --model (a tokenizer) to see them and what the limits would cut")
     else:
-        _, report, errors = scan_unpaired(args.file, tokenizer, data, data.split, True, args.max_errors)
-        print(f"{args.file}: {report.summary()}")
-    _bad_records(errors, args.max_errors)
+        print(f"{args.file}: {report.summary(with_findings=False)}")
+    _findings(report.findings)
+    _bad_records(errors, args.max_errors, report.records, args.file)
+
+
+def _cache(args: argparse.Namespace) -> None:
+    """``preftune cache ls`` lists the tokenized stores; ``preftune cache clear`` removes them."""
+    from ..data.cache import cache_root, clear, listing
+
+    root = Path(args.dir).expanduser() if args.dir else cache_root()
+    if args.cache_command == "clear":
+        removed = clear(root, args.names)
+        print(f"{root}: removed {len(removed)} tokenized store{'s' * (len(removed) != 1)}")
+        return
+    rows = listing(root) if root.exists() else []
+    print(
+        f"{root}: {len(rows)} tokenized store{'s' * (len(rows) != 1)}, {_size(sum(r['bytes'] for r in rows))}"
+    )
+    for row in rows:
+        if "error" in row:
+            print(f"{row['name']}  damaged: {row['error']}")
+        else:
+            print(
+                f"{row['name']}  {row['examples']} {row['kind']} from {row['source']}, "
+                f"{_size(row['bytes'])}, {row['created']}"
+            )
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024  # type: ignore[assignment]
+    return f"{count} B"
 
 
 def _pipeline(args: argparse.Namespace) -> None:
@@ -100,7 +167,7 @@ def _synthetic_task(args: argparse.Namespace) -> None:
 
 
 def add_data_commands(commands: Any, keys_help: str) -> None:
-    """``config``, ``check-data``, ``pipeline run``, ``synthetic-task``."""
+    """``config``, ``check-data``, ``cache ls|clear``, ``pipeline run``, ``synthetic-task``."""
     config = commands.add_parser("config", help="list every config key with its type, default and meaning")
     config.add_argument(
         "section", nargs="?", help="only this section: model, data, objective, reference, train, reward, …"
@@ -118,7 +185,27 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
         check,
         "--model",
         key="model.name_or_path",
-        help="a tokenizer (hub name or folder): token lengths and what the limits cut",
+        help="a tokenizer (token lengths, what the limits cut), or the reference model: also its log-probs",
+    )
+    check.add_argument(
+        "--reward", help="a reward-model folder or module:function: its agreement with the labels"
+    )
+    record(
+        check,
+        "--eval-data",
+        key="data.eval_path",
+        metavar="FILE",
+        help="held-out pairs (data.eval_path): pairs shared with FILE",
+    )
+    check.add_argument(
+        "--output", metavar="REPORT.json", help="write the data report, and its figure as .png"
+    )
+    check.add_argument(
+        "--sample",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="edit distances, log-probs and rewards on a uniform sample of N pairs (0: all; default 2000)",
     )
     check.add_argument("--config", help="YAML config whose data section (fields, limits) applies")
     record(check, "--set", key="", metavar="SECTION.KEY=VALUE", help="override a config value")
@@ -128,6 +215,19 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
     check.add_argument("--margins", action="store_true", help="also check the reward-model margin column")
     add_key_flags(check, "check-data", skip=("data.path",))
     check.set_defaults(run=_check_data)
+
+    cache = commands.add_parser(
+        "cache", help="list or remove the tokenized stores that train, sft and rm train reuse"
+    )
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("ls", "list the stores: kind, source, examples, size"), ("clear", "remove stores")):
+        sub = cache_commands.add_parser(name, help=text)
+        sub.add_argument(
+            "--dir", help="the cache folder (default: $PREFTUNE_CACHE_DIR or $HF_HOME/preftune/tokenized)"
+        )
+        if name == "clear":
+            sub.add_argument("names", nargs="*", help="stores to remove, as ls names them (default: all)")
+        sub.set_defaults(run=_cache)
 
     pipeline = commands.add_parser("pipeline", help="run named stages (sft, rm, dpo, …) from one YAML file")
     pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)

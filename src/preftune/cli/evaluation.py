@@ -12,20 +12,23 @@ from .flags import add_key_flags, load_run, record
 def _eval(args: argparse.Namespace) -> None:
     from ..evaluation.evaluate import parse_data_specs
     from ..evaluation.run import run_eval
+    from ..evaluation.settings import EvalSettings
 
     config = load_run(args, "eval", {"model.name_or_path": args.policy})
     run_eval(
         config,
         parse_data_specs(args.data),
         Path(args.output),
+        EvalSettings(
+            beta=args.beta,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        ),
         reference=args.reference,
         reward_model=args.reward_model,
         reward=args.reward,
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        beta=args.beta,
-        batch_size=args.batch_size,
-        seed=args.seed,
     )
 
 

@@ -81,9 +81,10 @@ def _sampling_parser(
         parser,
         "--resume",
         key="train.resume",
-        nargs=0,
-        shape=lambda _: True,
-        help="continue from where the run in --output stopped",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue from where the run in --output stopped (ppo: or from the checkpoint named)",
     )
     return parser
 

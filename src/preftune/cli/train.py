@@ -45,8 +45,9 @@ def _rm_train(args: argparse.Namespace) -> None:
 
 def _rm_score(args: argparse.Namespace) -> None:
     from ..config import DataConfig
-    from ..generation.scoring import RewardModelScorer, score_file
+    from ..generation.scoring import RewardModelScorer, check_scores_output, score_file
 
+    check_scores_output(Path(args.output), args.data, args.model)
     scorer = RewardModelScorer(args.model, batch_size=args.batch_size, progress=True)
     summary = score_file(scorer, args.data, Path(args.output), DataConfig())
     print(f"scored {summary['records']} records -> {args.output}")
@@ -96,9 +97,10 @@ def _training_arguments(
         parser,
         "--resume",
         key="train.resume",
-        nargs=0,
-        shape=lambda _: True,
-        help="continue from the latest checkpoint in --output",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in --output, or the one named",
     )
     add_key_flags(parser, command)
     add_foreign_flags(parser)

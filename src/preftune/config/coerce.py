@@ -38,84 +38,104 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     Values from YAML files arrive typed; values from ``--set`` arrive as raw text and are
     parsed here by the type they are meant to have (so ``--set model.revision=0123`` stays text).
     """
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        optional = type(None) in args
-        if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NULLS)):
-            return None
-        members = [a for a in args if a is not type(None)]
-        if isinstance(value, str) and ("," in value or value.lstrip().startswith("[")):
-            members.sort(key=lambda a: typing.get_origin(a) is not list)  # "a,b" means a list
-        errors = []
-        for member in members:
-            try:
-                return _coerce(value, member, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        return _union(value, args, key)
     if origin is Literal:
-        if isinstance(value, bool) and ("no" if value is False else "yes") in args:
-            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
-        if value not in args:
-            raise ConfigError(
-                f"{key}: {value!r} is not one of {list(args)}{suggest(str(value), map(str, args))}"
-            )
-        return value
+        return _literal(value, args, key)
     if origin is list:
-        if isinstance(value, str):
-            if value.lstrip().startswith("["):
-                try:
-                    value = yaml.safe_load(value)
-                except yaml.YAMLError:
-                    raise ConfigError(f"{key}: malformed list {value!r}") from None
-            else:
-                value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in {
-            "true",
-            "false",
-            "yes",
-            "no",
-            "on",
-            "off",
-            "1",
-            "0",
-        }:
-            return value.strip().lower() in {"true", "yes", "on", "1"}
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)  # `revision: 20240101` in a YAML file
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
+        return _list(value, args[0], key)
+    scalar = _SCALARS.get(hint)
+    return value if scalar is None else scalar(value, key)
+
+
+def _union(value: Any, members: tuple[Any, ...], key: str) -> Any:
+    """The first member type that takes ``value``; None for an optional one given null."""
+    optional = type(None) in members
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NULLS)):
+        return None
+    candidates = [a for a in members if a is not type(None)]
+    if isinstance(value, str) and ("," in value or value.lstrip().startswith("[")):
+        candidates.sort(key=lambda a: typing.get_origin(a) is not list)  # "a,b" means a list
+    errors = []
+    for member in candidates:
+        try:
+            return _coerce(value, member, key)
+        except ConfigError as err:
+            errors.append(str(err))
+    raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+
+
+def _literal(value: Any, choices: tuple[Any, ...], key: str) -> Any:
+    if isinstance(value, bool) and ("no" if value is False else "yes") in choices:
+        value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
+    if value not in choices:
+        raise ConfigError(
+            f"{key}: {value!r} is not one of {list(choices)}{suggest(str(value), map(str, choices))}"
+        )
     return value
+
+
+def _list(value: Any, item: Any, key: str) -> list[Any]:
+    """A YAML list, or ``--set`` text: ``[a, b]`` in YAML's syntax or ``a,b``."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: malformed list {value!r}") from None
+        else:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _int(value: Any, key: str) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return value
+
+
+def _float(value: Any, key: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _str(value: Any, key: str) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # `revision: 20240101` in a YAML file
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+_SCALARS: dict[Any, typing.Callable[[Any, str], Any]] = {bool: _bool, int: _int, float: _float, str: _str}
+"""The annotations parsed from text; any other is taken as given."""
 
 
 def build(cls: type, values: dict[str, Any], prefix: str) -> Any:

@@ -28,8 +28,8 @@ _TRAINED_ON_DATA = ("train", "sft", "rm train", "check-data")
 KEY_READERS: dict[str, tuple[str, ...]] = {
     "data.path": _TRAINED_ON_DATA,
     "data.split": _TRAINED_ON_DATA,
-    "data.eval_path": ("train", "sft", "rm train"),
-    "data.eval_split": ("train", "sft", "rm train"),
+    "data.eval_path": ("train", "sft", "rm train", "check-data"),
+    "data.eval_split": ("train", "sft", "rm train", "check-data"),
     "data.chosen_field": _PAIRS,
     "data.rejected_field": _PAIRS,
     "data.identical_pairs": _PAIRS,
@@ -40,6 +40,16 @@ KEY_READERS: dict[str, tuple[str, ...]] = {
     "data.messages_field": ("sft", "check-data"),
     "data.text_field": ("sft", "check-data"),
     "data.completion_only_loss": ("sft",),
+    "data.empty_completions": (*_TRAINED_ON_DATA, "eval"),
+    "data.template_mismatch": (*_TRAINED_ON_DATA, "eval"),
+    "data.missing_eos": (*_TRAINED_ON_DATA, "eval"),
+    "data.response_fields": _PAIRS,
+    "data.preference_field": _PAIRS,
+    "data.preference_values": _PAIRS,
+    "data.score_fields": _PAIRS,
+    "data.cache": ("train", "sft", "rm train", "eval"),
+    "data.cache_dir": ("train", "sft", "rm train", "eval"),
+    "data.num_proc": (*_TRAINED_ON_DATA, "eval"),
 }
 """Keys of a shared section that only some of the commands reading the section read."""
 

@@ -43,7 +43,9 @@ class ModelConfig:
     lora_target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: a list of names, or ``all-linear``."""
     load_in_4bit: bool = False
-    """QLoRA: 4-bit NF4 base weights (needs bitsandbytes and a GPU); implies ``lora``."""
+    """QLoRA: 4-bit NF4 base weights (double quantization, computing in ``dtype``), LoRA on top; the
+    reference is the base with adapters off. Needs bitsandbytes (``pip install 'preftune[quant]'``);
+    runs on a CPU too. ``final/`` holds the merged weights in ``dtype`` and the adapter in ``adapter/``."""
     eos_token: str | None = None
     """Override the tokenizer's end-of-sequence token (appended to every text completion)."""
     pad_token: str | None = None
@@ -86,7 +88,34 @@ class DataConfig:
     overlong_prompt: Literal["drop", "error"] = "drop"
     """A prompt that fills ``max_length`` on its own: drop the pair (with a warning) or stop."""
     identical_pairs: Literal["warn", "drop", "error"] = "warn"
-    """Pairs whose chosen equals rejected: keep with a warning, drop, or stop."""
+    """Pairs whose chosen equals rejected (as given, or after the chat template): keep with a warning,
+    drop, or stop."""
+    empty_completions: Literal["drop", "error", "keep"] = "drop"
+    """An empty completion (HH-RLHF's empty final turns): drop the record (counted, first lines named),
+    stop, or keep it as an EOS-only completion (TRL's)."""
+    template_mismatch: Literal["warn", "error", "prompt"] = "warn"
+    """The prompt rendered alone is not a prefix of the rendered conversation: train TRL's cut (the
+    prompt loses its tail) and say so, stop, or keep the generation prompt as rendered and append the
+    completion's tokens (training sees what inference will)."""
+    missing_eos: Literal["warn", "append", "error"] = "warn"
+    """A rendered completion that ends with no EOS or end-of-turn token (GLM-4.5): say so, append EOS,
+    or stop."""
+    double_bos: Literal["warn", "strip", "error"] = "warn"
+    """Text that already starts with the BOS the tokenizer adds (chat data rendered to text): say so,
+    remove the added one, or stop."""
+    response_fields: list[str] | None = None
+    """Two fields holding two responses (SHP: ``[human_ref_A, human_ref_B]``), in place of chosen and
+    rejected; ``preference_field`` or ``score_fields`` says which one is chosen."""
+    preference_field: str | None = None
+    """With ``response_fields``: the field saying which response is preferred (SHP: ``labels``)."""
+    preference_values: list[str] = field(default_factory=lambda: ["1", "0"])
+    """The ``preference_field`` values meaning the first response is preferred, and the second (SHP:
+    ``[1, 0]``; Chatbot Arena: ``[model_a, model_b]``); any other value (a tie) drops the record."""
+    score_fields: list[str] | None = None
+    """Two fields scoring the pair's responses, in the order of chosen/rejected or of
+    ``response_fields`` (UltraFeedback: ``[score_chosen, score_rejected]``). With ``response_fields``
+    and no ``preference_field`` the higher score is chosen (equal: dropped); ``rm.margin_field=scores``
+    takes their difference as the margin."""
     chat_template: str | None = None
     """A Jinja chat template, or a path to a file holding one, for tokenizers without one."""
     layout: Literal["auto", "padded", "prefix_shared", "packed"] = "auto"
@@ -94,6 +123,14 @@ class DataConfig:
     once), ``packed`` (several pairs a row); ``auto``: packed where the model's attention allows it."""
     pack_tokens: int | None = None
     """Tokens per row of the packed layout; None: the longest pair of the micro-batch."""
+    cache: bool = True
+    """Keep the token ids of a file or hub dataset on disk, memory-mapped, and reuse them while
+    nothing that decides them changes (``preftune cache ls``); false: tokenize on every start, in memory."""
+    cache_dir: str | None = None
+    """Folder of the tokenized stores; None: ``$PREFTUNE_CACHE_DIR``, else ``preftune/tokenized`` in
+    the Hugging Face cache (``$HF_HOME``, default ``~/.cache/huggingface``)."""
+    num_proc: int | None = None
+    """Processes that tokenize; None: every core, up to 8. Any number gives the same ids."""
 
 
 @dataclass
@@ -104,6 +141,10 @@ class ReferenceConfig:
     """A different checkpoint to use as the reference (``copy`` and ``precomputed``)."""
     batch_size: int = 8
     """Pairs per forward when precomputing reference log-probs."""
+    quantize: Literal["none", "int8", "nf4"] = "none"
+    """A live frozen reference (``copy``, ``reference.path``, online DPO's and PPO's) held in int8 (about
+    a quarter of fp32's memory) or NF4 (about an eighth) by bitsandbytes; its log-probs move by the
+    rounding (docs/train.md gives the measured error)."""
 
 
 @dataclass
@@ -134,6 +175,10 @@ class TrainConfig:
     """AdamW's β2."""
     adam_epsilon: float = 1e-8
     """AdamW's ε."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """``adamw``: torch's. ``adamw_8bit``: bitsandbytes' AdamW with 8-bit moments (2 bytes a parameter
+    instead of 8; tensors under 4096 elements keep 32-bit moments). ``paged_adamw_8bit``: the same with
+    its state in paged memory that a GPU evicts to the host under pressure (on a CPU: adamw_8bit)."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient's global norm to this (null: no clipping; the norm is still logged)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
@@ -154,8 +199,8 @@ class TrainConfig:
     """A non-finite loss or gradient: stop the run (naming step and records), or skip the step."""
     max_skipped_steps: int = 10
     """With ``nonfinite=skip``: stop once this many steps were skipped."""
-    resume: bool = False
-    """Continue from the latest checkpoint in ``output_dir``."""
+    resume: bool | str = False
+    """Continue from the latest checkpoint in ``output_dir`` (true), or from the checkpoint folder named."""
     overwrite: bool = False
     """Start over in an ``output_dir`` that holds an earlier run's checkpoints (they are deleted)."""
     logps_chunk_size: int | None = None
@@ -173,7 +218,8 @@ class RMConfig:
     """Bradley–Terry reward models (``preftune rm train``)."""
 
     margin_field: str = "margin"
-    """Optional per-pair margin column m in ``−log σ(r_w − r_l − m)``; pairs without it use 0."""
+    """Optional per-pair margin column m in ``−log σ(r_w − r_l − m)``; pairs without it use 0.
+    ``scores``: chosen's score minus rejected's, from ``data.score_fields``."""
     center_rewards_coefficient: float | None = None
     """c in the centering term ``c · mean((r_w + r_l)²)`` (Eisenstein et al. 2023); None: off."""
 
@@ -208,6 +254,7 @@ def check_model(m: ModelConfig) -> None:
 def check_data(d: DataConfig) -> None:
     need(d.max_length is None or d.max_length >= 2, "data.max_length", "must be >= 2")
     need(d.max_prompt_length is None or d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+    need(d.num_proc is None or d.num_proc >= 1, "data.num_proc", "must be >= 1")
     packs = d.pack_tokens is None or (d.pack_tokens >= 2 and d.layout in ("auto", "packed"))
     need(packs, "data.pack_tokens", f"must be >= 2, for the packed layout (data.layout={d.layout})")
     need(
@@ -217,6 +264,25 @@ def check_data(d: DataConfig) -> None:
     )
     if d.max_length is not None and d.max_prompt_length is not None:
         need(d.max_prompt_length < d.max_length, "data.max_prompt_length", "must be < data.max_length")
+    for key, names in (("response_fields", d.response_fields), ("score_fields", d.score_fields)):
+        need(names is None or len(names) == 2, f"data.{key}", f"names two fields, got {names}")
+    values = d.preference_values
+    need(
+        len(values) == 2 and values[0] != values[1],
+        "data.preference_values",
+        f"two different values, got {values}",
+    )
+    if d.response_fields:
+        need(
+            bool(d.preference_field or d.score_fields),
+            "data.response_fields",
+            "needs data.preference_field or data.score_fields to say which response is chosen",
+        )
+    need(
+        d.preference_field is None or bool(d.response_fields),
+        "data.preference_field",
+        "needs data.response_fields",
+    )
     if d.chat_template and not looks_like_template(d.chat_template):
         need(
             Path(d.chat_template).is_file(),
@@ -252,6 +318,21 @@ def check_reference(r: ReferenceConfig, m: ModelConfig) -> None:
     need(r.batch_size >= 1, "reference.batch_size", "must be >= 1")
     if r.strategy == "adapter":
         need(m.lora or m.load_in_4bit, "reference.strategy", "'adapter' needs model.lora=true")
+    if r.quantize == "none":
+        return
+    need(
+        r.strategy in ("auto", "copy"),
+        "reference.quantize",
+        f"applies to a live frozen reference (reference.strategy=copy or auto); '{r.strategy}' holds no "
+        "reference model while training",
+    )
+    # With LoRA the reference is the policy with its adapters off: no second model to shrink.
+    need(
+        not (m.lora or m.load_in_4bit) or bool(r.path),
+        "reference.quantize",
+        "with LoRA the reference is the policy's own base with adapters off (no second model); "
+        "quantize applies to a frozen copy of a full-weights policy, or to reference.path",
+    )
 
 
 def check_rm(rm: RMConfig) -> None:

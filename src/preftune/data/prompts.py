@@ -1,17 +1,21 @@
 """Prompts for the recipes that sample (online DPO, PPO): any file ``train`` reads whose records
-have a ``prompt`` field, a string or chat messages; every bad record reported together."""
+have a ``prompt`` field, a string or chat messages; every bad record reported together. A record's
+``tools`` and ``chat_template_kwargs`` reach the chat template, so rollouts start from the prompt
+training on the same record would see."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import DataConfig
 from ..errors import DataError
-from .prepare import error_report, source_name
-from .readers import read_records
-from .records import Text, check_text, is_empty
-from .tokenize import check_tokenizer, encode
+from .records import Text, check_text, is_empty, template_kwargs
+from .report import Findings
+from .scan import Scan
+from .tokenize import Encoder
 
 MAX_ERRORS = 20
 
@@ -23,6 +27,12 @@ class Prompt:
     ids: list[int]
     """Its token ids as the policy reads them (chat template with the generation prompt)."""
     where: str
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """The record's ``tools`` and ``chat_template_kwargs``."""
+
+
+class _Enough(Exception):
+    """The first ``limit`` prompts are read: stop reading."""
 
 
 def read_prompts(
@@ -31,35 +41,35 @@ def read_prompts(
     """The first ``limit`` prompts of ``source``, tokenized; a prompt over ``cfg.max_prompt_length``
     keeps its end (the part next to the answer), as in training."""
     prompts: list[Prompt] = []
-    errors: list[DataError] = []
-    name = source_name(source)
-    for where, record in read_records(source, split, errors):
+    findings = Findings()
+    encoder = Encoder(tokenizer, cfg, findings)
+    reading = Scan(source, split, MAX_ERRORS, progress=False)
+
+    def check(index: int, where: str, record: dict[str, Any]) -> None:
         if limit is not None and len(prompts) >= limit:
-            break
-        try:
-            if cfg.prompt_field not in record:
-                fields = ", ".join(sorted(record)) or "none"
-                raise DataError(f"{where}: missing field '{cfg.prompt_field}' (the record has: {fields})")
-            text = check_text(record[cfg.prompt_field], where, cfg.prompt_field)
-            if is_empty(text):
-                raise DataError(f"{where}: field '{cfg.prompt_field}' is empty")
-            if isinstance(text, list) and text[-1]["role"] == "assistant":
-                raise DataError(
-                    f"{where}: field '{cfg.prompt_field}' ends with an assistant turn; a prompt ends "
-                    "where the model's answer starts"
-                )
-            check_tokenizer(tokenizer, isinstance(text, list), where)
-            ids = encode(tokenizer, text, add_generation_prompt=isinstance(text, list))
-        except DataError as err:
-            errors.append(err)
-            if len(errors) >= MAX_ERRORS:
-                break
-            continue
+            raise _Enough
+        if cfg.prompt_field not in record:
+            fields = ", ".join(sorted(record)) or "none"
+            raise DataError(f"{where}: missing field '{cfg.prompt_field}' (the record has: {fields})")
+        text = check_text(record[cfg.prompt_field], where, cfg.prompt_field)
+        if is_empty(text):
+            raise DataError(f"{where}: field '{cfg.prompt_field}' is empty")
+        if isinstance(text, list) and text[-1]["role"] == "assistant":
+            raise DataError(
+                f"{where}: field '{cfg.prompt_field}' ends with an assistant turn; a prompt ends "
+                "where the model's answer starts"
+            )
+        kwargs = template_kwargs(record, where)
+        ids = encoder.prompt_ids(text, kwargs, where, cfg.prompt_field)
         if cfg.max_prompt_length is not None and len(ids) > cfg.max_prompt_length:
             ids = ids[len(ids) - cfg.max_prompt_length :]
-        prompts.append(Prompt(text, ids, where))
-    if errors:
-        raise error_report(name, errors, len(errors) >= MAX_ERRORS)
+        prompts.append(Prompt(text, ids, where, kwargs))
+
+    with contextlib.suppress(_Enough):
+        reading.each(check)
+    reading.raise_errors()
     if not prompts:
-        raise DataError(f"{name}: no prompts")
+        raise DataError(f"{reading.name}: no prompts")
+    for line in findings.lines():
+        warnings.warn(f"{reading.name}: {line}", stacklevel=2)
     return prompts

@@ -2,9 +2,17 @@
 
 A checkpoint is written to a hidden temporary folder and renamed into place, so a crash
 leaves either the whole checkpoint or none; a stray temporary folder is removed at the
-next start. ``checkpoint-<step>`` folders load with ``AutoModelForCausalLM.from_pretrained``
+next start. ``checkpoint-N`` folders (named as every Hugging Face tool names them; the older
+``checkpoint-0000040`` names are still read) load with ``AutoModelForCausalLM.from_pretrained``
 as they are (LoRA runs hold the adapter, which transformers loads on top of its base model
 when peft is installed).
+
+Two state files: ``trainer_state.json`` in the Hugging Face Trainer's own schema (``global_step``,
+``epoch``, ``max_steps``, ``log_history``, …: what tools that read HF checkpoints look for, and
+exactly what ``TrainerState.load_from_json`` accepts), and ``preftune_state.json``, preftune's own
+(the data position, the run's geometry, the digest of the starting weights, a recipe's state),
+written last: a folder holding it is complete. HF's loader builds its dataclass from every key
+of its file and refuses any other, so preftune's keys cannot ride along in it.
 
 Nothing read back from a checkpoint can run code: weights are safetensors, the RNG state is
 JSON plus safetensors, and the optimizer and scheduler states are read with
@@ -22,17 +30,30 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..data.files import json_safe
 from ..errors import CheckpointError, ConfigError
 from ..model.load import is_peft
+from ..model.quantize import is_quantized, save_dequantized
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "preftune_state.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+"""The Hugging Face Trainer's file; before ``preftune_state.json`` existed, preftune's state was here."""
 OPTIMIZER_FILE = "optimizer.pt"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.rpartition("-")[2])
 
 
 def _save_rng_state(folder: Path) -> None:
@@ -87,41 +108,52 @@ def _publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+@dataclass
+class CheckpointContents:
+    """What one checkpoint holds, beside its step."""
+
+    model: Any
+    """Saved at the top: the folder loads with ``from_pretrained`` as is."""
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: dict[str, Any]
+    """``preftune_state.json`` (the step is added): the data position, the run's geometry, a
+    recipe's own state (PPO's β)."""
+    extra_models: dict[str, Any] = field(default_factory=dict)
+    """Each saved in a subfolder of its name (PPO's critic in ``value/``)."""
+    weights: dict[str, torch.Tensor] | None = None
+    """The gathered weights of a sharded model (None: the model's own)."""
+    optimizer_state: dict[str, Any] | Path | None = None
+    """The gathered state of a sharded optimizer, or a folder of DeepSpeed's files, one per process
+    (moved in as ``optimizer/``); None: the optimizer's own ``state_dict``."""
+    trainer_state: dict[str, Any] | None = None
+    """``trainer_state.json`` in the Hugging Face Trainer's schema (None: not written)."""
+
+
 def save_checkpoint(
-    output_dir: Path,
-    step: int,
-    model: Any,
-    tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: dict[str, Any],
-    keep: int | None = None,
-    weights: dict[str, torch.Tensor] | None = None,
-    optimizer_state: dict[str, Any] | Path | None = None,
-    extra_models: dict[str, Any] | None = None,
+    output_dir: Path, step: int, contents: CheckpointContents, keep: int | None = None
 ) -> Path:
-    """``checkpoint-N``: ``model`` at the top (it loads with ``from_pretrained`` as is), each of
-    ``extra_models`` (PPO's critic) in a subfolder of its name, then the training state.
-    ``weights`` and ``optimizer_state`` are the gathered ones of a sharded model (else the
-    model's and the optimizer's own); an ``optimizer_state`` folder (DeepSpeed's files, one per
-    process) is moved in as ``optimizer/``."""
-    final = output_dir / f"checkpoint-{step:07d}"
+    """``checkpoint-N`` (written whole or not at all), keeping the newest ``keep`` checkpoints."""
+    final = output_dir / checkpoint_name(step)
     tmp = _atomic_dir(final)
     try:
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        for name, extra in (extra_models or {}).items():
+        contents.model.save_pretrained(tmp, state_dict=contents.weights, safe_serialization=True)
+        for name, extra in contents.extra_models.items():
             extra.save_pretrained(tmp / name, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if isinstance(optimizer_state, Path):
-            os.replace(optimizer_state, tmp / "optimizer")
+        contents.tokenizer.save_pretrained(tmp)
+        moments = contents.optimizer_state
+        if isinstance(moments, Path):
+            os.replace(moments, tmp / "optimizer")
         else:
-            torch.save(
-                optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER_FILE
-            )
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(contents.optimizer.state_dict() if moments is None else moments, tmp / OPTIMIZER_FILE)
+        torch.save(contents.scheduler.state_dict(), tmp / "scheduler.pt")
         _save_rng_state(tmp)
+        if contents.trainer_state is not None:
+            # Strict JSON, as metrics.jsonl: a non-finite value logged (PPO's grad_norm) becomes null.
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(json_safe(contents.trainer_state), indent=2))
         # Written last: a folder with this file is complete.
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({**contents.state, "step": step}, indent=2))
         _publish(tmp, final)
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,19 +174,6 @@ def _write_error(err: Exception, target: Path, output_dir: Path) -> CheckpointEr
         return CheckpointError(f"{target}: the disk is full; nothing half-written was left, and {kept}")
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
     return CheckpointError(f"{target}: cannot write ({reason}); {kept}")
-
-
-def check_output_dir(output_dir: Path) -> None:
-    """The output folder can be a folder and can be written, checked before anything loads."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"train.output_dir: {output_dir} is a file, not a folder")
-    existing = output_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"train.output_dir: {output_dir} cannot be written (read-only or no permission on {existing})"
-        )
 
 
 def check_free_space(output_dir: Path, needed: int) -> None:
@@ -185,16 +204,23 @@ def recover_stray(output_dir: Path) -> None:
             os.replace(path, original)
 
 
-def plan_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> tuple[Path | None, list[Path]]:
+def plan_output_dir(output_dir: Path, resume: bool | str, overwrite: bool) -> tuple[Path | None, list[Path]]:
     """The checkpoint to resume from (if any), and what of an earlier run a fresh run will
     remove — later, once its models have loaded: a run that fails to start harms nothing.
 
-    A fresh run never mixes into an earlier run's folder: it stops with a message, or with
+    ``resume``: True for the latest checkpoint in ``output_dir``, or the path of one checkpoint. A
+    fresh run never mixes into an earlier run's folder: it stops with a message, or with
     ``overwrite`` replaces it.
     """
     found = list_checkpoints(output_dir)
+    if isinstance(resume, str):
+        return _plan_named(output_dir, Path(resume), found, overwrite)
     if resume:
         return (found[-1] if found else None), []
+    return None, _plan_fresh(output_dir, found, overwrite)
+
+
+def _plan_fresh(output_dir: Path, found: list[Path], overwrite: bool) -> list[Path]:
     earlier = [*found, *(p for p in (output_dir / "final", output_dir / "tensorboard") if p.exists())]
     has_run = found or (output_dir / "final").exists()
     if has_run and not overwrite:
@@ -203,7 +229,49 @@ def plan_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> tuple[Pa
             f"train.output_dir: {output_dir} holds an earlier run ({what}); "
             "add --resume to continue it, or --set train.overwrite=true to start over"
         )
-    return None, earlier
+    return earlier
+
+
+def _plan_named(output_dir: Path, path: Path, found: list[Path], overwrite: bool) -> tuple[Path, list[Path]]:
+    """``--resume PATH``: that checkpoint. In this run's folder, any later checkpoint (and the
+    ``final/`` after it) belongs to the states being replaced: ``overwrite`` must say so. Elsewhere,
+    the run continues into ``output_dir`` as a fresh run would start there."""
+    check_resumable(path)
+    if path.resolve().parent != output_dir.resolve():
+        return path, _plan_fresh(output_dir, found, overwrite)
+    later = [p for p in found if checkpoint_step(p) > checkpoint_step(path)]
+    if later and (output_dir / "final").exists():
+        later.append(output_dir / "final")
+    if later and not overwrite:
+        names = ", ".join(p.name for p in later)
+        raise ConfigError(
+            f"train.resume: {output_dir} holds {names} after {path.name}; resuming from {path.name} "
+            "replaces them: add --set train.overwrite=true to do so, or --resume alone for the latest"
+        )
+    return path, later
+
+
+def is_trainer_checkpoint(path: Path) -> bool:
+    """A checkpoint the Hugging Face Trainer wrote (TRL's trainers included)."""
+    return not (path / STATE_FILE).is_file() and (
+        (path / "training_args.bin").is_file() or any(path.glob("rng_state*.pth"))
+    )
+
+
+def check_resumable(path: Path) -> None:
+    """``path`` is a complete preftune checkpoint; a Hugging Face Trainer's is refused with the
+    way to start from its weights."""
+    if not path.is_dir():
+        raise ConfigError(f"train.resume: {path}: no such checkpoint folder")
+    if is_trainer_checkpoint(path):
+        raise CheckpointError(
+            f"{path}: a checkpoint written by the Hugging Face Trainer (TRL); preftune cannot continue its "
+            f"optimizer, schedule and data order. Start a new run from its weights instead: --model {path}"
+        )
+    if read_state(path) is None:
+        inside = list_checkpoints(path)
+        hint = f" (it holds {', '.join(p.name for p in inside)}: name one)" if inside else ""
+        raise ConfigError(f"train.resume: {path} is not a complete preftune checkpoint{hint}")
 
 
 def clear_previous_run(paths: list[Path]) -> None:
@@ -211,9 +279,30 @@ def clear_previous_run(paths: list[Path]) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def read_state(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's own state, or None when ``path`` is no complete preftune checkpoint. Reads
+    ``preftune_state.json``, or the ``trainer_state.json`` of a checkpoint written before it
+    existed (preftune's keys; HF's file has ``global_step``, never ``step``)."""
+    for name in (STATE_FILE, TRAINER_STATE_FILE):
+        file = path / name
+        if file.is_file():
+            try:
+                state = json.loads(file.read_text())
+            except (ValueError, OSError):
+                return None
+            if isinstance(state, dict) and "step" in state:
+                return state
+    return None
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    """The complete checkpoints in ``output_dir``, by step (``checkpoint-40`` and ``checkpoint-0000040`` alike)."""
+    found = [
+        p
+        for p in output_dir.glob("checkpoint-*")
+        if p.name.rpartition("-")[2].isdigit() and read_state(p) is not None
+    ]
+    return sorted(found, key=checkpoint_step)
 
 
 def _load_full_weights(path: Path, model: Any) -> None:
@@ -284,25 +373,28 @@ def load_weights(path: Path, model: Any) -> None:
         ) from None
 
 
+def load_models(path: Path, model: Any, extra_models: dict[str, Any]) -> None:
+    """A checkpoint's weights into ``model`` and each of ``extra_models`` (from its subfolder), in place."""
+    load_weights(path, model)
+    for name, extra in extra_models.items():
+        load_weights(path / name, extra)
+
+
 def load_checkpoint(
     path: Path,
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     load_optimizer: Callable[[Path], None] | None = None,
-    extra_models: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore weights (``model``'s, and each of ``extra_models``' from its subfolder), optimizer,
-    scheduler and RNG from ``path``; returns the trainer state.
+    """Restore weights, optimizer, scheduler and RNG from ``path``; returns the trainer state.
 
-    ``model=None`` leaves the weights (a sharded run loads them before sharding, with
-    :func:`load_weights`); ``load_optimizer(path)`` puts the optimizer state back (default: the
+    ``model=None`` leaves the weights (the harness loads them before sharding, with
+    :func:`load_models`); ``load_optimizer(path)`` puts the optimizer state back (default: the
     optimizer's own ``load_state_dict`` of :func:`read_optimizer_file`).
     """
     if model is not None:
         load_weights(path, model)
-    for name, extra in (extra_models or {}).items():
-        load_weights(path / name, extra)
     try:
         if load_optimizer is None:
             optimizer.load_state_dict(read_optimizer_file(path))
@@ -310,7 +402,10 @@ def load_checkpoint(
             load_optimizer(path)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
         _load_rng_state(path)
-        return json.loads((path / STATE_FILE).read_text())
+        state = read_state(path)
+        if state is None:
+            raise ValueError(f"no readable {STATE_FILE}")
+        return state
     except CheckpointError:
         raise
     except Exception as err:  # corrupt or foreign files: name the folder, not a torch internals trace
@@ -360,14 +455,19 @@ def save_final(
 ) -> Path:
     """``output_dir/final``: full weights that any transformers/vLLM loader takes as is.
 
-    LoRA adapters are merged into a copy (the live model keeps its adapters). A 4-bit (QLoRA)
-    base cannot be merged without rounding, so there the folder holds the adapter, which
-    ``AutoModelForCausalLM.from_pretrained`` loads on top of its base model. ``weights``: the
-    gathered weights of a sharded model.
+    LoRA adapters are merged into a copy (the live model keeps its adapters). A bitsandbytes model
+    (QLoRA's 4-bit base) is saved dequantized to the dtype it was loaded in, LoRA merged, as a
+    plain model, with the adapter itself in ``adapter/`` (for ``PeftModel.from_pretrained`` on the
+    quantized base, as QLoRA tools hand it out; not at the top, where transformers would take it
+    for the folder's model). ``weights``: the gathered weights of a sharded model.
     """
     final = output_dir / "final"
     tmp = _atomic_dir(final)
-    if is_peft(model) and not getattr(model, "is_loaded_in_4bit", False):
+    if is_quantized(model):
+        save_dequantized(model, tmp)
+        if is_peft(model):
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    elif is_peft(model):
         base = model.get_base_model()
         base.save_pretrained(tmp, state_dict=_merged_state_dict(base), safe_serialization=True)
     else:

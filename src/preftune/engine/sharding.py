@@ -43,6 +43,7 @@ import copy
 import math
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
+from ..model.reference import Placement
 from .checkpoint import read_optimizer_file
 
 WRAPPER_PREFIX = "model."
@@ -146,16 +148,18 @@ def _fill_deepspeed_config(accelerator: Accelerator, cfg: Any) -> None:
     config.setdefault("steps_per_print", 2**31 - 1)  # preftune logs the steps itself
 
 
-def reference_placement(accelerator: Accelerator) -> Callable[[nn.Module], nn.Module] | None:
-    """How a live reference is placed when the policy's weights are sharded: sharded the same
-    way (FSDP2, ZeRO-3), so that each process holds 4Ψ/N of an fp32 reference, not 4Ψ. None
-    (DDP, ZeRO-2): whole on every device. It takes the module whose forward gives the reference's
-    log-probs (frozen, under ``no_grad``) and returns the module to call."""
+def reference_placement(accelerator: Accelerator) -> Placement:
+    """Where a reference runs: this process's device, under the run's mixed precision; when the
+    policy's weights are sharded, a live reference sharded the same way (FSDP2, ZeRO-3), so that
+    each process holds 4Ψ/N of an fp32 reference, not 4Ψ; else (DDP, ZeRO-2) whole on every
+    device. The shard function takes the module whose forward gives the reference's log-probs
+    (frozen, under ``no_grad``) and returns the module to call."""
+    shard: Callable[[nn.Module], nn.Module] | None = None
     if accelerator.distributed_type == DistributedType.FSDP:
-        return lambda module: _shard_frozen(accelerator, module)
-    if is_sharded(accelerator):
-        return lambda module: _zero3_frozen(accelerator, module)
-    return None
+        shard = partial(_shard_frozen, accelerator)
+    elif is_sharded(accelerator):
+        shard = partial(_zero3_frozen, accelerator)
+    return Placement(accelerator.device, accelerator.autocast, accelerator.is_main_process, shard)
 
 
 def _shard_frozen(accelerator: Accelerator, module: nn.Module) -> nn.Module:

@@ -1,15 +1,25 @@
 """The contract between a recipe and the harness: what a recipe hands over, what comes back,
-and the order in which examples are visited."""
+and the order in which examples are visited.
+
+A recipe hands :meth:`Harness.fit` its :class:`Models` and a :class:`StepSource`: the work of one
+step. The harness runs the loop around it (progress, metrics, evaluation, signals, checkpoints,
+``final/``). The DPO family, KTO, SFT and reward models describe their loss as a :class:`Task`
+and use the standard source, :class:`~.steps.ExampleSteps`; PPO brings its own
+(:class:`~preftune.recipes.ppo.PPOSteps`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .tracking import Window
+    from .update import Updater
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict[str, Tensor]]]
 
@@ -28,13 +38,83 @@ class Task:
     eval_examples: Sequence[Any] = ()
     summarize: Callable[[dict[str, float]], dict[str, float]] = lambda values: values
     """Turns averaged metrics into logged ones (e.g. a ratio of two sums)."""
-    console: tuple[tuple[str, str], ...] = (("loss", "loss"),)
-    """(short label, metric) pairs shown on the progress bar and plain log lines."""
+    console: tuple[str, ...] = ("loss",)
+    """The metrics shown on the progress bar and plain log lines, by their logged (TRL's) names; the
+    learning rate, gradient norm and epoch follow them."""
     unit: str = "pairs"
     """What an example is: throughput is logged as ``<unit>_per_second``."""
     weight: Callable[[Any], float] | None = None
     """An example's share of the step's loss (SFT: its loss tokens, so the loss is a token mean
     over the whole step, as TRL normalizes it); None: every example counts alike."""
+
+
+@dataclass
+class Models:
+    """What a run trains and saves."""
+
+    module: nn.Module
+    """Trained: the optimizer holds its trainable parameters (the policy inside the module whose
+    forward gives its log-probs; PPO: the policy and the critic together)."""
+    model: nn.Module
+    """The transformers model inside ``module``, saved at the top of every checkpoint and in ``final/``."""
+    tokenizer: Any
+    extra_models: dict[str, nn.Module] = field(default_factory=dict)
+    """Saved in a subfolder of their name in every checkpoint (PPO's critic in ``value/``)."""
+    start_digest: str = ""
+    """A digest of the starting weights: a resumed run must start from the same ones."""
+    card: dict[str, Any] = field(default_factory=dict)
+    """The recipe's lines of the model card (``kind``, ``objective``, …)."""
+
+
+@dataclass
+class StepPlan:
+    """How a step source's run is counted and shown."""
+
+    total_steps: int
+    updates_per_step: int = 1
+    """Optimizer updates per step: the schedule runs over every update."""
+    steps_setting: str = "train.max_steps"
+    """The setting that extends a finished run."""
+    unit: str = "pairs"
+    """What an example is: throughput is logged as ``<unit>_per_second``."""
+    console: tuple[str, ...] = ("loss",)
+    """The metrics shown on the progress bar and plain log lines (logged names; the learning rate,
+    gradient norm and epoch follow them)."""
+    skipped_metric: str = "skipped_steps"
+    """The logged count of updates skipped as non-finite (``train.nonfinite=skip``)."""
+
+
+class StepSource(Protocol):
+    """The work of one step, which :meth:`Harness.fit` asks for at every step of its loop."""
+
+    plan: StepPlan
+
+    def state(self) -> dict[str, Any]:
+        """Saved in every checkpoint's ``preftune_state.json``: the geometry a resumed run must keep,
+        and the source's own state (PPO's β)."""
+        ...
+
+    def start(self, step: int, checkpoint: Path | None, saved: dict[str, Any]) -> None:
+        """Begin after ``step`` (0: a fresh run); resuming, ``saved`` is ``checkpoint``'s trainer
+        state: refuse another geometry, restore the source's state."""
+        ...
+
+    def step(self, step: int, module: nn.Module, update: Updater, window: Window) -> None:
+        """Step ``step``: forward and backward passes of ``module`` (as prepared), each optimizer
+        update through ``update``, the step's metrics into ``window``."""
+        ...
+
+    def summarize(self, means: dict[str, float]) -> dict[str, float]:
+        """A window's averaged metrics -> the logged ones (e.g. a ratio of two sums)."""
+        ...
+
+    def current(self, step: int) -> dict[str, float]:
+        """Values logged as they are at ``step`` (the epoch; PPO's episode and β)."""
+        ...
+
+    def evaluate(self, module: nn.Module) -> dict[str, float]:
+        """Metrics on held-out examples, prefixed ``eval_`` (empty: nothing to evaluate)."""
+        ...
 
 
 @dataclass

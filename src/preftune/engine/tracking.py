@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ class MetricSums:
         self.batches = 0
 
     def add(
-        self, metrics: dict[str, Tensor], examples: int, tokens: Tensor, weight: float | None = None
+        self, metrics: dict[str, Tensor], examples: int, tokens: Tensor | float, weight: float | None = None
     ) -> None:
         """Per-example metrics ``[B]`` are averaged over ``weight`` (default: the examples; SFT
         gives its loss tokens, so its loss is a token mean), 0-dim ones over micro-batches."""
@@ -124,6 +126,9 @@ class MetricsLog:
         console: Callable[[int, dict[str, float]], None] | None = None,
     ):
         self.history: list[dict[str, float]] = []
+        """The steps logged by this process (a resumed run: those after its checkpoint)."""
+        self.earlier: list[dict[str, Any]] = []
+        """The steps of ``metrics.jsonl`` logged before the checkpoint a run resumed from."""
         self.console = console
         self.file = None
         self.trackers: list[Any] = []
@@ -132,10 +137,17 @@ class MetricsLog:
         path = output_dir / "metrics.jsonl"
         # Keep what was logged up to the resumed step; a fresh run starts a fresh file.
         kept = path.read_text().splitlines() if resumed and path.exists() else []
-        path.write_text("".join(line + "\n" for line in kept if logged_step(line) <= start_step))
+        kept = [line for line in kept if logged_step(line) <= start_step]
+        self.earlier = [json.loads(line) for line in kept]
+        path.write_text("".join(line + "\n" for line in kept))
         self.file = path.open("a")
         for name in trackers:
             self.trackers.append(_start_tracker(name, output_dir, start_step, config))
+
+    @property
+    def log_history(self) -> list[dict[str, Any]]:
+        """Every logged step of the run so far, resumed or not (the main process's)."""
+        return [*self.earlier, *self.history]
 
     def log(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **values}
@@ -194,16 +206,26 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+COMMON_CONSOLE = ("learning_rate", "grad_norm", "epoch")
+"""Shown after every recipe's own metrics, as TRL's log lines show them."""
+
+
+def console_values(shown: Sequence[str], values: dict[str, float], prefix: str = "") -> dict[str, str]:
+    """What the console shows of a logged step, under the logged names (TRL's): the recipe's metrics
+    ``shown`` (``loss``, ``rewards/accuracies``, ``rewards/margins``, …), then the learning rate,
+    the gradient norm and the epoch; ``prefix`` (``eval_``) picks an evaluation's."""
+    names = [*shown, *(name for name in COMMON_CONSOLE if name not in shown)]
+    return {prefix + name: f"{values[prefix + name]:.4g}" for name in names if prefix + name in values}
+
+
 def console_line(
-    say: Callable[..., None], shown: Sequence[tuple[str, str]], unit: str, total_steps: int
+    say: Callable[..., None], shown: Sequence[str], unit: str, total_steps: int
 ) -> Callable[[int, dict[str, float]], None]:
     """One line per logged step where no terminal shows a progress bar (a log file, CI)."""
 
     def line(step: int, values: dict[str, float]) -> None:
         prefix = "eval_" if any(name.startswith("eval_") for name in values) else ""
-        parts = [
-            f"{prefix}{label} {values[prefix + name]:.4f}" for label, name in shown if prefix + name in values
-        ]
+        parts = [f"{name} {text}" for name, text in console_values(shown, values, prefix).items()]
         rate = f"{unit}_per_second"
         if rate in values:
             parts.append(f"{unit}/s {values[rate]:.1f}")
@@ -212,19 +234,83 @@ def console_line(
     return line
 
 
-def read_window(
-    window: MetricSums, accelerator: Accelerator, task: Any, grad_norms: list[Tensor], elapsed: float
-) -> tuple[dict[str, float], float]:
-    """The logged values of the steps since the last log (one host sync), and their tokens.
+def setting_text(value: Any) -> str:
+    """A config value as YAML's flow style and ``--set`` write it: ``[dpo, ipo]``, ``true``, ``null``."""
+    if isinstance(value, list):
+        return "[" + ", ".join(setting_text(v) for v in value) + "]"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
 
-    A window whose every step was skipped (non-finite) holds no metrics; every process
-    skipped the same steps, so all agree to log only the bookkeeping."""
-    if window.batches == 0:
-        return {}, 0.0
-    means, examples, tokens = window.read(accelerator)
-    values = task.summarize(means)
-    if grad_norms:
-        values["grad_norm"] = torch.stack(grad_norms).mean().item()
-    values[f"{task.unit}_per_second"] = examples / elapsed
-    values["tokens_per_second"] = tokens / elapsed
-    return values, tokens
+
+def config_lines(config: Any) -> str:
+    """The run's settings the user chose, as every key whose value is not its default (a key set
+    to its default value is not told apart from one left alone), one ``section.key: value`` a
+    line, as ``--set`` and the YAML sections spell them."""
+    from ..config import RunConfig, to_dict
+
+    defaults = to_dict(RunConfig())
+    lines = [
+        f"  {section}.{key}: {setting_text(value)}"
+        for section, values in to_dict(config).items()
+        for key, value in values.items()
+        if defaults[section][key] != value
+    ]
+    return "\n".join(["config (every key not at its default; `preftune config` lists them all):", *lines])
+
+
+class Window:
+    """The steps since the last log, read once at the logged step.
+
+    A step adds device-side sums (:attr:`sums`: per-example metrics, read with one collective, no
+    per-step host sync), or values it already holds on the host (:meth:`add_step`: PPO reads its
+    updates' metrics once a step), which are averaged over the steps; and the gradient norms it
+    logs (:attr:`grad_norms`).
+    """
+
+    def __init__(self, device: torch.device):
+        self.sums = MetricSums(device)
+        self.per_step: dict[str, list[float]] = {}
+        self.grad_norms: list[Tensor] = []
+        self.started = time.perf_counter()
+
+    def add_step(self, values: dict[str, float], examples: int, tokens: int) -> None:
+        """One step's values (each averaged over the steps of the window), and what it trained on."""
+        for name, value in values.items():
+            self.per_step.setdefault(name, []).append(value)
+        self.sums.add({}, examples, float(tokens))
+
+    def read(
+        self, accelerator: Accelerator, summarize: Callable[[dict[str, float]], dict[str, float]], unit: str
+    ) -> tuple[dict[str, float], float]:
+        """The logged values (one host sync) and the tokens of the window; a new window starts.
+
+        A window whose every step was skipped (non-finite) holds no metrics; every process
+        skipped the same steps, so all agree to log only the bookkeeping."""
+        elapsed = time.perf_counter() - self.started
+        values: dict[str, float] = {}
+        tokens = 0.0
+        if self.sums.batches:
+            means, examples, tokens = self.sums.read(accelerator)
+            values = summarize(means | {name: sum(v) / len(v) for name, v in self.per_step.items()})
+            if self.grad_norms:
+                values["grad_norm"] = torch.stack(self.grad_norms).mean().item()
+            values[f"{unit}_per_second"] = examples / elapsed
+            values["tokens_per_second"] = tokens / elapsed
+        self.__init__(self.sums.device)  # type: ignore[misc]
+        return values, tokens
+
+
+@dataclass
+class Progress:
+    """Where the loop reports: the window of steps since the last log, the log, the progress bar,
+    and the tokens trained on so far."""
+
+    window: Window
+    log: MetricsLog
+    bar: Any
+    tokens_seen: float = 0.0
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()

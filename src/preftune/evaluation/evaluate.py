@@ -42,6 +42,7 @@ from .metrics import (
     ranking,
 )
 from .samples import sample_report
+from .settings import EvalSettings
 
 
 @dataclass
@@ -82,7 +83,9 @@ def load_sets(specs: Sequence[tuple[str, Any]], tokenizer: Any, cfg: DataConfig)
         pairs, _ = prepare_pairs(source, tokenizer, cfg, cfg.split, progress=False)
         records = dict(enumerate(read_records(source, cfg.split)))
         examples = [parse_example(records[p.index][1], p.where, cfg) for p in pairs]
-        sets.append(EvalSet(name, str(source) if isinstance(source, str | Path) else name, pairs, examples))
+        sets.append(
+            EvalSet(name, str(source) if isinstance(source, str | Path) else name, list(pairs), examples)
+        )
     return sets
 
 
@@ -231,57 +234,46 @@ def evaluate(
     sets: Sequence[EvalSet],
     reference: nn.Module | None = None,
     scorer: Scorer | None = None,
+    settings: EvalSettings | None = None,
     *,
-    beta: float = 0.1,
-    samples: int = 0,
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = False,
-    names: dict[str, str | None] | None = None,
     rewards: dict[str, tuple[list[float], list[float]]] | None = None,
-    layout: str = "auto",
+    names: dict[str, str | None] | None = None,
 ) -> EvalResult:
     """Every figure of ``preftune eval`` for models already in memory (see the module docstring).
 
     ``rewards``: the scorer's rewards of each set's chosen and rejected, when already computed
-    (:func:`score_sets`); the scorer still scores the samples. ``layout``: how pairs are batched
-    (``data.layout``; :func:`~preftune.model.set_logps.pair_logps`)."""
-    if samples and reference is None:
+    (:func:`score_sets`); the scorer still scores the samples. ``names``: the models' names,
+    for the summary. ``settings``: :class:`EvalSettings`' defaults when not given."""
+    settings = settings or EvalSettings()
+    if settings.samples and reference is None:
         raise ConfigError("--samples: the KL estimate and the win rate need a reference (--reference)")
-    pad = tokenizer.pad_token_id
     if scorer is not None and rewards is None:
         rewards = score_sets(scorer, sets)
-    summary: dict[str, Any] = {"beta": beta, **(names or {}), "sets": {}}
+    summary: dict[str, Any] = {"beta": settings.beta, **(names or {}), "sets": {}}
     per_pair: dict[str, list[dict[str, Any]]] = {}
     for eval_set in sets:
         name = eval_set.name
-        ours = pair_logps(policy, eval_set.pairs, pad, batch_size, progress, f"{name}: policy", layout)
+        ours = _pair_logps(policy, tokenizer, eval_set, settings, f"{name}: policy")
         theirs = None
         if reference is not None:
-            theirs = pair_logps(
-                reference, eval_set.pairs, pad, batch_size, progress, f"{name}: reference", layout
-            )
+            theirs = _pair_logps(reference, tokenizer, eval_set, settings, f"{name}: reference")
         set_rewards = None if rewards is None else rewards[name]
-        report, per_pair[name] = set_report(eval_set.pairs, ours, theirs, set_rewards, beta)
+        report, per_pair[name] = set_report(eval_set.pairs, ours, theirs, set_rewards, settings.beta)
         report["source"] = eval_set.source
-        if samples and reference is not None:
+        if settings.samples and reference is not None:
             prompts: dict[tuple[int, ...], Text] = {}
             for pair, example in zip(eval_set.pairs, eval_set.examples, strict=True):
                 prompts.setdefault(tuple(pair.prompt_ids), example.prompt)
-            report["samples"] = sample_report(
-                policy,
-                reference,
-                tokenizer,
-                prompts,
-                scorer,
-                samples,
-                max_new_tokens,
-                seed,
-                batch_size,
-                progress,
-                name,
-                layout,
-            )
+            report["samples"] = sample_report(policy, reference, tokenizer, prompts, scorer, settings, name)
         summary["sets"][name] = report
     return EvalResult(summary, per_pair)
+
+
+def _pair_logps(
+    model: nn.Module, tokenizer: Any, eval_set: EvalSet, settings: EvalSettings, desc: str
+) -> PairLogps:
+    """The set's per-pair log-probs under ``model``, batched as ``settings`` say."""
+    pad = tokenizer.pad_token_id
+    return pair_logps(
+        model, eval_set.pairs, pad, settings.batch_size, settings.progress, desc, settings.layout
+    )

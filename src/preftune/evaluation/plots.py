@@ -206,3 +206,33 @@ def frontier_plot(points: Sequence[dict[str, Any]], reference_reward: float, png
     fig.tight_layout()
     save(fig, png)
     return True
+
+
+def data_report_plot(panels: Mapping[str, Mapping[str, Sequence[float]]], png: Path) -> bool:
+    """``check-data``'s figure: a histogram per panel (edit distance, length difference, off-policy
+    excess of chosen and rejected, reward margin), two panels a row, the report's thresholds dashed."""
+    plt = pyplot()
+    shown = {title: series for title, series in panels.items() if any(len(v) for v in series.values())}
+    if plt is None or not shown:
+        return False
+    thresholds = {"edit distance": 0.5, "below the model": 1.0}
+    rows = math.ceil(len(shown) / 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.4 * rows), squeeze=False)
+    for k, (ax, (title, series)) in enumerate(zip(axes.flat, shown.items(), strict=False)):
+        values = [v for vs in series.values() for v in vs]
+        bins = [min(values) + (max(values) - min(values) or 1) * i / 30 for i in range(31)]
+        for j, (label, data) in enumerate(series.items()):
+            ax.hist(list(data), bins=bins, alpha=0.6, color=COLORS[(k + j) % 7], label=label or None)
+        for key, line in thresholds.items():
+            if key in title:
+                ax.axvline(line, color="black", linestyle="dashed", linewidth=1)
+        ax.axvline(0, color="gray", linewidth=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    save(fig, png)
+    return True

@@ -12,32 +12,46 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..data.outputs import (
+    FolderLock,
+    check_kind,
+    check_not_input,
+    check_output_dir,
+    record_kind,
+    releases_locks,
+)
 from ..errors import ConfigError
 from ..generation.scoring import RewardModelScorer, Scorer, load_scorer
 from ..model.attention import choose_layout
 from ..model.load import load_model, load_tokenizer
 from .evaluate import check_tokenizers, evaluate, load_sets, score_sets
 from .report import format_table, write_outputs
+from .settings import EvalSettings
 
 
+@releases_locks
 def run_eval(
     config: RunConfig,
     specs: list[tuple[str, Any]],
     output: Path,
+    settings: EvalSettings,
     *,
     reference: str | None = None,
     reward_model: str | None = None,
     reward: str | None = None,
-    samples: int = 0,
-    max_new_tokens: int = 128,
-    beta: float = 0.1,
-    batch_size: int = 8,
-    seed: int = 0,
     say: Any = print,
 ) -> dict[str, Any]:
-    """Evaluate ``config.model`` (the policy) on the named preference sets ``specs``; returns the
-    summary that ``OUTPUT/eval.json`` holds."""
-    # Everything that can be wrong with the input is checked before a model loads.
+    """Evaluate ``config.model`` (the policy) on the named preference sets ``specs``, against the
+    ``reference`` checkpoint and a ``reward_model`` folder or ``reward`` function when given;
+    returns the summary that ``OUTPUT/eval.json`` holds. The pairs are batched in the layout
+    ``data.layout`` allows for these models, whatever ``settings.layout`` says."""
+    # Everything that can be wrong with the input is checked before a model loads, the output first.
+    check_output_dir(output, "--output")
+    inputs = {"--policy": config.model.name_or_path, "--reference": reference, "--reward-model": reward_model}
+    inputs |= {"--reward": reward, **{f"--data {name}": source for name, source in specs}}
+    check_not_input(output, inputs, "--output")
+    check_kind(output, "eval", "--output")
+    FolderLock(output, "eval", "--output").acquire()  # until the report is written
     tokenizer = load_tokenizer(config.model, config.data.chat_template)
     if reference:
         reference_cfg = dataclasses.replace(config.model, name_or_path=reference)
@@ -45,10 +59,10 @@ def run_eval(
     sets = load_sets(specs, tokenizer, config.data)
     scorer: Scorer | None = None
     if reward_model:
-        scorer = RewardModelScorer(reward_model, batch_size=batch_size, progress=True)
+        scorer = RewardModelScorer(reward_model, batch_size=settings.batch_size, progress=True)
     elif reward:
         scorer = load_scorer(reward)
-    if samples and not reference:
+    if settings.samples and not reference:
         raise ConfigError("--samples: the KL estimate and the win rate need a reference (--reference)")
     rewards = score_sets(scorer, sets) if scorer is not None else None
 
@@ -64,17 +78,12 @@ def run_eval(
         sets,
         reference_model,
         scorer,
-        beta=beta,
-        samples=samples,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        progress=True,
+        dataclasses.replace(settings, layout=layout, progress=True),
         rewards=rewards,
-        layout=layout,
         names={"policy": config.model.name_or_path, "reference": reference, "reward": reward_model or reward},
     )
     say(format_table(result.summary))
+    record_kind(output, "eval")
     paths = write_outputs(result, output)
     say(f"wrote {paths[0]}" + "".join(f"\n      {p}" for p in paths[1:]))
     return result.summary

@@ -19,6 +19,7 @@ from ..generation.sampling import as_completion, generate
 from ..generation.scoring import Scorer
 from ..model.set_logps import pair_logps
 from .metrics import sampled_kl
+from .settings import EvalSettings
 
 
 def sample_report(
@@ -27,45 +28,35 @@ def sample_report(
     tokenizer: Any,
     prompts: dict[tuple[int, ...], Text],
     scorer: Scorer | None,
-    per_prompt: int,
-    max_new_tokens: int,
-    seed: int,
-    batch_size: int = 8,
-    progress: bool = False,
+    settings: EvalSettings,
     name: str = "",
-    layout: str = "auto",
 ) -> dict[str, Any]:
-    """``per_prompt`` samples from policy and from reference for each prompt (token ids -> the
+    """``settings.samples`` samples from policy and from reference for each prompt (token ids -> the
     text or messages a scorer reads): the KL(π‖π_ref) estimate, and with a scorer the samples'
-    mean rewards and the policy's win rate (ties count half).
+    mean rewards and the policy's win rate (ties count half). ``name`` labels the progress bars.
 
     The KL is in nats per sequence; ``kl_reference_policy`` is KL(π_ref‖π) from the reference's
     samples, which the same two forward passes give for free."""
+    per_prompt, length, seed = settings.samples, settings.max_new_tokens, settings.seed
     prompt_ids = [list(ids) for ids in prompts for _ in range(per_prompt)]
     texts = [text for text in prompts.values() for _ in range(per_prompt)]
     pad, stop = tokenizer.pad_token_id, eos_ids(policy, tokenizer)
-    ours = generate(
-        policy, prompt_ids, pad, stop, max_new_tokens, seed, progress=progress, desc=f"{name}: policy samples"
-    )
-    theirs = generate(
-        reference,
-        prompt_ids,
-        pad,
-        stop,
-        max_new_tokens,
-        seed + 1,
-        progress=progress,
-        desc=f"{name}: reference samples",
-    )
+
+    def bar(label: str) -> str | None:
+        return f"{name}: {label}" if settings.progress else None
+
+    ours = generate(policy, prompt_ids, pad, stop, length, seed, progress=bar("policy samples"))
+    theirs = generate(reference, prompt_ids, pad, stop, length, seed + 1, progress=bar("reference samples"))
     # Each prompt's policy and reference sample as one "pair": one forward per model scores both.
     pairs = [
         TokenizedPair(p, a, b, i) for i, (p, a, b) in enumerate(zip(prompt_ids, ours, theirs, strict=True))
     ]
+    batch, layout, progress = settings.batch_size, settings.layout, settings.progress
     under_policy = pair_logps(
-        policy, pairs, pad, batch_size, progress, f"{name}: samples under the policy", layout
+        policy, pairs, pad, batch, progress, f"{name}: samples under the policy", layout
     )
     under_reference = pair_logps(
-        reference, pairs, pad, batch_size, progress, f"{name}: samples under the reference", layout
+        reference, pairs, pad, batch, progress, f"{name}: samples under the reference", layout
     )
     kl, kl_stderr = sampled_kl(under_policy.chosen, under_reference.chosen)
     reverse_kl, _ = sampled_kl(under_reference.rejected, under_policy.rejected)

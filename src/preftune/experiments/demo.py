@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import load_config
+from ..config import RunConfig, load_config
 from ..data import TokenizedPair, prepare_pairs
 from ..data.layouts import collate_pairs
+from ..engine import TrainResult
 from ..evaluation.metrics import drift, ranking
 from ..generation.sampling import sample
-from ..model.logps import batch_logps
+from ..model.logps import sequence_logps
 from ..recipes.dpo import pair_stats, train
 from .synthetic import SentimentTask, build_tokenizer, tiny_llama
 
@@ -70,7 +71,9 @@ def implicit_rewards(
     device = next(policy.parameters()).device
     reference.to(device)
     batch = collate_pairs(pairs, pad_id).to(device)
-    stats = pair_stats(batch_logps(policy.eval(), batch), batch_logps(reference.eval(), batch).logps, batch)
+    stats = pair_stats(
+        sequence_logps(policy.eval(), batch), sequence_logps(reference.eval(), batch).logps, batch
+    )
     values = {name: value.mean().item() for name, value in {**drift(stats), **ranking(stats)}.items()}
     return {
         "accuracy": values["implicit/accuracy"],
@@ -119,33 +122,12 @@ def run_demo(output_dir: str = "demo-output", quick: bool = False, seed: int = 0
     task = SentimentTask()
     tokenizer = build_tokenizer(vocab_size=512)
     model = tiny_llama(len(tokenizer), hidden_size=64, layers=2, heads=4, seed=seed)
-    rng = random.Random(seed)
-    n_prompts = 256 if quick else 1024
 
     print("1/5 SFT warm start on random reviews")
-    sft_records = [
-        {"prompt": p, "chosen": task.random_response(rng), "rejected": task.random_response(rng)}
-        for p in task.prompts(2048, seed)
-    ]
-    sft_cfg = load_config(
-        base={
-            "objective.loss": ["sft"],
-            "train.output_dir": str(out / "sft"),
-            "train.learning_rate": 3e-3,
-            "train.batch_size": 32,
-            "train.max_steps": 60 if quick else 150,
-            "train.warmup_steps": 10,
-            "train.log_every": 25,
-            "train.seed": seed,
-            "data.max_length": 64,
-            "data.identical_pairs": "drop",
-        }
-    )
-    train(sft_cfg, model=model, tokenizer=tokenizer, train_data=sft_records)
-    sft_model = tiny_llama(len(tokenizer), hidden_size=64, layers=2, heads=4)
-    sft_model.load_state_dict(model.state_dict())
+    sft_model = sft_warm_start(model, tokenizer, task, out / "sft", quick, seed)
 
     print("2/5 sampling on-policy pairs, labelled by the true reward")
+    n_prompts = 256 if quick else 1024
     train_records = preference_pairs(model, tokenizer, task, task.prompts(n_prompts, seed + 1), seed + 2)
     held_out_prompts = task.prompts(256, seed + 100)
     held_out_records = preference_pairs(sft_model, tokenizer, task, held_out_prompts, seed + 3)
@@ -161,25 +143,10 @@ def run_demo(output_dir: str = "demo-output", quick: bool = False, seed: int = 0
         print(f"{step}/5 {name.upper()} from the SFT policy")
         policy = tiny_llama(len(tokenizer), hidden_size=64, layers=2, heads=4)
         policy.load_state_dict(sft_model.state_dict())
-        cfg = load_config(
-            base={
-                "objective.loss": [name],
-                "objective.beta": BETA,
-                **({"objective.dpop_lambda": DPOP_LAMBDA} if name == "dpop" else {}),
-                "train.output_dir": str(out / name),
-                "train.learning_rate": 2e-3,
-                "train.batch_size": 32,
-                "train.epochs": 2 if quick else 3,
-                "train.warmup_steps": 5,
-                "train.log_every": 5,
-                "train.seed": seed,
-                "data.max_length": 64,
-            }
-        )
-        result = train(cfg, model=policy, tokenizer=tokenizer, train_data=train_records)
+        result, cfg = train_from_sft(policy, name, tokenizer, train_records, out / name, quick, seed)
         samples = sample(policy, tokenizer, eval_prompts, seed + 7)
         held_out_pairs, _ = prepare_pairs(held_out_records, tokenizer, cfg.data, progress=False)
-        implicit = implicit_rewards(policy, sft_model, held_out_pairs, tokenizer.pad_token_id, BETA)
+        implicit = implicit_rewards(policy, sft_model, list(held_out_pairs), tokenizer.pad_token_id, BETA)
         columns[name] = {
             "win_rate_vs_sft": win_rate(task, samples, sft_samples),
             "true_reward": _mean(map(task.true_reward, samples)),
@@ -193,8 +160,79 @@ def run_demo(output_dir: str = "demo-output", quick: bool = False, seed: int = 0
     # Names kept short for scripts: the DPO policy's win rate is the headline figure.
     report["win_rate_dpo_vs_sft"] = columns["dpo"]["win_rate_vs_sft"]
     report["seconds"] = time.perf_counter() - started
+    print_table(report["true_reward_sft"], columns)
+    png = out / "training_curves.png"
+    if plot_curves({m: out / m / "metrics.jsonl" for m in ("dpo", "dpop")}, png):
+        print(f"training curves: {png}")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"report: {out / 'report.json'}  ({report['seconds']:.0f} s)")
+    return report
+
+
+def sft_warm_start(
+    model: nn.Module, tokenizer: Any, task: SentimentTask, output_dir: Path, quick: bool, seed: int
+) -> nn.Module:
+    """``model`` trained to write random reviews (with ``objective.loss=sft``: the chosen ones);
+    returns a copy of it, the SFT policy every later policy starts from and is measured against."""
+    rng = random.Random(seed)
+    sft_records = [
+        {"prompt": p, "chosen": task.random_response(rng), "rejected": task.random_response(rng)}
+        for p in task.prompts(2048, seed)
+    ]
+    sft_cfg = load_config(
+        base={
+            "objective.loss": ["sft"],
+            "train.output_dir": str(output_dir),
+            "train.learning_rate": 3e-3,
+            "train.batch_size": 32,
+            "train.max_steps": 60 if quick else 150,
+            "train.warmup_steps": 10,
+            "train.log_every": 25,
+            "train.seed": seed,
+            "data.max_length": 64,
+            "data.identical_pairs": "drop",
+        }
+    )
+    train(sft_cfg, model=model, tokenizer=tokenizer, train_data=sft_records)
+    sft_model = tiny_llama(len(tokenizer), hidden_size=64, layers=2, heads=4)
+    sft_model.load_state_dict(model.state_dict())
+    return sft_model
+
+
+def train_from_sft(
+    policy: nn.Module,
+    objective: str,
+    tokenizer: Any,
+    records: list[dict],
+    output_dir: Path,
+    quick: bool,
+    seed: int,
+) -> tuple[TrainResult, RunConfig]:
+    """``policy`` (a copy of the SFT policy) trained with ``objective`` (``dpo`` or ``dpop``) on the
+    on-policy pairs; returns the run's result and its config."""
+    cfg = load_config(
+        base={
+            "objective.loss": [objective],
+            "objective.beta": BETA,
+            **({"objective.dpop_lambda": DPOP_LAMBDA} if objective == "dpop" else {}),
+            "train.output_dir": str(output_dir),
+            "train.learning_rate": 2e-3,
+            "train.batch_size": 32,
+            "train.epochs": 2 if quick else 3,
+            "train.warmup_steps": 5,
+            "train.log_every": 5,
+            "train.seed": seed,
+            "data.max_length": 64,
+        }
+    )
+    return train(cfg, model=policy, tokenizer=tokenizer, train_data=records), cfg
+
+
+def print_table(true_reward_sft: float, columns: dict[str, dict[str, float]]) -> None:
+    """The figures of SFT (where it has them), DPO and DPOP side by side, then what DPO did to
+    log p(chosen)."""
     rows = [
-        ("true reward, held-out samples", "true_reward", "{:.3f}", f"{report['true_reward_sft']:.3f}"),
+        ("true reward, held-out samples", "true_reward", "{:.3f}", f"{true_reward_sft:.3f}"),
         ("win rate vs SFT (true reward)", "win_rate_vs_sft", "{:.1%}", "50.0%"),
         ("train reward accuracy (last)", "train_reward_accuracy", "{:.1%}", "—"),
         ("train reward margin (last)", "train_reward_margin", "{:.3f}", "0.000"),
@@ -218,12 +256,6 @@ def run_demo(output_dir: str = "demo-output", quick: bool = False, seed: int = 0
         print(
             f"rejected one faster (a known DPO failure mode). DPOP (λ={DPOP_LAMBDA:g}) moved it by {dpop_drift:+.2f}."
         )
-    png = out / "training_curves.png"
-    if plot_curves({m: out / m / "metrics.jsonl" for m in ("dpo", "dpop")}, png):
-        print(f"training curves: {png}")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"report: {out / 'report.json'}  ({report['seconds']:.0f} s)")
-    return report
 
 
 def _mean(values: Any) -> float:

@@ -25,6 +25,7 @@ from typing import Any
 from ..config import DataConfig
 from ..evaluation.evaluate import evaluate, load_sets, score_sets
 from ..evaluation.plots import grouped_bars, pyplot, save
+from ..evaluation.settings import EvalSettings
 from ..generation.sampling import sample
 from ..generation.scoring import RewardModelScorer
 from ..recipes.reward import train_reward_model
@@ -127,7 +128,14 @@ def _run(lab: Lab) -> dict[str, Any]:
     scorer = RewardModelScorer(str(lab.output / "runs" / "rm" / "final"), batch_size=64, device="cpu")
     rewards = score_sets(scorer, eval_sets)
     evals = {
-        beta: evaluate(policy, lab.tokenizer, eval_sets, reference, beta=beta, batch_size=64, rewards=rewards)
+        beta: evaluate(
+            policy,
+            lab.tokenizer,
+            eval_sets,
+            reference,
+            settings=EvalSettings(beta=beta, batch_size=64),
+            rewards=rewards,
+        )
         for beta, policy in policies.items()
     }
 

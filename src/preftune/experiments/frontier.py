@@ -23,7 +23,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..config import ModelConfig
 from ..data import Text
 from ..evaluation.plots import frontier_plot
 from ..evaluation.samples import sample_report
+from ..evaluation.settings import EvalSettings
 from ..generation.rollout import eos_ids
 from ..generation.sampling import generate
 from ..generation.scoring import load_scorer
@@ -77,22 +78,25 @@ def run(output: Path, seed: int = 0, quick: bool = False) -> dict[str, Any]:
         return _run(Lab(output, seed, quick))
 
 
-def _run(lab: Lab) -> dict[str, Any]:
-    sizes = QUICK if lab.quick else FULL
-    task = SentimentTask()
-    lab.say("1/6 SFT: the reference writes reviews")
-    reference = lab.sft(task, sizes.sft_steps)
-    held_out: dict[tuple[int, ...], Text] = {
-        tuple(lab.tokenizer(task.prompt(t))["input_ids"]): task.prompt(t) for t in HELD_OUT_TOPICS
-    }
-    points: list[dict[str, Any]] = []
+@dataclass
+class Frontier:
+    """The points measured so far: each policy's true reward and KL(π‖π_ref), from samples for the
+    held-out prompts (``settings``: how many, how long, from which seed)."""
 
-    def measure(method: str, setting: str, policy: nn.Module, run: str | None) -> None:
-        report = sample_report(
-            policy, reference, lab.tokenizer, held_out, TrueReward(), sizes.samples_per_prompt,
-            MAX_NEW_TOKENS, 1000 * lab.seed + 11,
-        )  # fmt: skip
-        points.append(
+    lab: Lab
+    reference: nn.Module
+    held_out: dict[tuple[int, ...], Text]
+    settings: EvalSettings
+    points: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self, policy: nn.Module) -> dict[str, Any]:
+        """:func:`~preftune.evaluation.samples.sample_report` of ``policy`` against the reference."""
+        tokenizer = self.lab.tokenizer
+        return sample_report(policy, self.reference, tokenizer, self.held_out, TrueReward(), self.settings)
+
+    def measure(self, method: str, setting: str, policy: nn.Module, run: str | None) -> None:
+        report = self.report(policy)
+        self.points.append(
             {
                 "method": method,
                 "setting": setting,
@@ -104,17 +108,26 @@ def _run(lab: Lab) -> dict[str, Any]:
                 "run": run,
             }
         )
-        lab.say(
-            f"    {method} {setting}: true reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.2f} nats"
-        )
+        point = self.points[-1]
+        self.lab.say(f"    {method} {setting}: true reward {point['reward']:+.3f}, KL {point['kl']:.2f} nats")
+
+
+def _run(lab: Lab) -> dict[str, Any]:
+    sizes = QUICK if lab.quick else FULL
+    task = SentimentTask()
+    lab.say("1/6 SFT: the reference writes reviews")
+    reference = lab.sft(task, sizes.sft_steps)
+    held_out: dict[tuple[int, ...], Text] = {
+        tuple(lab.tokenizer(task.prompt(t))["input_ids"]): task.prompt(t) for t in HELD_OUT_TOPICS
+    }
+    measured = EvalSettings(
+        samples=sizes.samples_per_prompt, max_new_tokens=MAX_NEW_TOKENS, seed=1000 * lab.seed + 11
+    )
+    frontier = Frontier(lab, reference, held_out, measured)
 
     lab.say("2/6 preference pairs from the reference's own samples, labelled by Bradley–Terry draws")
     records = reference_pairs(lab, task, reference, sizes.pair_prompts)
-    reference_report = sample_report(
-        reference, reference, lab.tokenizer, held_out, TrueReward(), sizes.samples_per_prompt,
-        MAX_NEW_TOKENS, 1000 * lab.seed + 11,
-    )  # fmt: skip
-    reference_reward = reference_report["reward_reference"]
+    reference_reward = frontier.report(reference)["reward_reference"]
 
     lab.say(f"3/6 DPO at β = {', '.join(map(str, DPO_BETAS))} on {len(records)} pairs")
     for beta in DPO_BETAS:
@@ -126,9 +139,26 @@ def _run(lab: Lab) -> dict[str, Any]:
             "train.warmup_steps": 5,
         }
         policy, _ = lab.policy(f"dpo-beta{beta}", reference, records, settings)
-        measure("DPO", f"β={beta}", policy, f"dpo-beta{beta}")
+        frontier.measure("DPO", f"β={beta}", policy, f"dpo-beta{beta}")
 
     lab.say("4/6 a reward model on the same pairs; PPO with the true reward and with the reward model")
+    prompts = [{"prompt": p} for p in train_prompts(task, max(sizes.pair_prompts, 64), 1000 * lab.seed + 3)]
+    ppo_points(frontier, records, prompts, sizes)
+
+    lab.say("5/6 online DPO with the true reward, round by round")
+    online_points(frontier, prompts[: sizes.online_prompts], sizes)
+
+    lab.say(f"6/6 best-of-N from the reference, N = {', '.join(map(str, BEST_OF))}")
+    frontier.points += best_of_n(lab, reference, list(held_out), sizes.best_of_pool)
+    return write_up(lab, sizes, len(records), frontier.points, reference_reward)
+
+
+def ppo_points(
+    frontier: Frontier, records: list[dict[str, str]], prompts: list[dict[str, str]], sizes: Sizes
+) -> None:
+    """A reward model learns from ``records`` (on the reference's backbone, with a new head); PPO
+    trains at each KL coefficient with the true reward, then with that reward model."""
+    lab, reference = frontier.lab, frontier.reference
     reward_model = tiny_reward_model(len(lab.tokenizer), seed=lab.seed)
     reward_model.load_state_dict(
         {k: v for k, v in reference.state_dict().items() if k.startswith("model.")}, strict=False
@@ -136,7 +166,6 @@ def _run(lab: Lab) -> dict[str, Any]:
     rm_settings = {"train.learning_rate": 3e-3, "train.epochs": 2, "train.warmup_steps": 5}
     lab.train("rm", train_reward_model, reward_model, records, rm_settings)
     learned = load_scorer(str(lab.output / "runs" / "rm" / "final"), batch_size=64, device="cpu")
-    prompts = [{"prompt": p} for p in train_prompts(task, max(sizes.pair_prompts, 64), 1000 * lab.seed + 3)]
     for label, scorer in (("PPO (true reward)", TrueReward()), ("PPO (reward model)", learned)):
         for coef in PPO_KL_COEFS:
             run = f"ppo-{'gt' if 'true' in label else 'rm'}-kl{coef}"
@@ -153,9 +182,13 @@ def _run(lab: Lab) -> dict[str, Any]:
             quietly(
                 lab, run, train_ppo, lab.config(run, settings), model=policy, prompts=prompts, scorer=scorer
             )
-            measure(label, f"β={coef}", policy.eval(), run)
+            frontier.measure(label, f"β={coef}", policy.eval(), run)
 
-    lab.say("5/6 online DPO with the true reward, round by round")
+
+def online_points(frontier: Frontier, prompts: list[dict[str, str]], sizes: Sizes) -> None:
+    """Online DPO from the reference, scoring its samples with the true reward; each round's policy
+    is measured."""
+    lab = frontier.lab
     online_settings = {
         "objective.loss": ["dpo"],
         "objective.beta": 0.1,
@@ -166,25 +199,26 @@ def _run(lab: Lab) -> dict[str, Any]:
         "rollout.max_new_tokens": MAX_NEW_TOKENS,
     }
     quietly(
-        lab, "online", train_online, lab.config("online", online_settings), model=copy.deepcopy(reference),
-        prompts=prompts[: sizes.online_prompts], scorer=TrueReward(),
+        lab, "online", train_online, lab.config("online", online_settings),
+        model=copy.deepcopy(frontier.reference), prompts=prompts, scorer=TrueReward(),
     )  # fmt: skip
     for r in range(1, sizes.online_rounds + 1):
         folder = lab.output / "runs" / "online" / f"round-{r:02d}" / "train" / "final"
         policy = load_model(ModelConfig(), str(folder)).eval()
-        measure("online DPO", f"round {r}", policy, f"online/round-{r:02d}")
+        frontier.measure("online DPO", f"round {r}", policy, f"online/round-{r:02d}")
 
-    lab.say(f"6/6 best-of-N from the reference, N = {', '.join(map(str, BEST_OF))}")
-    best = best_of_n(lab, reference, list(held_out), sizes.best_of_pool)
-    points += best
 
+def write_up(
+    lab: Lab, sizes: Sizes, pairs: int, points: list[dict[str, Any]], reference_reward: float
+) -> dict[str, Any]:
+    """``results.json``, ``report.md``, the plot and the table on the console; returns the results."""
     png = lab.output / f"{NAME}.png"
     plotted = frontier_plot(points, reference_reward, png)
     results: dict[str, Any] = {
         "sizes": asdict(sizes),
         "dpo_betas": list(DPO_BETAS),
         "ppo_kl_coefs": list(PPO_KL_COEFS),
-        "pairs": len(records),
+        "pairs": pairs,
         "reference_reward": reference_reward,
         "points": points,
         "dominance": dominance(points),

@@ -27,8 +27,9 @@ from ..data import TokenizedPair
 from ..data.packing import collate_for
 from ..evaluation.evaluate import evaluate, load_sets
 from ..evaluation.plots import COLORS, pyplot, save
+from ..evaluation.settings import EvalSettings
 from ..model.attention import choose_layout
-from ..model.logps import batch_logps
+from ..model.logps import LogpsRequest, sequence_logps
 from .common import MAX_LENGTH, Lab, markdown_table, one_thread, percent, substituted_pair, text_table
 from .synthetic import SentimentTask
 
@@ -71,8 +72,8 @@ def substituted_and_shared(
     for start in range(0, len(pairs), 64):
         chunk = pairs[start : start + 64]
         batch = collate(chunk)
-        ours = batch_logps(policy, batch, with_token_logps=True).token_logps
-        theirs = batch_logps(reference, batch, with_token_logps=True).token_logps
+        ours = sequence_logps(policy, batch, LogpsRequest(per_token=True)).token_logps
+        theirs = sequence_logps(reference, batch, LogpsRequest(per_token=True)).token_logps
         assert ours is not None and theirs is not None
         delta = (ours - theirs).double()
         for i, pair in enumerate(chunk):
@@ -111,7 +112,9 @@ def _run(lab: Lab) -> dict[str, Any]:
             }
             run_name = f"{label.lower().replace(' ', '-').replace('=', '')}-k{k}"
             policy, _ = lab.policy(run_name, reference, train_records, settings)
-            summary = evaluate(policy, lab.tokenizer, eval_sets, reference, beta=BETA, batch_size=64).summary
+            summary = evaluate(
+                policy, lab.tokenizer, eval_sets, reference, settings=EvalSettings(beta=BETA, batch_size=64)
+            ).summary
             train_report, held_report = (summary["sets"][name] for name, _ in paths)
             on_substituted, on_shared = substituted_and_shared(
                 policy, reference, eval_sets[0].pairs, lab.tokenizer.pad_token_id

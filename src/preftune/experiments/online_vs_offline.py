@@ -28,13 +28,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ..config import ModelConfig
 from ..data import Text
 from ..evaluation.plots import grouped_bars, pyplot, save
 from ..evaluation.samples import sample_report
+from ..evaluation.settings import EvalSettings
 from ..generation.scoring import RewardModelScorer
 from ..model.load import load_model
-from ..recipes.online import train_online
+from ..recipes.online import OnlineResult, train_online
 from ..recipes.reward import train_reward_model
 from .common import Lab, markdown_table, one_thread, percent, text_table
 from .synthetic import TOPICS, SentimentTask, tiny_reward_model
@@ -118,55 +121,11 @@ def _run(lab: Lab) -> dict[str, Any]:
         f"4/5 online DPO: {sizes.rounds} rounds x {prompts_per_round} prompts x {sizes.samples_per_prompt} "
         "samples, scored by the reward model, best against worst"
     )
-    online_config = lab.config(
-        "online",
-        {
-            **SETTINGS,
-            "train.max_steps": sizes.steps // sizes.rounds,
-            "online.rounds": sizes.rounds,
-            "online.samples_per_prompt": sizes.samples_per_prompt,
-            "online.prompts_per_round": prompts_per_round,
-            "online.final_samples": False,
-            "rollout.max_new_tokens": MAX_NEW_TOKENS,
-            "rollout.batch_size": 64,
-        },
-    )
-    # Each round draws fresh prompts, as RLHFlow's rounds each take a new slice of the prompt set.
-    round_prompts = task.prompts(sizes.pairs, base + 3)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        online_result = train_online(
-            online_config,
-            model=copy.deepcopy(start),
-            tokenizer=lab.tokenizer,
-            prompts=[{"prompt": p} for p in round_prompts],
-            scorer=scorer,
-        )
-    (lab.output / "runs" / "online.log").write_text(log.getvalue(), encoding="utf-8")
-    online = load_model(ModelConfig(), str(online_result.final_dir)).eval()
+    online, online_result = online_dpo(lab, task, start, scorer, sizes)
 
     lab.say(f"5/5 {sizes.eval_samples} samples of each policy per task prompt, scored by the true reward")
-    prompt_map: dict[tuple[int, ...], Text] = {
-        tuple(lab.tokenizer(task.prompt(topic))["input_ids"]): task.prompt(topic) for topic in TOPICS
-    }
     policies = {"starting policy (SFT)": start, "offline DPO": offline, "online DPO": online}
-    figures = {}
-    for label, model in policies.items():
-        true_reward = TrueReward()
-        report = sample_report(
-            model, start, lab.tokenizer, prompt_map, true_reward, sizes.eval_samples, MAX_NEW_TOKENS, lab.seed
-        )
-        half = len(true_reward.completions) // 2  # the policy's samples come first, then the start's
-        rm_scores = scorer(true_reward.prompts[:half], true_reward.completions[:half])
-        figures[label] = {
-            "true_reward": report["reward_policy"],
-            # Against itself a policy wins half the time by definition; sampled, it would be noise.
-            "win_rate_vs_start": report["win_rate_policy_vs_reference"] if model is not start else 0.5,
-            "kl_to_start": report["kl_policy_reference"],
-            "kl_to_start_stderr": report["kl_policy_reference_stderr"],
-            "reward_model_score": sum(rm_scores) / len(rm_scores),
-            "sample_tokens": report["tokens_policy"],
-        }
+    figures = {label: measure(lab, task, model, start, scorer, sizes) for label, model in policies.items()}
     rounds = [
         {k: row[k] for k in ("round", "reward_mean", "kl_to_initial", "pairs", "ties", "train_accuracy")}
         for row in online_result.rounds
@@ -186,6 +145,62 @@ def _run(lab: Lab) -> dict[str, Any]:
     lab.write(NAME, results, report_text(lab, sizes, figures, rounds, header, rows, plotted))
     print(f"report: {lab.output / 'report.md'}  ({lab.seconds():.0f} s)")
     return results
+
+
+def online_dpo(
+    lab: Lab, task: SentimentTask, start: nn.Module, scorer: RewardModelScorer, sizes: Sizes
+) -> tuple[nn.Module, OnlineResult]:
+    """Online DPO from ``start``, its samples scored by ``scorer``: the final policy and the run's result."""
+    online_config = lab.config(
+        "online",
+        {
+            **SETTINGS,
+            "train.max_steps": sizes.steps // sizes.rounds,
+            "online.rounds": sizes.rounds,
+            "online.samples_per_prompt": sizes.samples_per_prompt,
+            "online.prompts_per_round": sizes.pairs // sizes.rounds,
+            "online.final_samples": False,
+            "rollout.max_new_tokens": MAX_NEW_TOKENS,
+            "rollout.batch_size": 64,
+        },
+    )
+    # Each round draws fresh prompts, as RLHFlow's rounds each take a new slice of the prompt set.
+    round_prompts = task.prompts(sizes.pairs, 1000 * lab.seed + 3)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        result = train_online(
+            online_config,
+            model=copy.deepcopy(start),
+            tokenizer=lab.tokenizer,
+            prompts=[{"prompt": p} for p in round_prompts],
+            scorer=scorer,
+        )
+    (lab.output / "runs" / "online.log").write_text(log.getvalue(), encoding="utf-8")
+    return load_model(ModelConfig(), str(result.final_dir)).eval(), result
+
+
+def measure(
+    lab: Lab, task: SentimentTask, model: nn.Module, start: nn.Module, scorer: RewardModelScorer, sizes: Sizes
+) -> dict[str, Any]:
+    """Samples of ``model`` and of ``start`` for every task prompt: the true reward, the win rate
+    against the start, the KL to it, and the reward model's score of ``model``'s samples."""
+    prompt_map: dict[tuple[int, ...], Text] = {
+        tuple(lab.tokenizer(task.prompt(topic))["input_ids"]): task.prompt(topic) for topic in TOPICS
+    }
+    true_reward = TrueReward()
+    settings = EvalSettings(samples=sizes.eval_samples, max_new_tokens=MAX_NEW_TOKENS, seed=lab.seed)
+    report = sample_report(model, start, lab.tokenizer, prompt_map, true_reward, settings)
+    half = len(true_reward.completions) // 2  # the policy's samples come first, then the start's
+    rm_scores = scorer(true_reward.prompts[:half], true_reward.completions[:half])
+    return {
+        "true_reward": report["reward_policy"],
+        # Against itself a policy wins half the time by definition; sampled, it would be noise.
+        "win_rate_vs_start": report["win_rate_policy_vs_reference"] if model is not start else 0.5,
+        "kl_to_start": report["kl_policy_reference"],
+        "kl_to_start_stderr": report["kl_policy_reference_stderr"],
+        "reward_model_score": sum(rm_scores) / len(rm_scores),
+        "sample_tokens": report["tokens_policy"],
+    }
 
 
 def table(figures: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

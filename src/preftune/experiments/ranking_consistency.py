@@ -27,6 +27,7 @@ from ..data import Text
 from ..evaluation.evaluate import evaluate, load_sets
 from ..evaluation.plots import COLORS, grouped_bars, pyplot, save
 from ..evaluation.samples import sample_report
+from ..evaluation.settings import EvalSettings
 from .common import MAX_LENGTH, Lab, markdown_table, one_thread, percent, text_table
 from .synthetic import NEGATIVE, POSITIVE, TOPICS, SentimentTask
 
@@ -107,11 +108,11 @@ def _run(lab: Lab) -> dict[str, Any]:
     }
 
     def measure(model: Any, label: str) -> dict[str, Any]:
-        sets = evaluate(model, lab.tokenizer, eval_sets, reference, batch_size=64).summary["sets"]
+        batched = EvalSettings(batch_size=64)
+        sets = evaluate(model, lab.tokenizer, eval_sets, reference, settings=batched).summary["sets"]
         scorer = TrueReward()
-        samples = sample_report(
-            model, reference, lab.tokenizer, prompts, scorer, sizes.samples_per_prompt, 16, lab.seed
-        )
+        sampling = EvalSettings(samples=sizes.samples_per_prompt, max_new_tokens=16, seed=lab.seed)
+        samples = sample_report(model, reference, lab.tokenizer, prompts, scorer, sampling)
         policy_samples = scorer.completions[: len(scorer.completions) // 2]
         return {
             "ranking_consistency_train": sets["train"]["ranking_consistency_policy"],
@@ -144,28 +145,45 @@ def _run(lab: Lab) -> dict[str, Any]:
                 train_records[: sizes.trajectory_pairs],
             )
             models[label] = measure(policy, label)
-            trajectories[label] = [
-                {
-                    "step": h["step"],
-                    "ranking_consistency": h["eval_ranking/policy"],
-                    # the objective's own reward: β log π/π_ref for DPO, β·mean log π for SimPO
-                    "own_reward_accuracy": h["eval_rewards/accuracies"],
-                }
-                for h in result.history
-                if "eval_ranking/policy" in h
-            ]
+            trajectories[label] = trajectory(result.history)
             lab.say(
                 f"    {label}: ranking {percent(models[label]['ranking_consistency_train'])}% of training pairs, "
                 f"true reward {models[label]['true_reward']:+.3f}"
             )
 
     lab.say("4/4 report")
+    bayes = {"train": train_bayes, "heldout": held_out_bayes}
+    return write_up(lab, sizes, bayes, models, trajectories)
+
+
+def trajectory(history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The training run's evaluations: ranking consistency and the objective's own reward accuracy."""
+    return [
+        {
+            "step": h["step"],
+            "ranking_consistency": h["eval_ranking/policy"],
+            # the objective's own reward: β log π/π_ref for DPO, β·mean log π for SimPO
+            "own_reward_accuracy": h["eval_rewards/accuracies"],
+        }
+        for h in history
+        if "eval_ranking/policy" in h
+    ]
+
+
+def write_up(
+    lab: Lab,
+    sizes: Sizes,
+    bayes: dict[str, float],
+    models: dict[str, dict[str, Any]],
+    trajectories: dict[str, list[dict[str, float]]],
+) -> dict[str, Any]:
+    """``results.json``, ``report.md``, the plot and the table on the console; returns the results."""
     png = lab.output / f"{NAME}.png"
     plotted = plot(models, trajectories, models["reference"]["ranking_consistency_train"], png)
     results: dict[str, Any] = {
         "sizes": asdict(sizes),
         "learning_rates": RATES,
-        "bayes_accuracy": {"train": train_bayes, "heldout": held_out_bayes},
+        "bayes_accuracy": bayes,
         "models": models,
         "trajectories": trajectories,
     }

@@ -30,15 +30,17 @@ def generate(
     max_new_tokens: int,
     seed: int,
     batch_size: int = BATCH_SIZE,
-    progress: bool = False,
-    desc: str = "sampling",
+    progress: str | None = None,
 ) -> list[list[int]]:
-    """One sampled completion (token ids) per prompt, from the model's unwarped distribution."""
+    """One sampled completion (token ids) per prompt, from the model's unwarped distribution;
+    ``progress``: the label of a progress bar over the batches (None: no bar)."""
     params = RolloutConfig(
         max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, batch_size=batch_size
     )
-    rollout = TransformersRollout(model, pad_token_id, stop_ids, progress)
-    return [completion.ids for completion in rollout.generate(prompt_ids, params, seed, desc)]
+    rollout = TransformersRollout(model, pad_token_id, stop_ids, progress is not None)
+    return [
+        completion.ids for completion in rollout.generate(prompt_ids, params, seed, progress or "sampling")
+    ]
 
 
 def sample(model: Any, tokenizer: Any, prompts: list[str], seed: int, max_new_tokens: int = 12) -> list[str]:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..data import Text, sequence_ids
 from ..data.files import write_jsonl
 from ..data.layouts import pad_rows
+from ..data.outputs import check_not_input, check_output_file
 from ..errors import ModelLoadError, ScorerError
 from ..model.reward_head import sequence_rewards
 
@@ -183,6 +184,13 @@ def load_scorer(spec: str, allow_unscored: bool = False, **model_options: Any) -
 
 
 # --------------------------------------------------------------------------- preftune rm score
+
+
+def check_scores_output(output: Path, data: Any, model: str) -> None:
+    """``rm score``'s output, checked before the model loads: a file that can be written, and
+    neither the records read nor inside the reward model's folder."""
+    check_output_file(output, "--output")
+    check_not_input(output, {"--data": data, "--model": model}, "--output")
 
 
 def score_file(

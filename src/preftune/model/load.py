@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig, read_template
 from ..errors import ConfigError, ModelLoadError
+from .quantize import bnb_config, is_quantized, quantization_device, quantized, require_bitsandbytes
 
 __all__ = ["ModelLoadError", "load_model", "load_tokenizer", "prepare_for_training"]
 
@@ -102,28 +103,27 @@ def prepare_tokenizer(tokenizer: Any, cfg: ModelConfig, chat_template: str | Non
     return tokenizer
 
 
-def _load_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+def _load_kwargs(cfg: ModelConfig, quantize: str | None = None) -> dict[str, Any]:
+    """``from_pretrained``'s arguments; ``quantize`` (``nf4``, ``int8``, ``none``; None: nf4 when
+    ``model.load_in_4bit``) quantizes the weights as they load, computing in ``model.dtype``."""
+    dtype = resolve_dtype(cfg)
     kwargs: dict[str, Any] = {
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
-        "dtype": resolve_dtype(cfg),
+        "dtype": dtype,
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+    kind = quantize or ("nf4" if cfg.load_in_4bit else "none")
+    if kind != "none":
+        require_bitsandbytes("model.load_in_4bit" if quantize is None else "reference.quantize")
+        kwargs["quantization_config"] = bnb_config(kind, dtype)
     return kwargs
 
 
-def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Module:
-    """An ``AutoModelForCausalLM`` by hub name or local path (``name_or_path`` overrides the config's)."""
+def load_model(cfg: ModelConfig, name_or_path: str | None = None, quantize: str | None = None) -> nn.Module:
+    """An ``AutoModelForCausalLM`` by hub name or local path (``name_or_path`` overrides the config's),
+    quantized as ``quantize`` says (None: QLoRA's NF4 base when ``model.load_in_4bit``)."""
     from transformers import AutoModelForCausalLM
 
     path = name_or_path or cfg.name_or_path
@@ -131,7 +131,7 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None) -> nn.Module:
     check_local_path(path, key)
     check_hub_reachable(path, key, cfg.revision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg))
+        model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg, quantize))
     except Exception as err:
         raise ModelLoadError(f"{key}: could not load a causal LM from '{path}': {_reason(err)}") from None
     return model
@@ -182,7 +182,13 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, say: Any = pri
 
 
 def prepare_for_training(model: Any, cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> Any:
-    """Gradient checkpointing, dropout off (it makes the policy and reference disagree), LoRA."""
+    """QLoRA's NF4 base, dropout off (it makes the policy and reference disagree), gradient
+    checkpointing, LoRA.
+
+    With ``model.load_in_4bit`` a model object that is not quantized yet (one passed in Python, or
+    a critic built from the policy) is quantized into a new model: the object itself is not trained."""
+    if cfg.load_in_4bit and not is_quantized(model):
+        model = quantized(model, "nf4", resolve_dtype(cfg), quantization_device())
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
@@ -211,8 +217,9 @@ def apply_lora(model: nn.Module, cfg: ModelConfig, task_type: str = "CAUSAL_LM")
     try:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     except ImportError:
-        raise ConfigError("model.lora: needs peft (pip install 'preftune[lora]')") from None
-    if cfg.load_in_4bit:
+        extra = "quant" if cfg.load_in_4bit else "lora"
+        raise ConfigError(f"model.lora: needs peft (pip install 'preftune[{extra}]')") from None
+    if is_quantized(model):
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,

@@ -26,25 +26,55 @@ if TYPE_CHECKING:
     from ..data.layouts import Batch, SequenceBatch
 
 
+STATS = ("mean_logit", "log_sum_sq", "correct", "entropy")
+"""Per-token statistics the chunked head can return beside the label log-prob (all detached):
+the vocabulary-mean logit (``logits/*`` metrics), ``log Σ_v p_v²`` (the distribution's collision
+probability), whether the argmax is the label (token accuracy) and the entropy of the next-token
+distribution."""
+
+
+@dataclass(frozen=True)
+class LogpsRequest:
+    """What the chunked head computes beside each sequence's summed completion log-probs and token
+    count. It names per-token statistics and the batch's per-token masks, never an objective: the
+    code that knows an objective asks for what that objective reads."""
+
+    stats: tuple[str, ...] = ()
+    """Detached per-token statistics to compute (:data:`STATS`), each summed per sequence into
+    :attr:`SequenceLogps.stats`."""
+    per_token: bool = False
+    """Also keep each completion token's log-prob and statistics (:attr:`SequenceLogps.token_logps`,
+    :attr:`SequenceLogps.token_stats`)."""
+    masks: tuple[str, ...] = ()
+    """``[N]`` per-token masks of the batch, by field name (``label_tail``), over which the log-probs
+    are also summed (:attr:`SequenceLogps.masked_logps`, with their gradient)."""
+    temperature: float = 1.0
+    """The log-probs are those of ``logits / temperature`` (PPO scores its samples under the
+    distribution they were drawn from)."""
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.stats if name not in STATS]
+        if unknown:
+            raise ValueError(f"unknown per-token statistics {unknown}; known: {list(STATS)}")
+
+
 @dataclass
 class SequenceLogps:
-    """Per-sequence statistics, each ``[S]``; which sequence is which is the layout's business."""
+    """Per-sequence statistics, each ``[S]`` unless said; which sequence is which is the layout's
+    business. What is there beside ``logps`` and ``tokens`` is what the :class:`LogpsRequest` asked."""
 
     logps: Tensor
     """Sum of completion-token log-probs."""
     tokens: Tensor
     """Number of completion tokens (float)."""
-    logits_sum: Tensor
-    """Sum over completion tokens of the vocabulary-mean logit (detached; for ``logits/*`` metrics)."""
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    """Sum over completion tokens of each per-token statistic asked for (detached)."""
+    masked_logps: dict[str, Tensor] = field(default_factory=dict)
+    """Sum of the log-probs of the tokens each mask asked for marks."""
     token_logps: Tensor | None = None
     """``[N]`` each completion token's log-prob, in ``label_index`` order (when asked for)."""
-    tail_logps: Tensor | None = None
-    """``[S]`` sum over the tokens the batch marks as tail (``label_tail``; LD-DPO), when asked for."""
-    wpo_logps: Tensor | None = None
-    """``[S]`` detached ``Σ_t (log p(y_t) − log Σ_v p(v)²)`` over completion tokens (WPO's weights),
-    when asked for."""
-    extras: dict[str, Tensor] = field(default_factory=dict)
-    """``[S]`` sums of further per-token statistics asked for (``correct``, ``entropy``)."""
+    token_stats: dict[str, Tensor] = field(default_factory=dict)
+    """``[N]`` each completion token's statistics, in ``label_index`` order (when asked for)."""
 
 
 def label_logps(logits: Tensor, labels: Tensor) -> Tensor:
@@ -89,29 +119,23 @@ class LogitTransform:
         return logits
 
 
-STATS = ("mean", "log_sum_sq", "correct", "entropy")
-"""Per-token statistics the chunked head can return beside the label log-prob (all detached):
-the vocabulary-mean logit (``logits/*`` metrics), ``log Σ_v p_v²`` (WPO's weights), whether the
-argmax is the label (token accuracy) and the entropy of the next-token distribution."""
-
-
 def _head_chunk(
     head: nn.Module, hidden: Tensor, labels: Tensor, transform: LogitTransform, stats: tuple[str, ...]
 ) -> tuple[Tensor, dict[str, Tensor]]:
     logits = transform(head(hidden).float())
-    extras: dict[str, Tensor] = {}
+    token_stats: dict[str, Tensor] = {}
     with torch.no_grad():
-        if "mean" in stats:
-            extras["mean"] = logits.mean(dim=-1)
+        if "mean_logit" in stats:
+            token_stats["mean_logit"] = logits.mean(dim=-1)
         if "log_sum_sq" in stats or "entropy" in stats:
             normalizer = torch.logsumexp(logits, dim=-1)
         if "log_sum_sq" in stats:  # log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z)
-            extras["log_sum_sq"] = torch.logsumexp(2 * logits, dim=-1) - 2 * normalizer
+            token_stats["log_sum_sq"] = torch.logsumexp(2 * logits, dim=-1) - 2 * normalizer
         if "correct" in stats:
-            extras["correct"] = (logits.argmax(dim=-1) == labels).float()
+            token_stats["correct"] = (logits.argmax(dim=-1) == labels).float()
         if "entropy" in stats:  # H = logsumexp(z) − Σ_v p_v z_v
-            extras["entropy"] = normalizer - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
-    return label_logps(logits, labels), extras
+            token_stats["entropy"] = normalizer - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    return label_logps(logits, labels), token_stats
 
 
 def chunked_label_logps(
@@ -120,12 +144,12 @@ def chunked_label_logps(
     labels: Tensor,
     chunk_size: int,
     transform: LogitTransform = LogitTransform(),
-    stats: tuple[str, ...] = ("mean",),
+    stats: tuple[str, ...] = (),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Label log-probs of ``hidden [N, H]``, ``labels [N]``, ``chunk_size`` rows at a time, and the
     requested :data:`STATS` (each ``[N]``, detached)."""
     logps: list[Tensor] = []
-    extras: dict[str, list[Tensor]] = {name: [] for name in stats}
+    token_stats: dict[str, list[Tensor]] = {name: [] for name in stats}
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
@@ -133,11 +157,11 @@ def chunked_label_logps(
         lp, chunk = checkpoint(_head_chunk, *args, use_reentrant=False) if recompute else _head_chunk(*args)
         logps.append(lp)
         for name, values in chunk.items():
-            extras[name].append(values.detach())
+            token_stats[name].append(values.detach())
     if not logps:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, {name: empty for name in stats}
-    return torch.cat(logps), {name: torch.cat(values) for name, values in extras.items()}
+    return torch.cat(logps), {name: torch.cat(values) for name, values in token_stats.items()}
 
 
 def auto_chunk_size(vocab_size: int, logits_per_chunk: int = 2**25) -> int:
@@ -151,123 +175,64 @@ def auto_chunk_size(vocab_size: int, logits_per_chunk: int = 2**25) -> int:
 
 def sequence_logps(
     model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    label_index: Tensor,
-    label_sequence: Tensor,
-    num_sequences: int,
+    batch: Batch | SequenceBatch,
+    request: LogpsRequest = LogpsRequest(),
     chunk_size: int | None = None,
-    position_ids: Tensor | None = None,
-    with_mean_logits: bool = True,
-    with_token_logps: bool = False,
-    label_tail: Tensor | None = None,
-    with_wpo: bool = False,
-    extra_stats: tuple[str, ...] = (),
-    temperature: float = 1.0,
-    segment_ids: Tensor | None = None,
-    label_source: Tensor | None = None,
 ) -> SequenceLogps:
-    """Per-sequence completion log-prob statistics of a causal LM over rows ``[R, T]``.
+    """Per-sequence completion log-prob statistics of a causal LM over a batch's rows ``[R, T]``.
 
-    Token at flat position ``i`` (``label_index``) is predicted from position ``i − 1`` (or
-    ``label_source``) and counts towards sequence ``label_sequence[i]``; the layout computed them
-    on the host. ``segment_ids`` (rows holding several sequences) become the attention mask.
-    ``label_tail`` (``[N]``) also sums the tokens it marks; ``with_wpo`` also sums WPO's
-    per-token ``log p − log Σ p²``; ``extra_stats`` (``correct``, ``entropy``) are summed per
-    sequence into :attr:`SequenceLogps.extras`; ``temperature`` divides the logits first.
+    Token at flat position ``i`` (``batch.label_index``) is predicted from position ``i − 1`` (or
+    ``batch.label_source``) and counts towards sequence ``batch.label_sequence[i]``; the layout
+    computed them on the host. ``batch.segment_ids`` (rows holding several sequences) become the
+    attention mask. ``request`` says what else to compute.
     """
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
-    mask: Any = attention_mask
+    mask: Any = batch.attention_mask
+    segment_ids = getattr(batch, "segment_ids", None)
     if segment_ids is not None:
         mask = pair_attention_mask(segment_ids, lm.config, head.weight.dtype)
     hidden = lm.get_decoder()(
-        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
     ).last_hidden_state
     # Hidden state i−1 predicts token i: gather only those positions, [N, H].
-    source = label_index - 1 if label_source is None else label_source
+    label_source = getattr(batch, "label_source", None)
+    source = batch.label_index - 1 if label_source is None else label_source
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)
-    labels = input_ids.reshape(-1).index_select(0, label_index)
+    labels = batch.input_ids.reshape(-1).index_select(0, batch.label_index)
     if chunk_size is None:
         chunk_size = auto_chunk_size(int(head.weight.shape[0]))
-    transform = dataclasses.replace(LogitTransform.of(lm.config), temperature=temperature)
-    stats = ("mean",) * with_mean_logits + ("log_sum_sq",) * with_wpo + tuple(extra_stats)
-    token_logps, extras = chunked_label_logps(selected, head, labels, chunk_size, transform, stats)
-    sums = sequence_sums(
-        token_logps,
-        label_sequence,
-        num_sequences,
-        extras.get("mean"),
-        label_tail,
-        extras.get("log_sum_sq"),
-        with_token_logps,
+    transform = dataclasses.replace(LogitTransform.of(lm.config), temperature=request.temperature)
+    token_logps, token_stats = chunked_label_logps(
+        selected, head, labels, chunk_size, transform, request.stats
     )
-    sums.extras = {
-        name: sums.logps.new_zeros(num_sequences).index_add(0, label_sequence, extras[name])
-        for name in extra_stats
-    }
-    return sums
+    return sequence_sums(token_logps, token_stats, batch, request)
 
 
 def sequence_sums(
-    token_logps: Tensor,
-    label_sequence: Tensor,
-    num_sequences: int,
-    mean_logits: Tensor | None = None,
-    label_tail: Tensor | None = None,
-    log_sum_sq: Tensor | None = None,
-    keep_token_logps: bool = False,
+    token_logps: Tensor, token_stats: dict[str, Tensor], batch: Batch | SequenceBatch, request: LogpsRequest
 ) -> SequenceLogps:
-    """Per-token values ``[N]`` (in ``label_index`` order) summed into their ``num_sequences``
-    sequences: log-probs, token counts, mean logits; the log-probs over ``label_tail``; WPO's
-    ``log p − log Σ_v p_v²`` given each token's ``log_sum_sq``."""
-    zeros = token_logps.new_zeros(num_sequences)
+    """Per-token values ``[N]`` (in ``batch.label_index`` order) summed into the batch's sequences:
+    log-probs, token counts, each statistic of ``token_stats``, and the log-probs over each of the
+    request's masks; the per-token values themselves kept when the request says so."""
+    zeros = token_logps.new_zeros(batch.num_sequences)
 
     def total(values: Tensor) -> Tensor:
-        return zeros.index_add(0, label_sequence, values)
+        return zeros.index_add(0, batch.label_sequence, values)
+
+    def mask(name: str) -> Tensor:
+        values: Tensor | None = getattr(batch, name, None)
+        if values is None:
+            raise ValueError(f"the batch has no per-token mask '{name}'")
+        return values
 
     return SequenceLogps(
         logps=total(token_logps),
         tokens=total(torch.ones_like(token_logps).detach()),
-        logits_sum=total(torch.zeros_like(token_logps) if mean_logits is None else mean_logits),
-        token_logps=token_logps if keep_token_logps else None,
-        tail_logps=None if label_tail is None else total(token_logps * label_tail),
-        wpo_logps=None if log_sum_sq is None else total(token_logps.detach() - log_sum_sq),
-    )
-
-
-def batch_logps(
-    model: nn.Module,
-    batch: Batch | SequenceBatch,
-    chunk_size: int | None = None,
-    with_mean_logits: bool = True,
-    with_token_logps: bool = False,
-    with_tails: bool = False,
-    with_wpo: bool = False,
-    extra_stats: tuple[str, ...] = (),
-    temperature: float = 1.0,
-) -> SequenceLogps:
-    """:func:`sequence_logps` of every sequence of a :class:`~preftune.data.layouts.Batch`
-    (``with_token_logps``: also each completion token's, in ``batch.label_index`` order;
-    ``with_tails``: also the sums over ``batch.label_tail``; ``with_wpo``: WPO's sums;
-    ``temperature``: of the distribution ``logits / temperature``)."""
-    return sequence_logps(
-        model,
-        batch.input_ids,
-        batch.attention_mask,
-        batch.label_index,
-        batch.label_sequence,
-        batch.num_sequences,
-        chunk_size,
-        batch.position_ids,
-        with_mean_logits,
-        with_token_logps,
-        batch.label_tail if with_tails else None,
-        with_wpo,
-        extra_stats,
-        temperature,
-        getattr(batch, "segment_ids", None),
-        getattr(batch, "label_source", None),
+        stats={name: total(values) for name, values in token_stats.items()},
+        masked_logps={name: total(token_logps * mask(name)) for name in request.masks},
+        token_logps=token_logps if request.per_token else None,
+        token_stats=token_stats if request.per_token else {},
     )
 
 
@@ -281,40 +246,24 @@ def full_logits_sequence_logps(
 
 
 class PolicyLogps(nn.Module):
-    """Wraps a causal LM so that its forward returns :class:`SequenceLogps` of a batch.
+    """Wraps a causal LM so that its forward returns the :class:`SequenceLogps` of a batch that
+    ``request`` asks for.
 
     Data-parallel wrappers (DDP/FSDP through ``accelerate``) must see the call as this
     module's forward for their gradient hooks, hence a module rather than a function.
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        chunk_size: int | None = None,
-        with_tails: bool = False,
-        with_wpo: bool = False,
-        extra_stats: tuple[str, ...] = (),
-        with_mean_logits: bool | None = None,
+        self, model: nn.Module, request: LogpsRequest = LogpsRequest(), chunk_size: int | None = None
     ):
         super().__init__()
         self.model = model
+        self.request = request
         self.chunk_size = chunk_size
-        self.with_tails = with_tails
-        self.with_wpo = with_wpo
-        self.extra_stats = extra_stats
-        self.with_mean_logits = not extra_stats if with_mean_logits is None else with_mean_logits
 
     def forward(self, batch: Batch | SequenceBatch, only_logps: bool = False) -> SequenceLogps:
         """The statistics this module was built for; ``only_logps``: the log-probs and token counts
         alone (KTO's KL sequences, which no metric reads)."""
-        if only_logps:
-            return batch_logps(self.model, batch, self.chunk_size, with_mean_logits=False)
-        return batch_logps(
-            self.model,
-            batch,
-            self.chunk_size,
-            with_mean_logits=self.with_mean_logits,
-            with_tails=self.with_tails,
-            with_wpo=self.with_wpo,
-            extra_stats=self.extra_stats,
+        return sequence_logps(
+            self.model, batch, LogpsRequest() if only_logps else self.request, self.chunk_size
         )

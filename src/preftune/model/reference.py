@@ -21,9 +21,11 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -32,13 +34,33 @@ from ..config import RunConfig
 from ..data import TokenizedPair
 from ..data.layouts import Batch, SequenceBatch
 from ..data.packing import collate_for
+from ..data.store import pair_indices, pair_lengths
 from ..distributed import on_main, process_group
 from ..errors import ConfigError, ReferenceCacheError
 from .attention import choose_layout
 from .load import freeze as freeze_model
-from .logps import PolicyLogps, SequenceLogps
+from .logps import LogpsRequest, PolicyLogps, SequenceLogps
+from .quantize import is_quantized, quantization_device, quantized
 
-__all__ = ["Reference", "ReferenceCacheError", "build_reference"]
+__all__ = ["Placement", "Reference", "ReferenceCacheError", "build_reference"]
+
+TAILS = "label_tail"
+"""The batch's per-token mask whose log-prob sums :meth:`Reference.logps_and_tails` adds."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process runs a model: its ``device``, the ``autocast`` context of the run's mixed
+    precision, whether it is the main process (the one that prints and writes files) and, when
+    the policy's weights are sharded (FSDP2, ZeRO-3), ``shard``: how a live reference is sharded
+    the same way (it takes the module whose forward gives the log-probs and returns the one to
+    call, each process holding its shards; every call is then a collective). The defaults: one
+    process on the CPU, no mixed precision, nothing sharded."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    is_main: bool = True
+    shard: Callable[[nn.Module], nn.Module] | None = None
 
 
 class Reference(Protocol):
@@ -76,8 +98,7 @@ class _ModelLogps:
 
     def logps_and_tails(self, batch: Batch) -> tuple[Tensor, Tensor]:
         sequences = self._sequences(batch, tails=True)
-        assert sequences.tail_logps is not None
-        return sequences.logps, sequences.tail_logps
+        return sequences.logps, sequences.masked_logps[TAILS]
 
 
 class ModelReference(_ModelLogps):
@@ -100,8 +121,8 @@ class AdapterOffReference(_ModelLogps):
 
 
 def _logps_module(model: nn.Module, chunk_size: int | None) -> nn.Module:
-    """The log-probs, with the sums over LD-DPO's tails unless ``only_logps``; no logit means."""
-    return PolicyLogps(model, chunk_size, with_tails=True, with_mean_logits=False)
+    """The log-probs, with the sums over the batch's tails unless ``only_logps``."""
+    return PolicyLogps(model, LogpsRequest(masks=(TAILS,)), chunk_size)
 
 
 class PrecomputedReference:
@@ -136,43 +157,54 @@ class PrecomputedReference:
 TABLES = ("chosen", "rejected", "chosen_tail", "rejected_tail")
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How pairs become batches: ``size`` pairs a batch in ``layout`` (packed rows of at most
+    ``pack_tokens`` tokens), padded with ``pad_token_id``."""
+
+    pad_token_id: int
+    size: int
+    layout: str = "padded"
+    pack_tokens: int | None = None
+
+    def collate(self) -> Callable[[Sequence[TokenizedPair]], Batch]:
+        return collate_for(self.layout, self.pad_token_id, self.pack_tokens)
+
+
 def precompute(
     reference: Reference,
     pairs: Sequence[TokenizedPair],
-    pad_token_id: int,
-    batch_size: int,
-    device: torch.device,
-    autocast: Any = contextlib.nullcontext,
+    batching: Batching,
+    placement: Placement = Placement(),
     progress: bool = True,
-    layout: str = "padded",
-    pack_tokens: int | None = None,
 ) -> dict[str, Tensor]:
     """One pass over ``pairs``; returns :class:`PrecomputedReference`'s tables, ``[max index + 1]``
-    tensors indexed by ``pair.index``: the sums and the sums over LD-DPO's tails (cheap to keep).
-    Batches of ``batch_size`` pairs in the run's ``layout`` (a packed or prefix-shared row computes
-    each prompt once; the tables are the padded layout's, to float rounding).
+    tensors indexed by ``pair.index``: the sums and the sums over the batch's tails (cheap to keep).
+    Batches as ``batching`` says, the run's layout (a packed or prefix-shared row computes each
+    prompt once; the tables are the padded layout's, to float rounding).
 
     Under a launched group (``torchrun``, ``accelerate launch``) each process computes every
     n-th pair of the longest-first order (so the shares cost alike) and the shares are gathered:
     every process returns all the tables, each pair computed once.
     """
     rank, world = process_group()
-    size = max(p.index for p in pairs) + 1
+    size = int(pair_indices(pairs).max()) + 1
     tables = {name: torch.full((size,), float("nan")) for name in TABLES}
-    # Longest first: the first batch shows an out-of-memory at once, not at the end.
-    ordered = sorted(pairs, key=lambda p: -(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))))
+    # Longest first: the first batch shows an out-of-memory at once, not at the end. Sorted by
+    # the lengths alone: a stored dataset's pairs are built only when their batch comes.
+    ordered = np.argsort(-pair_lengths(pairs), kind="stable")
     share = ordered[rank::world]
-    starts = range(0, len(share), batch_size)
-    collate = collate_for(layout, pad_token_id, pack_tokens)
+    starts = range(0, len(share), batching.size)
+    collate = batching.collate()
     for start in tqdm(starts, desc="reference log-probs", disable=None if progress else True, leave=False):
-        batch = collate(share[start : start + batch_size]).to(device)
-        with autocast():
+        batch = collate([pairs[int(i)] for i in share[start : start + batching.size]]).to(placement.device)
+        with placement.autocast():
             sums, tails = (t.float().cpu() for t in reference.logps_and_tails(batch))
         keys, chosen, rejected = batch.pair_index.cpu(), batch.chosen.cpu(), batch.rejected.cpu()
         tables["chosen"][keys], tables["rejected"][keys] = sums[chosen], sums[rejected]
         tables["chosen_tail"][keys], tables["rejected_tail"][keys] = tails[chosen], tails[rejected]
     if world > 1:
-        keys = torch.tensor([p.index for p in share], dtype=torch.long)
+        keys = torch.from_numpy(pair_indices(pairs)[share]).long()
         shares: list[Any] = [None] * world
         torch.distributed.all_gather_object(shares, (keys, {name: t[keys] for name, t in tables.items()}))
         for keys, values in shares:
@@ -206,81 +238,102 @@ def weights_digest(*models: nn.Module | None) -> str:
 
 
 def fingerprint(model: nn.Module, pairs: Sequence[TokenizedPair], extra: dict[str, Any]) -> str:
-    """A hash of the reference weights, every pair's token ids and the settings that change log-probs."""
+    """A hash of the reference weights, the pairs' token ids (a tokenized store's own key, which
+    names its ids, rather than every id hashed again) and the settings that change log-probs."""
     digest = hashlib.sha256()
     digest.update(_param_digest(model).encode())
-    for pair in pairs:
-        digest.update(json.dumps([pair.index, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    stored = getattr(pairs, "fingerprint", None)
+    if isinstance(stored, str):
+        digest.update(stored.encode())
+    else:
+        for pair in pairs:
+            digest.update(
+                json.dumps([pair.index, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode()
+            )
     digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class ReferenceCache:
+    """The file that keeps precomputed tables between runs. It serves a run whose fingerprint
+    matches: the reference weights (``model``), every pair's token ids and ``settings`` (what else
+    changes log-probs: dtype, mixed precision)."""
+
+    path: Path
+    model: nn.Module
+    settings: dict[str, Any]
+    replace_stale: bool = False
+    """Recompute a file that does not serve rather than refuse it: the run replaces the one that
+    wrote it (``train.overwrite``)."""
+    needs_tails: bool = False
+    """The objective reads the sums over the batch's tails (LD-DPO): a file without them does not serve."""
+
+    def read(self, pairs: Sequence[TokenizedPair]) -> dict[str, Tensor] | None:
+        """The cached tables when the file serves these pairs; None when there is no file, or one
+        to replace; raises :class:`ReferenceCacheError` when it does not serve."""
+        if not self.path.exists():
+            return None
+        try:
+            cached = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ReferenceCacheError(f"{self.path}: unreadable ({err}); delete it to recompute") from None
+        key = fingerprint(self.model, pairs, self.settings)
+        if cached.get("fingerprint") != key and not self.replace_stale:
+            raise ReferenceCacheError(
+                f"{self.path}: reference log-probs were computed for another model, data or tokenization "
+                f"(fingerprint {cached.get('fingerprint')} != {key}); delete the file to recompute them, "
+                "or use another train.output_dir"
+            )
+        complete = not self.needs_tails or set(TABLES) <= set(cached)
+        if not complete and not self.replace_stale:
+            raise ReferenceCacheError(
+                f"{self.path}: holds no sums over LD-DPO's tails (cached by an earlier version); "
+                "delete the file to recompute it"
+            )
+        if cached.get("fingerprint") == key and complete:
+            return {name: cached[name] for name in TABLES if name in cached}
+        return None
+
+    def write(self, pairs: Sequence[TokenizedPair], tables: dict[str, Tensor]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".tmp-{self.path.name}")
+        torch.save({"fingerprint": fingerprint(self.model, pairs, self.settings), **tables}, tmp)
+        os.replace(tmp, self.path)  # atomic: a crash never leaves half a cache
+
+
 def load_or_precompute(
-    cache_path: Path,
+    cache: ReferenceCache,
     source: Reference,
-    source_model: nn.Module,
     pairs: Sequence[TokenizedPair],
-    pad_token_id: int,
-    batch_size: int,
-    device: torch.device,
-    extra: dict[str, Any],
-    autocast: Any = contextlib.nullcontext,
+    batching: Batching,
+    placement: Placement = Placement(),
     progress: bool = True,
-    is_main: bool = True,
-    replace_stale: bool = False,
-    needs_tails: bool = False,
-    layout: str = "padded",
-    pack_tokens: int | None = None,
 ) -> PrecomputedReference:
-    """Reuse ``cache_path`` when its fingerprint matches; refuse it when it differs or lacks the
-    tails LD-DPO needs (or, with ``replace_stale``, for a run that replaces the one that wrote
-    it, recompute it); else compute it.
+    """The tables of ``cache`` when it serves these pairs (it refuses when it does not), else the
+    tables :func:`precompute` computes with ``source``, then cached.
 
     Under a launched group the main process alone reads and writes the cache (its verdict, its
     tables or its error reach every process), and the pairs are computed shared out
     (:func:`precompute`): nothing needs a file system the processes share.
     """
-    print_ = print if is_main else (lambda *a, **k: None)
+    say: Callable[[str], None] = print if placement.is_main else (lambda message: None)
 
-    def cached_tables() -> dict[str, Tensor] | None:
-        if not cache_path.exists():
-            return None
-        try:
-            cached = torch.load(cache_path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ReferenceCacheError(f"{cache_path}: unreadable ({err}); delete it to recompute") from None
-        key = fingerprint(source_model, pairs, extra)
-        if cached.get("fingerprint") != key and not replace_stale:
-            raise ReferenceCacheError(
-                f"{cache_path}: reference log-probs were computed for another model, data or tokenization "
-                f"(fingerprint {cached.get('fingerprint')} != {key}); delete the file to recompute them, "
-                "or use another train.output_dir"
-            )
-        complete = not needs_tails or set(TABLES) <= set(cached)
-        if not complete and not replace_stale:
-            raise ReferenceCacheError(
-                f"{cache_path}: holds no sums over LD-DPO's tails (cached by an earlier version); "
-                "delete the file to recompute it"
-            )
-        if cached.get("fingerprint") == key and complete:
-            print_(f"reference log-probs: reusing {cache_path}")
-            return {name: cached[name] for name in TABLES if name in cached}
-        return None
+    def reuse() -> dict[str, Tensor] | None:
+        tables = cache.read(pairs)
+        if tables is not None:
+            say(f"reference log-probs: reusing {cache.path}")
+        return tables
 
-    reused = on_main(cached_tables, ReferenceCacheError)
+    reused = on_main(reuse, ReferenceCacheError)
     if reused is not None:
         return PrecomputedReference(reused)
-    tables = precompute(
-        source, pairs, pad_token_id, batch_size, device, autocast, progress, layout, pack_tokens
-    )
+    tables = precompute(source, pairs, batching, placement, progress)
 
     def write() -> None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".tmp-{cache_path.name}")
-        torch.save({"fingerprint": fingerprint(source_model, pairs, extra), **tables}, tmp)
-        os.replace(tmp, cache_path)  # atomic: a crash never leaves half a cache
-        print_(
-            f"reference log-probs: computed for {len(pairs)} pairs ({layout} layout), cached in {cache_path}"
+        cache.write(pairs, tables)
+        say(
+            f"reference log-probs: computed for {len(pairs)} pairs ({batching.layout} layout), cached in {cache.path}"
         )
 
     on_main(write, ReferenceCacheError)  # the others wait for it, and stop with its error
@@ -308,16 +361,12 @@ def build_reference(
     reference_model: nn.Module | None,
     pairs: Sequence[TokenizedPair],
     pad_token_id: int,
-    device: torch.device,
-    autocast: Any,
-    is_main: bool,
-    shard: Callable[[nn.Module], nn.Module] | None = None,
+    placement: Placement,
 ) -> tuple[Reference | None, str]:
     """The reference the objective needs, per ``config.reference``; returns it and the strategy used.
 
-    ``shard`` (FSDP2, ZeRO-3) places a live reference as the policy is placed: it takes the
-    module whose forward gives the log-probs and returns the one to call, each process holding
-    its shards; the whole model never goes to the device. Every call is then a collective."""
+    A live reference is placed as ``placement`` says: under FSDP2 or ZeRO-3 sharded as the
+    policy is, the whole model never going to the device. A precomputed one reads ``pairs``."""
     from .load import is_peft, load_model
 
     chunk = config.train.logps_chunk_size
@@ -327,20 +376,22 @@ def build_reference(
     if strategy == "adapter":
         return AdapterOffReference(policy, chunk), strategy
     if reference_model is None and config.reference.path:
-        reference_model = load_model(config.model, config.reference.path)
+        reference_model = load_model(config.model, config.reference.path, config.reference.quantize)
     source_model = reference_model
-    if source_model is None:
-        # Precomputing reads the starting policy once; a live reference needs its own copy.
-        source_model = policy if strategy == "precomputed" else frozen_copy(policy)
-    live_shard = shard if strategy == "copy" else None  # precomputing reads the whole model, as before
+    if source_model is None and strategy == "precomputed":
+        source_model = policy  # precomputing reads the starting policy once
+    elif source_model is None or (config.reference.quantize != "none" and not is_quantized(source_model)):
+        # A live reference needs its own frozen copy (quantized: made without a full-precision one).
+        source_model = live_copy(config, source_model or policy, placement.device)
+    live_shard = placement.shard if strategy == "copy" else None  # precomputing reads the whole model
     if live_shard is not None and is_peft(source_model):
         raise ConfigError(
             "reference: a LoRA model (the policy's copy, or reference.path) cannot be sharded under FSDP2 "
             "or DeepSpeed ZeRO-3 yet; use DDP (examples/accelerate/ddp.yaml), a merged reference.path, or "
             "reference.strategy=precomputed"
         )
-    if live_shard is None and not getattr(source_model, "is_loaded_in_4bit", False):  # bitsandbytes placed
-        source_model.to(device)
+    if live_shard is None and not is_quantized(source_model):  # bitsandbytes placed it as it loaded
+        source_model.to(placement.device)
     source: AdapterOffReference | ModelReference
     if is_peft(source_model):
         source = AdapterOffReference(source_model, chunk)
@@ -350,35 +401,40 @@ def build_reference(
         if live_shard is not None:
             source.module = live_shard(source.module)
         return source, strategy
-    extra = {
-        "dtype": str(next(source_model.parameters()).dtype),
-        "mixed_precision": config.train.mixed_precision,
-    }
-    # The layout training would choose for this model; not in the fingerprint: every layout
-    # gives the same log-probs, so a cache serves a run with another layout.
-    layout, notice = choose_layout(config.data.layout, source_model, device_type=device.type)
-    if notice and is_main and source_model is not policy:  # the policy's own notice says it
-        print(f"reference log-probs: {notice}")
-    precomputed = load_or_precompute(
-        Path(config.train.output_dir) / "reference_logps.pt",
-        source,
-        source_model,
-        pairs,
-        pad_token_id,
-        config.reference.batch_size,
-        device,
-        extra,
-        autocast,
-        config.train.progress and is_main,
-        is_main,
-        replace_stale=config.train.overwrite,
-        needs_tails=config.objective.ld_alpha is not None,
-        layout=layout,
-        pack_tokens=config.data.pack_tokens,
-    )
-    if source_model is not policy and not getattr(source_model, "is_loaded_in_4bit", False):
+    precomputed = _precomputed(config, source, pairs, pad_token_id, placement, policy)
+    if source_model is not policy and not is_quantized(source_model):
         source_model.to("cpu")  # the tables are all training needs: free the device
     return precomputed, strategy
+
+
+def _precomputed(
+    config: RunConfig,
+    source: AdapterOffReference | ModelReference,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    placement: Placement,
+    policy: nn.Module,
+) -> PrecomputedReference:
+    """``source``'s tables, from ``train.output_dir``'s cache when it serves, else computed."""
+    cache = ReferenceCache(
+        Path(config.train.output_dir) / "reference_logps.pt",
+        source.model,
+        {
+            "dtype": str(next(source.model.parameters()).dtype),
+            "mixed_precision": config.train.mixed_precision,
+        },
+        replace_stale=config.train.overwrite,
+        needs_tails=config.objective.ld_alpha is not None,
+    )
+    # The layout training would choose for this model; not in the fingerprint: every layout
+    # gives the same log-probs, so a cache serves a run with another layout.
+    layout, notice = choose_layout(config.data.layout, source.model, device_type=placement.device.type)
+    if notice and placement.is_main and source.model is not policy:  # the policy's own notice says it
+        print(f"reference log-probs: {notice}")
+    batching = Batching(pad_token_id, config.reference.batch_size, layout, config.data.pack_tokens)
+    return load_or_precompute(
+        cache, source, pairs, batching, placement, config.train.progress and placement.is_main
+    )
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -387,12 +443,27 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return freeze_model(copy.deepcopy(model))
 
 
+def live_copy(config: RunConfig, model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """A frozen copy of ``model`` to serve as a live reference: quantized as ``reference.quantize``
+    says (from ``model``'s weights, with no full-precision copy on the way; a PEFT model's base
+    weights, its adapters off), else a deep copy."""
+    from .load import resolve_dtype
+
+    kind = config.reference.quantize
+    if kind == "none":
+        return frozen_copy(model)
+    return quantized(model, kind, resolve_dtype(config.model), device or quantization_device())
+
+
 def reference_model(config: RunConfig, policy: nn.Module) -> nn.Module | None:
     """The frozen model a live token-level reference runs (PPO): ``reference.path``, else a copy of
-    the starting policy; None with LoRA, whose reference is the policy with its adapters off."""
+    the starting policy, each quantized as ``reference.quantize`` says; None with LoRA, whose
+    reference is the policy with its adapters off."""
     from .load import is_peft, load_model
 
     if is_peft(policy) or config.model.lora or config.model.load_in_4bit:
         return None
     path = config.reference.path
-    return freeze_model(load_model(config.model, path)) if path else frozen_copy(policy)
+    if path:
+        return freeze_model(load_model(config.model, path, config.reference.quantize))
+    return live_copy(config, policy)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ..config import RunConfig
 from ..data import DataReport, TokenizedPair, prepare_pairs
 from ..data.prepare import measure_and_truncate
+from ..data.store import Examples
 from ..engine import Harness
+from ..model.attention import choose_layout
 from ..model.load import load_tokenizer, prepare_tokenizer
 
 
@@ -18,13 +22,28 @@ def tokenizer_for(config: RunConfig, tokenizer: Any = None) -> Any:
     return prepare_tokenizer(tokenizer, config.model, config.data.chat_template)
 
 
+def layout_for(harness: Harness, model: nn.Module, reference: Any = None) -> str:
+    """The batch layout of ``data.layout`` that ``model`` takes, and a live ``reference`` too (it
+    runs the same batches, so its attention must take their mask); a notice says why when the
+    padded layout is kept instead."""
+    layout, notice = choose_layout(
+        harness.config.data.layout,
+        model,
+        getattr(reference, "model", None),
+        device_type=harness.device.type,
+    )
+    if notice:
+        harness.say(notice)
+    return layout
+
+
 def load_pairs(
     harness: Harness,
     tokenizer: Any,
     train_data: Any = None,
     eval_data: Any = None,
     margin_field: str | None = None,
-) -> tuple[list[TokenizedPair], list[TokenizedPair], DataReport]:
+) -> tuple[list[TokenizedPair] | Examples[TokenizedPair], list[TokenizedPair], DataReport]:
     """Training and eval pairs, every record checked before any model loads.
 
     Eval pairs are numbered after every training record (dropped ones included), so the
@@ -33,6 +52,7 @@ def load_pairs(
     data = harness.config.data
     progress = harness.config.train.progress and harness.is_main
     source = train_data if train_data is not None else data.path
+    pairs: list[TokenizedPair] | Examples[TokenizedPair]  # a stored source's pairs are read as drawn
     if isinstance(source, list) and source and all(isinstance(p, TokenizedPair) for p in source):
         pairs, report = tokenized_pairs(source, data)
     else:

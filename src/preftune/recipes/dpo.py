@@ -15,17 +15,38 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.layouts import Batch
+from ..data.outputs import releases_locks
 from ..data.packing import collate_for
-from ..engine import Harness, LossFn, Task, TrainResult, sharding
+from ..engine import ExampleSteps, Harness, LossFn, Models, Task, TrainResult, sharding
 from ..errors import ConfigError
 from ..evaluation.metrics import preference_metrics
 from ..losses import Objective, PairStats, build_objective, is_unpaired
-from ..model.attention import choose_layout
 from ..model.load import load_model, prepare_for_training
-from ..model.logps import PolicyLogps, SequenceLogps
+from ..model.logps import LogpsRequest, PolicyLogps, SequenceLogps
 from ..model.reference import Reference, build_reference, weights_digest
-from .common import load_pairs, tokenizer_for
+from .common import layout_for, load_pairs, tokenizer_for
 from .kto import train_kto
+
+
+def logps_request(objective: Objective) -> LogpsRequest:
+    """What the policy's forward computes for ``objective``: the mean logits of TRL's ``logits/*``
+    metrics; with LD-DPO the sums over the batch's tails; with WPO each token's ``log Σ_v p_v²``
+    beside its log-prob (:func:`wpo_logps`)."""
+    return LogpsRequest(
+        stats=("mean_logit",) + ("log_sum_sq",) * objective.needs_wpo,
+        per_token=objective.needs_wpo,
+        masks=("label_tail",) * objective.needs_tails,
+    )
+
+
+def wpo_logps(policy: SequenceLogps, batch: Batch) -> Tensor | None:
+    """``[S]`` WPO's detached ``Σ_t (log p(y_t) − log Σ_v p(v)²)`` of each sequence, when the
+    policy's statistics carry each token's ``log Σ_v p(v)²``."""
+    log_sum_sq = policy.token_stats.get("log_sum_sq")
+    if log_sum_sq is None or policy.token_logps is None:
+        return None
+    adjusted = policy.token_logps.detach() - log_sum_sq
+    return adjusted.new_zeros(batch.num_sequences).index_add(0, batch.label_sequence, adjusted)
 
 
 def pair_stats(
@@ -42,16 +63,18 @@ def pair_stats(
         return None if values is None else values[side]
 
     tails = None
-    if policy.tail_logps is not None:
+    policy_tails = policy.masked_logps.get("label_tail")
+    if policy_tails is not None:
         shared = torch.minimum(policy.tokens[chosen], policy.tokens[rejected])
         tails = PairStats(
-            policy.tail_logps[chosen],
-            policy.tail_logps[rejected],
+            policy_tails[chosen],
+            policy_tails[rejected],
             policy.tokens[chosen] - shared,
             policy.tokens[rejected] - shared,
             pick(reference_tails, chosen),
             pick(reference_tails, rejected),
         )
+    wpo = wpo_logps(policy, batch)
     return PairStats(
         policy.logps[chosen],
         policy.logps[rejected],
@@ -60,8 +83,8 @@ def pair_stats(
         pick(reference, chosen),
         pick(reference, rejected),
         tails=tails,
-        chosen_wpo_logps=pick(policy.wpo_logps, chosen),
-        rejected_wpo_logps=pick(policy.wpo_logps, rejected),
+        chosen_wpo_logps=pick(wpo, chosen),
+        rejected_wpo_logps=pick(wpo, rejected),
     )
 
 
@@ -81,8 +104,8 @@ def pair_loss(objective: Objective, reference: Reference | None) -> LossFn:
             **preference_metrics(stats, out),
             "tokens/chosen": stats.chosen_tokens,
             "tokens/rejected": stats.rejected_tokens,
-            "logits_sum/chosen": sequences.logits_sum[batch.chosen],
-            "logits_sum/rejected": sequences.logits_sum[batch.rejected],
+            "logits_sum/chosen": sequences.stats["mean_logit"][batch.chosen],
+            "logits_sum/rejected": sequences.stats["mean_logit"][batch.rejected],
         }
 
     return loss
@@ -96,6 +119,28 @@ def summarize(values: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def checked_objective(harness: Harness) -> Objective:
+    """The run's objective, refused before anything loads where the settings cannot serve it."""
+    objective = build_objective(harness.config.objective)
+    if objective.needs_reference and harness.config.reference.strategy == "none":
+        raise ConfigError(f"reference.strategy: 'none' but objective '{objective.name}' needs a reference")
+    refuse_quantize_without_reference(harness.config, objective)
+    if objective.couples_batch:
+        harness.refuse_split_steps(f"objective.loss: {objective.name} sorts its log-ratios across the batch")
+    return objective
+
+
+def refuse_quantize_without_reference(config: RunConfig, objective: Objective) -> None:
+    """``reference.quantize`` on a reference-free objective would quantize nothing: a knob silently
+    ignored is a wasted run."""
+    if config.reference.quantize != "none" and not objective.needs_reference:
+        raise ConfigError(
+            f"reference.quantize: objective '{objective.name}' is reference-free; there is no reference "
+            "to quantize (leave reference.quantize=none)"
+        )
+
+
+@releases_locks
 def train(
     config: RunConfig,
     *,
@@ -121,21 +166,22 @@ def train(
             reference_model=reference_model,
             stop_after=stop_after,
         )
-    harness = Harness(config)
-    objective = build_objective(config.objective)
-    if objective.needs_reference and config.reference.strategy == "none":
-        raise ConfigError(f"reference.strategy: 'none' but objective '{objective.name}' needs a reference")
-    if objective.couples_batch:
-        harness.refuse_split_steps(f"objective.loss: {objective.name} sorts its log-ratios across the batch")
+    # check
+    harness = Harness(config, "train")
+    objective = checked_objective(harness)
 
+    # data: every record checked before any model loads
     tokenizer = tokenizer_for(config, tokenizer)
     pairs, eval_pairs, report = load_pairs(harness, tokenizer, train_data, eval_data)
     harness.decide_start()
 
+    # load
     model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
     # Resuming must start from the same weights, or a live reference would silently differ
     # (taken before a sharded reference holds only its shards).
     start_digest = weights_digest(model, reference_model)
+
+    # reference
     reference, strategy = build_reference(
         config,
         objective.needs_reference,
@@ -143,42 +189,31 @@ def train(
         reference_model,
         pairs + eval_pairs,
         tokenizer.pad_token_id,
-        harness.device,
-        harness.accelerator.autocast,
-        harness.is_main,
         sharding.reference_placement(harness.accelerator),
     )
     named = "+".join(config.objective.loss)
     shown = named if named == objective.name else f"{named} ({objective.name})"  # `dpo` is `sigmoid`
     harness.say(f"objective: {shown}, beta={objective.params.beta}; reference: {strategy}")
-    # A live reference runs the same batches: its attention must take the mask too.
-    layout, notice = choose_layout(
-        config.data.layout, model, getattr(reference, "model", None), device_type=harness.device.type
-    )
-    if notice:
-        harness.say(notice)
+    layout = layout_for(harness, model, reference)
 
+    # loop, then final/: the harness
     task = Task(
         examples=pairs,
         collate=collate_for(layout, tokenizer.pad_token_id, config.data.pack_tokens),
         loss=pair_loss(objective, reference),
         eval_examples=eval_pairs,
         summarize=summarize,
-        console=(("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins")),
+        console=("loss", "rewards/accuracies", "rewards/margins"),
     )
-    result = harness.fit(
-        PolicyLogps(model, config.train.logps_chunk_size, objective.needs_tails, objective.needs_wpo),
+    models = Models(
+        PolicyLogps(model, logps_request(objective), config.train.logps_chunk_size),
         model,
         tokenizer,
-        task,
         start_digest=start_digest,
-        card={
-            "kind": "dpo-family",
-            "objective": objective.name,
-            "beta": objective.params.beta,
-            "reference": strategy,
-        },
-        stop_after=stop_after,
+        card=dict(
+            kind="dpo-family", objective=objective.name, beta=objective.params.beta, reference=strategy
+        ),
     )
+    result = harness.fit(models, ExampleSteps(task, harness.accelerator, config.train), stop_after)
     result.data_report = report
     return result

@@ -14,7 +14,7 @@ need nothing new. The KL estimate is per micro-batch, averaged over the processe
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data import TokenizedUnpaired, prepare_unpaired
 from ..data.layouts import UnpairedBatch, collate_unpaired
+from ..data.outputs import releases_locks
 from ..data.unpaired import balance_warning
-from ..engine import Harness, LossFn, Task, TrainResult, sharding
+from ..engine import ExampleSteps, Harness, LossFn, Models, Task, TrainResult, sharding
 from ..errors import ConfigError
 from ..losses import (
     UnpairedObjective,
@@ -35,7 +36,7 @@ from ..losses import (
     kto_reference_point,
 )
 from ..model.load import load_model, prepare_for_training
-from ..model.logps import PolicyLogps, SequenceLogps
+from ..model.logps import LogpsRequest, PolicyLogps, SequenceLogps
 from ..model.reference import AdapterOffReference, ModelReference, build_reference, weights_digest
 from .common import tokenizer_for
 
@@ -70,12 +71,12 @@ def unpaired_metrics(
 ) -> dict[str, Tensor]:
     """Per-example values split by label, which :func:`summarize` turns into TRL's means over each
     kind; ``kl`` is one value per micro-batch (averaged over micro-batches, as TRL logs it)."""
-    metrics = {"kl": stats.kl, "entropy_sum": sequences.extras["entropy"], "tokens": sequences.tokens}
+    metrics = {"kl": stats.kl, "entropy_sum": sequences.stats["entropy"], "tokens": sequences.tokens}
     for side, mask in (("chosen", stats.desirable.float()), ("rejected", (~stats.desirable).float())):
         metrics[f"count/{side}"] = mask
         metrics[f"rewards_sum/{side}"] = out.rewards * mask
         metrics[f"logps_sum/{side}"] = stats.logps.detach() * mask
-        metrics[f"logits_sum/{side}"] = sequences.logits_sum * mask
+        metrics[f"logits_sum/{side}"] = sequences.stats["mean_logit"] * mask
         metrics[f"tokens/{side}"] = sequences.tokens * mask
     return metrics
 
@@ -101,19 +102,9 @@ def summarize(values: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def train_kto(
-    config: RunConfig,
-    *,
-    model: nn.Module | None = None,
-    tokenizer: Any = None,
-    train_data: Any = None,
-    eval_data: Any = None,
-    reference_model: nn.Module | None = None,
-    stop_after: int | None = None,
-) -> TrainResult:
-    """Train ``config.model`` (or ``model``) on the unpaired examples of ``config.data`` (or the
-    records given) with an unpaired objective (``kto``, ``apo_zero_unpaired``)."""
-    harness = Harness(config)
+def checked_objective(harness: Harness) -> UnpairedObjective:
+    """The run's unpaired objective, refused before anything loads where the settings cannot serve it."""
+    config = harness.config
     objective = build_unpaired_objective(config.objective)
     if config.reference.strategy == "none":
         raise ConfigError(f"reference.strategy: 'none' but objective '{objective.name}' needs a reference")
@@ -129,9 +120,15 @@ def train_kto(
             f"train.batch_size: {objective.name} estimates its KL term from the other examples of each "
             "micro-batch; with one example it would be the example's own log-ratio (use 2 or more)"
         )
+    return objective
 
-    tokenizer = tokenizer_for(config, tokenizer)
-    data, progress = config.data, config.train.progress and harness.is_main
+
+def load_examples(
+    harness: Harness, tokenizer: Any, train_data: Any, eval_data: Any, objective: UnpairedObjective
+) -> tuple[Sequence[TokenizedUnpaired], Sequence[TokenizedUnpaired], Any]:
+    """Training and eval examples, every record checked; a warning when the two kinds are so
+    unbalanced that their weights should change."""
+    data, progress = harness.config.data, harness.config.train.progress and harness.is_main
     examples, report = prepare_unpaired(
         train_data if train_data is not None else data.path, tokenizer, data, data.split, progress
     )
@@ -141,17 +138,54 @@ def train_kto(
         report.desirable, report.undesirable, params.desirable_weight, params.undesirable_weight
     )
     if advice and harness.is_main:
-        warnings.warn(advice, stacklevel=2)
-    eval_examples: list[TokenizedUnpaired] = []
+        warnings.warn(advice, stacklevel=3)
+    eval_examples: Sequence[TokenizedUnpaired] = []
     if eval_data is not None or data.eval_path:
         eval_source = eval_data if eval_data is not None else data.eval_path
         eval_examples, _ = prepare_unpaired(eval_source, tokenizer, data, data.eval_split, False)
+    return examples, eval_examples, report
+
+
+def kl_gather(harness: Harness, objective: UnpairedObjective) -> Callable[[Tensor], Tensor] | None:
+    """How the KL estimate is averaged over the processes (None: one process), said once."""
+    accelerator, cfg = harness.accelerator, harness.config.train
+    processes = accelerator.num_processes
+    if objective.needs_kl:
+        across = f" x {processes} processes" if processes > 1 else ""
+        own = f"; each of a step's {cfg.grad_accum} micro-batches has its own" if cfg.grad_accum > 1 else ""
+        harness.say(f"KL estimate: per micro-batch of {cfg.batch_size} examples{across}{own} (as TRL)")
+    return (lambda kl: accelerator.reduce(kl, reduction="mean")) if processes > 1 else None
+
+
+@releases_locks
+def train_kto(
+    config: RunConfig,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    train_data: Any = None,
+    eval_data: Any = None,
+    reference_model: nn.Module | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``config.model`` (or ``model``) on the unpaired examples of ``config.data`` (or the
+    records given) with an unpaired objective (``kto``, ``apo_zero_unpaired``)."""
+    # check
+    harness = Harness(config, "train")
+    objective = checked_objective(harness)
+
+    # data: every record checked before any model loads
+    tokenizer = tokenizer_for(config, tokenizer)
+    examples, eval_examples, report = load_examples(harness, tokenizer, train_data, eval_data, objective)
     harness.decide_start()
 
+    # load
     model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
     # Resuming must start from the same weights, or a live reference would silently differ
     # (taken before a sharded reference holds only its shards).
     start_digest = weights_digest(model, reference_model)
+
+    # reference
     accelerator = harness.accelerator
     reference, strategy = build_reference(
         config,
@@ -160,55 +194,42 @@ def train_kto(
         reference_model,
         [],
         tokenizer.pad_token_id,
-        harness.device,
-        accelerator.autocast,
-        harness.is_main,
         sharding.reference_placement(accelerator),
     )
     assert isinstance(reference, ModelReference | AdapterOffReference)
-    harness.say(
-        f"objective: {objective.name}, beta={params.beta}, desirable_weight={params.desirable_weight}, "
-        f"undesirable_weight={params.undesirable_weight}; reference: {strategy}"
-    )
-    processes = accelerator.num_processes
-    if objective.needs_kl:
-        across = f" x {processes} processes" if processes > 1 else ""
-        accumulated = config.train.grad_accum
-        own = f"; each of a step's {accumulated} micro-batches has its own" if accumulated > 1 else ""
-        harness.say(
-            f"KL estimate: per micro-batch of {config.train.batch_size} examples{across}{own} (as TRL)"
-        )
-    gather = (lambda kl: accelerator.reduce(kl, reduction="mean")) if processes > 1 else None
+    params = objective.params
+    weights = {"desirable_weight": params.desirable_weight, "undesirable_weight": params.undesirable_weight}
+    shown = ", ".join(f"{name}={value}" for name, value in {"beta": params.beta, **weights}.items())
+    harness.say(f"objective: {objective.name}, {shown}; reference: {strategy}")
 
+    # loop, then final/: the harness
     task = Task(
         examples=examples,
         collate=partial(
             collate_unpaired,
             pad_token_id=tokenizer.pad_token_id,
-            max_length=data.max_length,
+            max_length=config.data.max_length,
             with_kl=objective.needs_kl,
         ),
-        loss=unpaired_loss(objective, reference, gather),
+        loss=unpaired_loss(objective, reference, kl_gather(harness, objective)),
         eval_examples=eval_examples,
         summarize=summarize,
-        console=(("loss", "loss"), ("kl", "kl"), ("margin", "rewards/margins")),
+        console=("loss", "kl", "rewards/margins"),
         unit="examples",
     )
-    result = harness.fit(
-        PolicyLogps(model, config.train.logps_chunk_size, extra_stats=("entropy",), with_mean_logits=True),
+    models = Models(
+        PolicyLogps(model, LogpsRequest(stats=("mean_logit", "entropy")), config.train.logps_chunk_size),
         model,
         tokenizer,
-        task,
         start_digest=start_digest,
         card={
             "kind": "kto",
             "objective": objective.name,
             "beta": params.beta,
-            "desirable_weight": params.desirable_weight,
-            "undesirable_weight": params.undesirable_weight,
+            **weights,
             "reference": strategy,
         },
-        stop_after=stop_after,
     )
+    result = harness.fit(models, ExampleSteps(task, harness.accelerator, config.train), stop_after)
     result.data_report = report
     return result

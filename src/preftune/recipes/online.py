@@ -33,9 +33,20 @@ from torch import nn
 from ..config import RunConfig, to_dict, validate
 from ..data import TokenizedPair
 from ..data.files import read_jsonl, write_json, write_jsonl
+from ..data.outputs import (
+    FolderLock,
+    check_kind,
+    check_not_input,
+    check_output_dir,
+    config_inputs,
+    held,
+    record_kind,
+    releases_locks,
+)
 from ..data.prompts import Prompt, read_prompts
 from ..engine.card import model_card
 from ..engine.checkpoint import save_final
+from ..engine.tracking import config_lines
 from ..errors import ConfigError
 from ..evaluation.metrics import sampled_kl
 from ..generation.pair_rules import build_pairs
@@ -43,10 +54,13 @@ from ..generation.rollout import Rollout, eos_ids
 from ..generation.sampling import as_completion, score_samples
 from ..generation.scoring import Scorer, load_scorer
 from ..generation.vllm_engine import check_engine, rollout_factory
+from ..losses import build_objective
 from ..model.load import freeze, load_model
+from ..model.quantize import check_available
+from ..model.reference import live_copy
 from ..model.set_logps import completion_logps
 from .common import tokenizer_for
-from .dpo import train
+from .dpo import refuse_quantize_without_reference, train
 
 RolloutFactory = Callable[[nn.Module], Rollout]
 
@@ -59,6 +73,7 @@ class OnlineResult:
     final_dir: Path | None = None
 
 
+@releases_locks
 def train_online(
     config: RunConfig,
     *,
@@ -73,38 +88,45 @@ def train_online(
     ``config.prompts`` (or the records given), scored by ``config.reward`` (or
     ``scorer``). ``rollout_for(policy)`` gives each round's sampler (default: transformers).
     ``stop_in_round=(r, k)`` stops round r after k training steps, as if interrupted."""
+    # check
     validate(config)
-    if rollout_for is None:
-        check_engine(config.rollout)
+    check_run(config, prompts is not None, scorer is not None, rollout_for is not None)
+    if not held():  # a pipeline stage: the pipeline printed its keys
+        print(config_lines(config), flush=True)
+
+    # data: the prompts, and the reward
     online, cfg = config.online, config.train
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "online: runs on one process for now (generation is not sharded); launch it plainly"
-        )
-    if prompts is None and not config.prompts.path:
-        raise ConfigError("prompts.path: required (--prompts FILE)")
-    if scorer is None and not config.reward.scorer:
-        raise ConfigError("reward.scorer: required (--reward RM_FOLDER or module:function)")
     tokenizer = tokenizer_for(config, tokenizer)
     source = prompts if prompts is not None else config.prompts.path
     prompt_rows = read_prompts(source, config.data, config.prompts.split, tokenizer, config.prompts.limit)
     if scorer is None:
         scorer = load_scorer(config.reward.scorer, allow_unscored=True, batch_size=config.reward.batch_size)
     output = Path(cfg.output_dir)
-    done = _claim(output, cfg.resume, cfg.overwrite)
-    output.mkdir(parents=True, exist_ok=True)
+    FolderLock(output, "online", "train.output_dir").acquire()  # until the run ends
+    done = _claim(output, bool(cfg.resume), cfg.overwrite)
+    record_kind(output, "online")
     (output / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
-    # The initial policy stays in memory, frozen: KL to it each round, and the reference of
-    # reference=initial. A model object is copied before the first round trains it.
-    initial = freeze(load_model(config.model) if model is None else copy.deepcopy(model))
-    pad = tokenizer.pad_token_id
-    stop = eos_ids(initial, tokenizer)
-
+    # load: the initial policy stays in memory, frozen: KL to it each round, and the reference of
+    # reference=initial (quantized as reference.quantize says). A model object is copied before the
+    # first round trains it.
+    if config.reference.quantize != "none":
+        initial = (
+            live_copy(config, model)
+            if model is not None
+            else freeze(load_model(config.model, None, config.reference.quantize))
+        )
+    else:
+        initial = freeze(load_model(config.model) if model is None else copy.deepcopy(model))
     make_rollout = rollout_for or rollout_factory(
-        config.rollout, config.model.name_or_path, pad, stop, cfg.progress
+        config.rollout,
+        config.model.name_or_path,
+        tokenizer.pad_token_id,
+        eos_ids(initial, tokenizer),
+        cfg.progress,
     )
 
+    # loop: each round samples, scores and pairs, then trains on the harness's loop (`train`)
     run = OnlineRun(config, output, prompt_rows, scorer, tokenizer, initial, model, make_rollout)
     rows = [row for row in done if row["round"] <= online.rounds]
     each = online.prompts_per_round or len(prompt_rows)
@@ -117,29 +139,32 @@ def train_online(
         rows.append(row)
         write_jsonl(output / "rounds.jsonl", rows)
 
-    final_policy = _policy_at(online.rounds + 1, model, config, output)
-    final = None
-    if online.final_samples:
-        final = {"round": "final", "policy": f"after round {online.rounds}"}
-        final |= run.sample_and_measure(output / "final-samples", online.rounds + 1, final_policy)[1]
-        print(f"final policy: {_describe(final)}", flush=True)
-    history = read_jsonl(output / f"round-{online.rounds:02d}" / "train" / "metrics.jsonl")
-    card = model_card(
-        output,
-        config,
-        history,
-        {
-            "kind": "online-dpo",
-            "objective": "+".join(config.objective.loss),
-            "rounds": online.rounds,
-            "reward": config.reward.scorer or getattr(scorer, "name", "a scorer object"),
-            "pair rule": online.pair_rule,
-        },
-    )
-    final_dir = save_final(output, final_policy, tokenizer, card)
-    _write_summary(output, config, rows, final)
-    print(f"saved {final_dir}", flush=True)
-    return OnlineResult(output, rows, final, final_dir)
+    # save: the last round's policy as final/, with its card; the summary
+    return run.finish(rows)
+
+
+def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool, has_rollout: bool) -> None:
+    """What online DPO needs and refuses, before anything loads."""
+    if not has_rollout:
+        check_engine(config.rollout)
+    check_available(config)
+    refuse_quantize_without_reference(config, build_objective(config.objective))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "online: runs on one process for now (generation is not sharded); launch it plainly"
+        )
+    if not has_prompts and not config.prompts.path:
+        raise ConfigError("prompts.path: required (--prompts FILE)")
+    if not has_scorer and not config.reward.scorer:
+        raise ConfigError("reward.scorer: required (--reward RM_FOLDER or module:function)")
+    if isinstance(config.train.resume, str):
+        raise ConfigError(
+            "train.resume: an online run resumes by rounds, where it stopped: use --resume alone"
+        )
+    output = Path(config.train.output_dir)
+    check_output_dir(output)
+    check_not_input(output, config_inputs(config), "train.output_dir")
+    check_kind(output, "online", "train.output_dir")
 
 
 @dataclass
@@ -209,6 +234,33 @@ class OnlineRun:
         if result.final_dir is None:
             return None
         return row | _last_metrics(train_dir) | {"seconds": round(time.perf_counter() - started, 1)}
+
+    def finish(self, rows: list[dict[str, Any]]) -> OnlineResult:
+        """``final/``: the last round's policy with its model card (and the final policy's samples
+        when ``online.final_samples``); ``online.json`` and ``online.png`` summarize the rounds."""
+        config, online, output = self.config, self.config.online, self.output
+        # The last round's final/ as saved (a QLoRA run's merged weights, not quantized again).
+        plain = dataclasses.replace(config, model=dataclasses.replace(config.model, load_in_4bit=False))
+        final_policy = _policy_at(online.rounds + 1, self.model, plain, output)
+        final = None
+        if online.final_samples:
+            final = {"round": "final", "policy": f"after round {online.rounds}"}
+            final |= self.sample_and_measure(output / "final-samples", online.rounds + 1, final_policy)[1]
+            print(f"final policy: {_describe(final)}", flush=True)
+        history = read_jsonl(output / f"round-{online.rounds:02d}" / "train" / "metrics.jsonl")
+        card = {
+            "kind": "online-dpo",
+            "objective": "+".join(config.objective.loss),
+            "rounds": online.rounds,
+            "reward": config.reward.scorer or getattr(self.scorer, "name", "a scorer object"),
+            "pair rule": online.pair_rule,
+        }
+        final_dir = save_final(
+            output, final_policy, self.tokenizer, model_card(output, config, history, card)
+        )
+        _write_summary(output, config, rows, final)
+        print(f"saved {final_dir}", flush=True)
+        return OnlineResult(output, rows, final, final_dir)
 
 
 # --------------------------------------------------------------------------- the round's pieces

@@ -8,7 +8,10 @@
       ppo:  {kind: ppo, model: {name_or_path: "${sft.final}"}, prompts: {path: prompts.jsonl}, reward: {scorer: "${rm.final}"}}
 
 A value may name an earlier stage's result: ``${NAME.final}`` (its ``final/`` folder) or
-``${NAME.output}`` (its folder). Each stage runs in ``OUTPUT/NAME`` and records a fingerprint
+``${NAME.output}`` (its folder). A stage's name is a plain folder name (letters, digits, ``_``
+and ``-``): each stage runs in ``OUTPUT/NAME``, and nothing it writes lies outside ``OUTPUT``. The
+pipeline holds ``OUTPUT`` while it runs (a second pipeline into it is refused), and a stage's
+folder holds its kind of run only. Each stage records a fingerprint
 of its resolved config and inputs (data files by size and modification time, earlier stages
 by their fingerprints) in ``OUTPUT/NAME/stage.json``: a complete stage with the same
 fingerprint is skipped, an interrupted one is resumed from its last checkpoint, a changed one
@@ -30,9 +33,13 @@ import yaml
 
 from ..config import load_config
 from ..data.files import write_json
+from ..data.outputs import STAGE_KINDS, check_kind, check_output_dir, holding, record_kind
+from ..engine.tracking import setting_text
 from ..errors import ConfigError, PreftuneError
 from ..losses import available as available_objectives
 
+STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+"""A stage's name: its folder's name in the output folder, and what ``${NAME.…}`` refers to."""
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_-]+)\.(final|output)\}")
 
 
@@ -83,6 +90,7 @@ def _eval_stage(tree: dict[str, Any]) -> dict[str, float]:
     """``preftune eval`` as a stage: ``policy``, ``sets`` (name: file), and the command's options;
     the other sections (``model``, ``data``) configure tokenizer and loading as usual."""
     from ..evaluation.run import run_eval
+    from ..evaluation.settings import EvalSettings
 
     tree = dict(tree)
     options = {key: tree.pop(key) for key in EVAL_OPTIONS if key in tree}
@@ -91,7 +99,9 @@ def _eval_stage(tree: dict[str, Any]) -> dict[str, float]:
         raise ConfigError("an eval stage needs 'policy' and 'sets' (a mapping of set names to files)")
     config = load_config(base={**_dotted(tree), "model.name_or_path": options.pop("policy")}, command="eval")
     sets = list(options.pop("sets").items())
-    summary = run_eval(config, sets, output, **options)
+    measured = ("samples", "max_new_tokens", "beta", "seed")
+    settings = EvalSettings(**{key: options.pop(key) for key in measured if key in options})
+    summary = run_eval(config, sets, output, settings, **options)
     flat: dict[str, float] = {}
     for name, report in summary["sets"].items():
         flat.update({f"{name}/{key}": value for key, value in report.items() if isinstance(value, float)})
@@ -144,6 +154,11 @@ def load_pipeline(path: Path) -> tuple[Path, list[Stage]]:
     output = Path(tree.get("output") or path.with_suffix(""))
     stages: list[Stage] = []
     for name, body in tree["stages"].items():
+        if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{path}: stages.{name}: a stage name is a plain folder name (letters, digits, _ and -), "
+                "the stage's folder in the pipeline's output"
+            )
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: stages.{name}: expected a mapping of config sections")
         body = dict(body)
@@ -221,7 +236,36 @@ def run_pipeline(
     for option, value in (("--from", start), ("--only", only)):
         if value is not None and value not in names:
             raise ConfigError(f"{option} {value}: no such stage (stages: {', '.join(names)})")
-    folders = {stage.name: output / stage.name for stage in stages}
+    # Where every stage writes, checked before the first runs: inside the output, each its kind.
+    check_output_dir(output, f"{path}: output")
+    check_kind(output, "pipeline", f"{path}: output")
+    folders = {stage.name: _stage_folder(output, stage.name, path) for stage in stages}
+    for stage in stages:
+        check_kind(folders[stage.name], STAGE_KINDS[stage.kind], f"{path}: stages.{stage.name}")
+    with holding(output, "pipeline", f"{path}: output"):
+        rows = _run_stages(stages, folders, start, only, say)
+        result = {"output": str(output), "stages": rows}
+        write_json(output / "summary.json", result)
+    say(_table(rows))
+    return result
+
+
+def _stage_folder(output: Path, name: str, path: Path) -> Path:
+    """``OUTPUT/NAME``, refused when it leads elsewhere (a link out of the output folder)."""
+    folder = output / name
+    if folder.resolve().parent != output.resolve():
+        raise ConfigError(
+            f"{path}: stages.{name}: {folder} leads outside the pipeline's output ({folder.resolve()})"
+        )
+    return folder
+
+
+def _run_stages(
+    stages: list[Stage], folders: dict[str, Path], start: str | None, only: str | None, say: Any
+) -> list[dict[str, Any]]:
+    """Each stage in order: skipped when complete with the same fingerprint (or not asked for),
+    else run or resumed; one summary row per stage."""
+    names = [stage.name for stage in stages]
     prints: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
     reached = start is None
@@ -246,35 +290,40 @@ def run_pipeline(
             say(f"pipeline: {stage.name} {status}")
             continue
         resume = same and record.get("status") == "running"
-        tree.setdefault("train", {}).update(output_dir=str(folder), resume=resume, overwrite=not resume)
-        say(f"pipeline: {stage.name} ({stage.kind}) {'resuming' if resume else 'running'} in {folder}")
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(record_path, {"fingerprint": fingerprint, "status": "running", "kind": stage.kind})
-        started = time.perf_counter()
-        try:
-            metrics = KINDS[stage.kind](tree)
-        except PreftuneError as err:  # name the stage; a signal keeps its exit code
-            err.args = (f"stage {stage.name}: {err}",)
-            raise
-        # A `dpo` stage training KTO logs no accuracy: its margin, else the loss, under its own name.
-        candidates = (HEADLINE.get(stage.kind, "loss"), "rewards/margins")
-        headline = next((name for name in candidates if name in metrics), "loss")
-        summary = {
-            "seconds": round(time.perf_counter() - started, 1),
-            "final": str(folder / "final"),
-            headline: metrics.get(headline),
-        }
-        write_json(
-            record_path,
-            {"fingerprint": fingerprint, "status": "complete", "kind": stage.kind, "summary": summary},
-        )
-        rows.append(
-            {"stage": stage.name, "kind": stage.kind, "status": "resumed" if resume else "ran", **summary}
-        )
-    result = {"output": str(output), "stages": rows}
-    write_json(output / "summary.json", result)
-    say(_table(rows))
-    return result
+        rows.append(_run_stage(stage, tree, folder, fingerprint, resume, say))
+    return rows
+
+
+def _run_stage(
+    stage: Stage, tree: dict[str, Any], folder: Path, fingerprint: str, resume: bool, say: Any
+) -> dict[str, Any]:
+    """Run (or resume) one stage in ``folder``; its summary row."""
+    tree.setdefault("train", {}).update(output_dir=str(folder), resume=resume, overwrite=not resume)
+    say(f"pipeline: {stage.name} ({stage.kind}) {'resuming' if resume else 'running'} in {folder}")
+    say("\n".join(f"  {key}: {setting_text(value)}" for key, value in _dotted(stage.tree).items()))
+    record_kind(folder.parent, "pipeline")
+    folder.mkdir(parents=True, exist_ok=True)
+    record_path = folder / "stage.json"
+    write_json(record_path, {"fingerprint": fingerprint, "status": "running", "kind": stage.kind})
+    started = time.perf_counter()
+    try:
+        metrics = KINDS[stage.kind](tree)
+    except PreftuneError as err:  # name the stage; a signal keeps its exit code
+        err.args = (f"stage {stage.name}: {err}",)
+        raise
+    # A `dpo` stage training KTO logs no accuracy: its margin, else the loss, under its own name.
+    candidates = (HEADLINE.get(stage.kind, "loss"), "rewards/margins")
+    headline = next((name for name in candidates if name in metrics), "loss")
+    summary = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "final": str(folder / "final"),
+        headline: metrics.get(headline),
+    }
+    write_json(
+        record_path,
+        {"fingerprint": fingerprint, "status": "complete", "kind": stage.kind, "summary": summary},
+    )
+    return {"stage": stage.name, "kind": stage.kind, "status": "resumed" if resume else "ran", **summary}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

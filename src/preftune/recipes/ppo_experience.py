@@ -1,7 +1,7 @@
 """PPO's rollout phase and its models: sample, score, and compute under ``no_grad`` everything the
 updates compare against (log π_old, log π_ref, V_old), then the rewards and advantages.
 
-Token-level log-probs come from the chunked head (:func:`preftune.model.logps.batch_logps`, no
+Token-level log-probs come from the chunked head (:func:`preftune.model.logps.sequence_logps`, no
 full-vocabulary logits) at the sampling temperature, so the ratio π/π_ref and the KL penalty are
 those of the distribution the completions were drawn from.
 """
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import Tensor, nn
 
 from ..config import RunConfig
@@ -23,14 +24,12 @@ from ..data.prompts import Prompt
 from ..data.sft import TokenizedSequence
 from ..errors import ConfigError, ScorerError
 from ..generation.rollout import Rollout
+from ..generation.sampling import score_samples
 from ..generation.scoring import RewardModelScorer, Scorer
 from ..losses.ppo import explained_variance, gae, kl_penalty, masked_mean, token_rewards, whiten
 from ..model.load import load_reward_model
-from ..model.logps import SequenceLogps, batch_logps
+from ..model.logps import LogpsRequest, SequenceLogps, sequence_logps
 from ..model.reward_head import critic_from_causal_lm, token_values
-from .online import score_samples
-
-Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 @dataclass
@@ -76,15 +75,9 @@ def policy_tokens(
     model: nn.Module, batch: SequenceBatch, temperature: float, chunk: int | None
 ) -> SequenceLogps:
     """Each completion token's log-prob (``token_logps``) and each sequence's summed entropy
-    (``extras["entropy"]``), under ``logits / temperature``."""
-    return batch_logps(
-        model,
-        batch,
-        chunk,
-        with_mean_logits=False,
-        with_token_logps=True,
-        extra_stats=("entropy",),
-        temperature=temperature,
+    (``stats["entropy"]``), under ``logits / temperature``."""
+    return sequence_logps(
+        model, batch, LogpsRequest(stats=("entropy",), per_token=True, temperature=temperature), chunk
     )
 
 
@@ -100,63 +93,54 @@ def chunks(count: int, size: int) -> Iterator[list[int]]:
         yield list(range(start, min(start + size, count)))
 
 
+@dataclass
+class PPOModels:
+    """What PPO's rollout phase runs: the models, the sampler and the reward."""
+
+    policy: nn.Module
+    critic: nn.Module
+    reference: nn.Module | None
+    """None: the policy with its LoRA adapters off."""
+    sampler: Rollout
+    scorer: Scorer
+    tokenizer: Any
+
+
 @torch.no_grad()
 def collect(
     config: RunConfig,
     step: int,
     prompts: list[Prompt],
-    sampler: Rollout,
-    scorer: Scorer,
-    tokenizer: Any,
-    policy: nn.Module,
-    reference: nn.Module | None,
-    critic: nn.Module,
+    models: PPOModels,
     kl_coef: float,
-    device: torch.device,
-    autocast: Autocast,
+    accelerator: Accelerator,
 ) -> Experience:
-    """Sample one completion per prompt, score it, and compute the rewards and advantages."""
-    ppo, temperature, chunk = config.ppo, config.rollout.temperature, config.train.logps_chunk_size
-    completions = sampler.generate(
+    """Step ``step``'s experience: one completion per prompt, its score, and the rewards (with the
+    penalty ``−kl_coef·KL_t``) and advantages."""
+    ppo, device = config.ppo, accelerator.device
+    # sample and score
+    completions = models.sampler.generate(
         [p.ids for p in prompts], config.rollout, seed=step_seed(config.train.seed, step), desc=f"step {step}"
     )
-    scored = score_samples(prompts, 1, completions, scorer, tokenizer, config.rollout.missing_eos_penalty)
+    scores = score(prompts, completions, models, config.rollout.missing_eos_penalty).to(device)
     sequences = [
         TokenizedSequence([*p.ids, *c.ids], [0] * len(p.ids) + [1] * len(c.ids), i, p.where)
         for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
     ]
-    flat: dict[str, list[Tensor]] = {"logps": [], "ref_logps": [], "values": [], "entropy": []}
-    modes = [(model, model.training) for model in (policy, critic)]
-    for model, _ in modes:
-        model.eval()
-    for index in chunks(len(sequences), config.train.batch_size):
-        batch = collate_sequences([sequences[i] for i in index], tokenizer.pad_token_id).to(device)
-        with autocast():
-            ours = policy_tokens(policy, batch, temperature, chunk)
-            with reference_context(policy, reference):
-                theirs = policy_tokens(reference or policy, batch, temperature, chunk)
-            flat["values"].append(token_values(critic, batch))
-        flat["logps"].append(ours.token_logps)  # type: ignore[arg-type]
-        flat["ref_logps"].append(theirs.token_logps)  # type: ignore[arg-type]
-        flat["entropy"].append(ours.extras["entropy"])
-    for model, training in modes:
-        model.train(training)
-
     counts = torch.tensor([len(c.ids) for c in completions])
-    rows = {name: as_rows(torch.cat(values), counts) for name, values in flat.items() if name != "entropy"}
+
+    # log π_old, log π_ref and V_old per token, as the updates will compare against them
+    rows, entropy = old_tokens(config, sequences, counts, models, accelerator)
     mask = as_rows(torch.ones(int(counts.sum())), counts).to(device)
-    unscored = [prompts[i].where for i, s in enumerate(scored) if s["reward"] is None]
-    if unscored:
-        raise ScorerError(
-            f"{getattr(scorer, 'name', 'the reward')}: no finite score for {len(unscored)} of {len(scored)} "
-            f"completions (first: the prompt of {unscored[0]}); PPO needs a reward for every completion"
-        )
-    scores = torch.tensor([s["reward"] for s in scored], dtype=torch.float32, device=device)
+
+    # rewards and advantages
     kl = kl_penalty(rows["logps"], rows["ref_logps"], ppo.kl_estimator) * mask
     rewards = token_rewards(scores, kl, mask, kl_coef)
     advantages, returns = gae(rewards, rows["values"], mask, ppo.gamma, ppo.lam)
     if ppo.whiten_advantages:
         advantages = whiten(advantages, mask)
+
+    # metrics
     non_score = (-kl_coef * kl).sum(dim=1)
     ended = torch.tensor([c.ended for c in completions], dtype=torch.float32)
     metrics = {
@@ -164,7 +148,7 @@ def collect(
         "objective/kl": kl.sum(dim=1).mean().item(),
         "objective/non_score_reward": non_score.mean().item(),
         "objective/rlhf_reward": (scores + non_score).mean().item(),
-        "objective/entropy": torch.cat(flat["entropy"]).mean().item(),
+        "objective/entropy": entropy.mean().item(),
         "objective/kl_coef": kl_coef,
         "objective/eos_rate": ended.mean().item(),
         "objective/completion_tokens": counts.float().mean().item(),
@@ -172,16 +156,55 @@ def collect(
         "val/mean": masked_mean(rows["values"], mask).item(),
     }
     return Experience(
-        sequences,
-        counts.tolist(),
-        mask,
-        rows["logps"],
-        rows["ref_logps"],
-        rows["values"],
-        advantages,
-        returns,
-        metrics,
+        sequences, counts.tolist(), mask, **rows, advantages=advantages, returns=returns, metrics=metrics
     )
+
+
+def score(prompts: list[Prompt], completions: list[Any], models: PPOModels, penalty: float | None) -> Tensor:
+    """``[S]`` each completion's reward, minus ``penalty`` where it did not end with EOS; a
+    completion left unscored stops the run, naming its prompt."""
+    scored = score_samples(prompts, 1, completions, models.scorer, models.tokenizer, penalty)
+    unscored = [prompts[i].where for i, s in enumerate(scored) if s["reward"] is None]
+    if unscored:
+        raise ScorerError(
+            f"{getattr(models.scorer, 'name', 'the reward')}: no finite score for {len(unscored)} of "
+            f"{len(scored)} completions (first: the prompt of {unscored[0]}); PPO needs a reward for every "
+            "completion"
+        )
+    return torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
+
+
+def old_tokens(
+    config: RunConfig,
+    sequences: list[TokenizedSequence],
+    counts: Tensor,
+    models: PPOModels,
+    accelerator: Accelerator,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per completion token, at the sampling temperature and in eval mode: ``logps`` (π_old),
+    ``ref_logps`` (π_ref) and ``values`` (V_old), each ``[S, L]``; and ``[S]`` each sequence's
+    summed entropy under π."""
+    temperature, chunk = config.rollout.temperature, config.train.logps_chunk_size
+    policy, reference, critic = models.policy, models.reference, models.critic
+    flat: dict[str, list[Tensor]] = {"logps": [], "ref_logps": [], "values": [], "entropy": []}
+    modes = [(model, model.training) for model in (policy, critic)]
+    for model, _ in modes:
+        model.eval()
+    for index in chunks(len(sequences), config.train.batch_size):
+        batch = collate_sequences([sequences[i] for i in index], models.tokenizer.pad_token_id)
+        batch = batch.to(accelerator.device)
+        with accelerator.autocast():
+            ours = policy_tokens(policy, batch, temperature, chunk)
+            with reference_context(policy, reference):
+                theirs = policy_tokens(reference or policy, batch, temperature, chunk)
+            flat["values"].append(token_values(critic, batch))
+        flat["logps"].append(ours.token_logps)  # type: ignore[arg-type]
+        flat["ref_logps"].append(theirs.token_logps)  # type: ignore[arg-type]
+        flat["entropy"].append(ours.stats["entropy"])
+    for model, training in modes:
+        model.train(training)
+    rows = {name: as_rows(torch.cat(values), counts) for name, values in flat.items() if name != "entropy"}
+    return rows, torch.cat(flat["entropy"])
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:

@@ -21,13 +21,13 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.layouts import Batch
+from ..data.outputs import releases_locks
 from ..data.packing import collate_for
-from ..engine import Harness, LossFn, Task, TrainResult
-from ..model.attention import choose_layout
+from ..engine import ExampleSteps, Harness, LossFn, Models, Task, TrainResult
 from ..model.load import load_reward_model, prepare_for_training
 from ..model.reference import weights_digest
 from ..model.reward_head import RewardModule
-from .common import load_pairs, tokenizer_for
+from .common import layout_for, load_pairs, tokenizer_for
 
 
 def bradley_terry_loss(center_coefficient: float | None) -> LossFn:
@@ -51,6 +51,7 @@ def bradley_terry_loss(center_coefficient: float | None) -> LossFn:
     return loss
 
 
+@releases_locks
 def train_reward_model(
     config: RunConfig,
     *,
@@ -62,35 +63,37 @@ def train_reward_model(
 ) -> TrainResult:
     """Train a reward model on ``config.data`` (or the records given); ``final/`` loads with
     ``AutoModelForSequenceClassification`` and scores with ``preftune rm score``."""
-    harness = Harness(config)
+    # check
+    harness = Harness(config, "rm")
+
+    # data: every record checked before any model loads
     tokenizer = tokenizer_for(config, tokenizer)
     pairs, eval_pairs, report = load_pairs(harness, tokenizer, train_data, eval_data, config.rm.margin_field)
     harness.decide_start()
 
+    # load
     if model is None:
         model = load_reward_model(config.model, tokenizer.pad_token_id, harness.say)
     model = prepare_for_training(model, config.model, task_type="SEQ_CLS")
     centering = config.rm.center_rewards_coefficient
     harness.say(f"reward model: Bradley–Terry{f', centering c={centering}' if centering else ''}")
-    layout, notice = choose_layout(config.data.layout, model, device_type=harness.device.type)
-    if notice:
-        harness.say(notice)
+    layout = layout_for(harness, model)
 
+    # loop, then final/: the harness
     task = Task(
         examples=pairs,
         collate=collate_for(layout, tokenizer.pad_token_id, config.data.pack_tokens),
         loss=bradley_terry_loss(centering),
         eval_examples=eval_pairs,
-        console=(("loss", "loss"), ("acc", "accuracy"), ("margin", "margin")),
+        console=("loss", "accuracy", "margin"),
     )
-    result = harness.fit(
+    models = Models(
         RewardModule(model),
         model,
         tokenizer,
-        task,
         start_digest=weights_digest(model),
         card={"kind": "reward-model", "objective": "Bradley–Terry", "centering": centering},
-        stop_after=stop_after,
     )
+    result = harness.fit(models, ExampleSteps(task, harness.accelerator, config.train), stop_after)
     result.data_report = report
     return result

@@ -11,6 +11,7 @@ Metrics carry TRL's names: ``loss``, ``mean_token_accuracy``, ``entropy`` (token
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -18,10 +19,11 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data.layouts import SequenceBatch, collate_sequences
-from ..data.sft import TokenizedSequence, prepare_sft
-from ..engine import Harness, Task, TrainResult
+from ..data.outputs import releases_locks
+from ..data.sft import SFTReport, TokenizedSequence, prepare_sft
+from ..engine import ExampleSteps, Harness, Models, Task, TrainResult
 from ..model.load import load_model, prepare_for_training
-from ..model.logps import PolicyLogps
+from ..model.logps import LogpsRequest, PolicyLogps
 from ..model.reference import weights_digest
 from .common import tokenizer_for
 
@@ -31,8 +33,8 @@ def sft_loss(policy: nn.Module, batch: SequenceBatch) -> tuple[Tensor, dict[str,
     summed entropy; the harness turns sums into token means."""
     sequences = policy(batch)
     return -sequences.logps, {
-        "mean_token_accuracy": sequences.extras["correct"],
-        "entropy": sequences.extras["entropy"],
+        "mean_token_accuracy": sequences.stats["correct"],
+        "entropy": sequences.stats["entropy"],
     }
 
 
@@ -40,6 +42,7 @@ def loss_tokens(sequence: TokenizedSequence) -> float:
     return float(sequence.loss_tokens)
 
 
+@releases_locks
 def train_sft(
     config: RunConfig,
     *,
@@ -50,40 +53,53 @@ def train_sft(
     stop_after: int | None = None,
 ) -> TrainResult:
     """Fine-tune ``config.model`` (or ``model``) on ``config.data`` (or the records given)."""
-    harness = Harness(config)
-    data, progress = config.data, config.train.progress and harness.is_main
+    # check
+    harness = Harness(config, "sft")
+
+    # data: every record checked before any model loads
     tokenizer = tokenizer_for(config, tokenizer)
-    source = train_data if train_data is not None else data.path
-    examples, report = prepare_sft(source, tokenizer, data, data.completion_only_loss, data.split, progress)
-    harness.say(f"data: {report.summary()}")
-    eval_examples: list[TokenizedSequence] = []
-    if eval_data is not None or data.eval_path:
-        eval_source = eval_data if eval_data is not None else data.eval_path
-        eval_examples, _ = prepare_sft(
-            eval_source, tokenizer, data, data.completion_only_loss, data.eval_split, False
-        )
+    examples, eval_examples, report = load_sequences(harness, tokenizer, train_data, eval_data)
     harness.decide_start()
 
+    # load
     model = prepare_for_training(model if model is not None else load_model(config.model), config.model)
-    where = "completions and assistant turns" if data.completion_only_loss else "every token"
+    where = "completions and assistant turns" if config.data.completion_only_loss else "every token"
     harness.say(f"supervised fine-tuning: loss on {where}")
+
+    # loop, then final/: the harness
     task = Task(
         examples=examples,
         collate=partial(collate_sequences, pad_token_id=tokenizer.pad_token_id),
         loss=sft_loss,
         eval_examples=eval_examples,
-        console=(("loss", "loss"), ("acc", "mean_token_accuracy")),
+        console=("loss", "mean_token_accuracy"),
         unit="sequences",
         weight=loss_tokens,
     )
-    result = harness.fit(
-        PolicyLogps(model, config.train.logps_chunk_size, extra_stats=("correct", "entropy")),
+    models = Models(
+        PolicyLogps(model, LogpsRequest(stats=("correct", "entropy")), config.train.logps_chunk_size),
         model,
         tokenizer,
-        task,
         start_digest=weights_digest(model),
         card={"kind": "sft", "objective": "next-token NLL", "loss on": where},
-        stop_after=stop_after,
     )
+    result = harness.fit(models, ExampleSteps(task, harness.accelerator, config.train), stop_after)
     result.data_report = report
     return result
+
+
+def load_sequences(
+    harness: Harness, tokenizer: Any, train_data: Any, eval_data: Any
+) -> tuple[Sequence[TokenizedSequence], Sequence[TokenizedSequence], SFTReport]:
+    """Training and eval sequences (the records given, or ``data.path`` / ``data.eval_path``)."""
+    data, progress = harness.config.data, harness.config.train.progress and harness.is_main
+    source = train_data if train_data is not None else data.path
+    examples, report = prepare_sft(source, tokenizer, data, data.completion_only_loss, data.split, progress)
+    harness.say(f"data: {report.summary()}")
+    eval_examples: Sequence[TokenizedSequence] = []
+    if eval_data is not None or data.eval_path:
+        eval_source = eval_data if eval_data is not None else data.eval_path
+        eval_examples, _ = prepare_sft(
+            eval_source, tokenizer, data, data.completion_only_loss, data.eval_split, False
+        )
+    return examples, eval_examples, report
