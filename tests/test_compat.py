@@ -93,7 +93,11 @@ CONVERSIONS = [
     ({"max_steps": 40}, {"train.max_steps": 40}),
     ({"lr_scheduler_type": "constant_with_warmup", "warmup_steps": 5}, {"train.scheduler": "constant", "train.warmup_steps": 5}),
     ({"warmup_steps": 0.1}, {"train.warmup_ratio": 0.1}),
-    ({"optim": "adamw_torch_fused"}, {}),
+    ({"optim": "adamw_torch_fused"}, {"train.optimizer": "adamw"}),
+    ({"optim": "adamw_bnb_8bit"}, {"train.optimizer": "adamw_8bit"}),
+    ({"optim": "paged_adamw_8bit"}, {"train.optimizer": "paged_adamw_8bit"}),
+    ({"dataset_num_proc": 4}, {"data.num_proc": 4}),
+    ({"resume_from_checkpoint": "runs/dpo/checkpoint-40"}, {"train.resume": "runs/dpo/checkpoint-40"}),
     ({"max_grad_norm": 0}, {"train.max_grad_norm": None}),
     ({"train_sampling_strategy": "sequential"}, {"train.shuffle": False}),
     ({"bf16": True}, {"train.mixed_precision": "bf16"}),
@@ -283,6 +287,13 @@ def test_trl_flags_over_a_trl_file_read_as_trls_parser_reads_them():
     assert script.dataset_name == config.data.path
 
 
+def test_trls_resume_from_checkpoint_path_is_resume_path():
+    by_trl = typed(parsed(["train", "--resume_from_checkpoint", "runs/dpo/checkpoint-40"]))
+    assert by_trl == typed(parsed(["train", "--resume", "runs/dpo/checkpoint-40"]))
+    assert by_trl.train.resume == "runs/dpo/checkpoint-40"
+    assert typed(parsed(["train", "--resume"])).train.resume is True
+
+
 def test_a_trl_flag_equals_the_same_set():
     assert typed(parsed(["train", "--learning_rate", "1e-6"])) == typed(["train.learning_rate=1e-6"])
 
@@ -346,6 +357,20 @@ def test_a_llamafactory_stage_run_by_another_command_is_refused(lf_dir):
 def test_llamafactorys_pref_ftx_adds_the_sft_term_with_its_weight(lf_dir):
     config, _ = read({"stage": "dpo", "pref_loss": "simpo", "pref_ftx": 0.3}, command="train")
     assert (config.objective.loss, config.objective.weights) == (["simpo", "sft"], [1.0, 0.3])
+
+
+def test_llamafactorys_quantized_reference_and_workers_are_preftunes(lf_dir):
+    names = {"stage": "dpo", "finetuning_type": "full", "ref_model": "org/ref", "ref_model_quantization_bit": 8,
+             "preprocessing_num_workers": 4}  # fmt: skip
+    config, _ = read(names, command="train")
+    assert (config.reference.path, config.reference.quantize, config.data.num_proc) == ("org/ref", "int8", 4)
+
+
+def test_an_optimizer_preftune_lacks_is_refused_naming_the_closest(lf_dir):
+    with pytest.raises(
+        ConfigError, match=r"optim=paged_adamw_32bit .* closest: train.optimizer=paged_adamw_8bit"
+    ):
+        read({"optim": "paged_adamw_32bit"})
 
 
 def test_llamafactorys_max_length_is_its_generation_length_not_the_training_one(lf_dir):

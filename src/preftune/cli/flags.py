@@ -75,7 +75,7 @@ def _kind(hint: Any) -> tuple[str, Any]:
     args = typing.get_args(hint)
     members = args if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if bool in members:
-        return "bool", "?"
+        return ("bool|text" if str in members else "bool"), "?"
     if any(typing.get_origin(m) is list for m in members):
         return "list", "+"
     if typing.get_origin(hint) is typing.Literal:
@@ -125,7 +125,7 @@ def add_key_flags(parser: argparse.ArgumentParser, command: str, skip: tuple[str
                 key=key,
                 shape=_one_or_list,
                 nargs=nargs,
-                metavar="BOOL" if metavar == "bool" else "VALUE" if metavar == "list" else metavar,
+                metavar={"bool": "BOOL", "bool|text": "BOOL|TEXT", "list": "VALUE"}.get(metavar, metavar),
                 help=f"{text} (default: {default})".replace("``", "").replace("%", "%%"),
             )
 

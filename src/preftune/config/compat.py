@@ -169,28 +169,38 @@ def _max_grad_norm(value: Any, ctx: Context) -> list[Setting]:
     return [("train.max_grad_norm", v if v > 0 else None)]
 
 
-_ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_torch_npu_fused", "adamw_torch_xla")
+_OPTIMIZERS = {
+    **dict.fromkeys(
+        ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_torch_npu_fused", "adamw_torch_xla"), "adamw"
+    ),
+    # bitsandbytes' AdamW with 8-bit moments (the same 4096-element floor for 32-bit ones)
+    **dict.fromkeys(("adamw_8bit", "adamw_bnb_8bit"), "adamw_8bit"),
+    "paged_adamw_8bit": "paged_adamw_8bit",
+}
 
 
 def _optim(value: Any, ctx: Context) -> list[Setting]:
-    if str(plain(value)) not in _ADAMW:
-        raise ConfigError(
-            f"{ctx.source}: optim={value} has no preftune equivalent; closest: AdamW (train.adam_beta1, "
-            "train.adam_beta2, train.adam_epsilon, train.weight_decay); for memory, model.lora or model.load_in_4bit"
+    """AdamW under its implementations' names is AdamW; bitsandbytes' 8-bit AdamW and its paged form
+    are ``train.optimizer``'s; any other optimizer is refused."""
+    name = str(plain(value))
+    if name not in _OPTIMIZERS:
+        closest = (
+            "paged_adamw_8bit" if name.startswith("paged_") else "adamw_8bit" if "8bit" in name else "adamw"
         )
-    return []
+        raise ConfigError(
+            f"{ctx.source}: optim={value} has no preftune equivalent; closest: train.optimizer={closest} "
+            "(adamw, adamw_8bit or paged_adamw_8bit; for memory, also model.lora or model.load_in_4bit)"
+        )
+    return [("train.optimizer", _OPTIMIZERS[name])]
 
 
 def _resume(value: Any, ctx: Context) -> list[Setting]:
+    """``true``: the newest checkpoint in the output folder; a path: that checkpoint (preftune's;
+    a Trainer's checkpoint is refused when the run starts, naming what to do instead)."""
     v = plain(value)
     if v is None or v is False:
         return []
-    if v is True:
-        return [("train.resume", True)]
-    raise ConfigError(
-        f"{ctx.source}: resume_from_checkpoint={v}: resuming from a named checkpoint is not built yet; "
-        "closest: --resume (the newest checkpoint in train.output_dir)"
-    )
+    return [("train.resume", True if v is True else str(value))]
 
 
 def _sampling(value: Any, ctx: Context) -> list[Setting]:
@@ -528,6 +538,18 @@ def _ref_model(value: Any, ctx: Context) -> list[Setting]:
     return [] if plain(value) is None else [("reference.path", str(value)), ("reference.strategy", "copy")]
 
 
+def _ref_quantization(value: Any, ctx: Context) -> list[Setting]:
+    bits = plain(value)
+    if bits is None:
+        return []
+    if bits not in (4, 8):
+        raise ConfigError(
+            f"llamafactory: ref_model_quantization_bit={bits} has no preftune equivalent; closest: "
+            "reference.quantize=nf4 (4) or int8 (8)"
+        )
+    return [("reference.quantize", "nf4" if bits == 4 else "int8")]
+
+
 def _pure_bf16(value: Any, ctx: Context) -> list[Setting]:
     return [("model.dtype", "bfloat16"), ("train.mixed_precision", "no")] if plain(value) is True else []
 
@@ -563,9 +585,10 @@ TRAINING_ARGUMENTS: dict[str, Rule] = {
     "lr_scheduler_kwargs": refused("train.scheduler", "preftune's schedules take no arguments"),
     "warmup_steps": converted("train.warmup_steps", _warmup_steps, "a value in (0, 1) is train.warmup_ratio"),
     "optim": converted(
-        "train.adam_beta1",
+        "train.optimizer",
         _optim,
-        "the AdamW names are AdamW; any other optimizer is refused",
+        "the AdamW names (adamw_torch, adamw_torch_fused, ...): adamw; adamw_8bit, adamw_bnb_8bit, "
+        "paged_adamw_8bit: bitsandbytes' 8-bit AdamW; any other optimizer is refused",
     ),
     "optim_args": refused(
         "train.adam_beta1, train.adam_beta2, train.adam_epsilon", "only for other optimizers"
@@ -687,7 +710,7 @@ TRAINING_ARGUMENTS: dict[str, Rule] = {
     "metric_for_best_model": ignored("only with load_best_model_at_end, which is refused"),
     "greater_is_better": ignored("only with load_best_model_at_end, which is refused"),
     "resume_from_checkpoint": converted(
-        "train.resume", _resume, "true: train.resume; a named checkpoint refused for now"
+        "train.resume", _resume, "true: the newest checkpoint in train.output_dir; a path: that checkpoint"
     ),
     "ignore_data_skip": ignored("resuming never replays batches (the data order is a seeded stream)"),
     "restore_callback_states_from_checkpoint": ignored("no callbacks"),
@@ -776,7 +799,9 @@ TRL_OWN: dict[str, Rule] = {
     "trust_remote_code": same("model.trust_remote_code"),
     "router_aux_loss_coef": refused("", "MoE load-balancing loss"),
     "disable_dropout": refused("", "preftune always disables dropout in policy and reference", ok=(True,)),
-    "dataset_num_proc": ignored(_SPEED),
+    "dataset_num_proc": converted(
+        "data.num_proc", _not_null("data.num_proc"), "processes that tokenize (the same ids for any number)"
+    ),
     "max_length": same(
         "data.max_length",
         say="prompt + completion; TRL's RewardTrainer drops longer pairs, preftune truncates",
@@ -1027,9 +1052,15 @@ LLAMAFACTORY_OWN: dict[str, Rule] = {
     "buffer_size": ignored("only with streaming's shuffle", ok=(16384,)),
     "mix_strategy": ignored("only with several datasets, which are refused", ok=("concat",)),
     "interleave_probs": refused("", "several datasets"),
-    "overwrite_cache": ignored("preprocessing cache"),
+    "overwrite_cache": ignored(
+        "preftune's tokenized store is keyed by everything that decides the ids, so it is never stale "
+        "(data.cache=false tokenizes afresh)",
+        "data.cache",
+    ),
     "preprocessing_batch_size": ignored(_SPEED, ok=(1000,)),
-    "preprocessing_num_workers": ignored(_SPEED),
+    "preprocessing_num_workers": converted(
+        "data.num_proc", _not_null("data.num_proc"), "processes that tokenize (the same ids for any number)"
+    ),
     "max_samples": converted("data.path", _max_samples, "the first N records of the dataset, as it is read"),
     "eval_num_beams": ignored("generation at predict time"),
     "ignore_pad_token_for_loss": ignored("padding is masked", ok=(True,)),
@@ -1085,7 +1116,9 @@ LLAMAFACTORY_OWN: dict[str, Rule] = {
     ),
     "ref_model": converted("reference.path", _ref_model, "reference.path with reference.strategy=copy"),
     "ref_model_adapters": refused("reference.path", "merge the adapters first"),
-    "ref_model_quantization_bit": refused(""),
+    "ref_model_quantization_bit": converted(
+        "reference.quantize", _ref_quantization, "4: nf4, 8: int8 (bitsandbytes), for a ref_model"
+    ),
     **each(
         "reward_model reward_model_adapters reward_model_quantization_bit reward_model_type",
         ignored(_PPO, ok=("lora",)),
