@@ -8,10 +8,12 @@ Each command lives with its kind (:mod:`.train`, :mod:`.sampling`, :mod:`.evalua
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from ..errors import PreftuneError
 from .data import add_data_commands
@@ -22,10 +24,33 @@ from .train import add_training_commands
 KEYS_HELP = "every config key, its type, default and meaning: preftune config"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a did-you-mean for an unknown flag, and no abbreviations: among a hundred
+    flags, ``--learning_rat`` must not quietly become ``--learning_rate``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            flag = message.removeprefix("unrecognized arguments: ").split()[0].split("=")[0]
+            close = difflib.get_close_matches(flag, _option_strings(self), n=1)
+            message += f" (did you mean {close[0]}?)" if close else ""
+        super().error(message)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every flag of the parser and of its subcommands' parsers."""
+    found = list(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found += _option_strings(sub)
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="preftune", description="Align language models with preference data."
-    )
+    parser = _Parser(prog="preftune", description="Align language models with preference data.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_training_commands(commands, KEYS_HELP)
     add_sampling_commands(commands, KEYS_HELP)

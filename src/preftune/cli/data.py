@@ -10,14 +10,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig
 from ..errors import ConfigError, DataError
+from .flags import add_key_flags, load_run, record
+from .foreign import add_foreign_config_options, show_foreign
 from .values import count, positive_int
 
 
 def _config(args: argparse.Namespace) -> None:
     from ..config import SECTIONS, RunConfig
     from ..config.coerce import describe
+
+    if args.from_trl or args.from_llamafactory or args.mapping:
+        return show_foreign(args)
 
     rows = [row for row in describe(RunConfig) if not args.section or row[0].startswith(args.section + ".")]
     if not rows:
@@ -39,9 +44,7 @@ def _check_pairs(args: argparse.Namespace) -> None:
     from ..losses import is_unpaired
     from ..model.load import load_tokenizer
 
-    given = {"data.path": args.file, "model.name_or_path": args.model, "data.eval_path": args.eval_data}
-    overrides = {key: value for key, value in given.items() if value}
-    config = load_config(args.config, args.set or (), overrides, command="check-data")
+    config = load_run(args, "check-data", {"data.path": args.file})
     tokenizer = load_tokenizer(config.model, config.data.chat_template) if config.model.name_or_path else None
     if is_unpaired(config.objective):
         return _check_unpaired(args, config, tokenizer)
@@ -82,7 +85,11 @@ def _data_report(
     from ..evaluation.data_report import ReportOptions, data_report
 
     options = ReportOptions(
-        args.model, args.reward, config.data.eval_path, args.output and Path(args.output), args.sample
+        config.model.name_or_path or None,
+        args.reward,
+        config.data.eval_path,
+        args.output and Path(args.output),
+        args.sample,
     )
     data_report(args.file, pairs, tokenizer, config, options, identical)
 
@@ -173,6 +180,7 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
     config.add_argument(
         "section", nargs="?", help="only this section: model, data, objective, reference, train, reward, …"
     )
+    add_foreign_config_options(config)
     config.set_defaults(run=_config)
 
     check = commands.add_parser(
@@ -181,15 +189,21 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
         epilog=keys_help,
     )
     check.add_argument("file", help="JSONL/JSON/CSV/Parquet file or hub dataset name")
-    check.add_argument(
+    record(
+        check,
         "--model",
+        key="model.name_or_path",
         help="a tokenizer (token lengths, what the limits cut), or the reference model: also its log-probs",
     )
     check.add_argument(
         "--reward", help="a reward-model folder or module:function: its agreement with the labels"
     )
-    check.add_argument(
-        "--eval-data", metavar="FILE", help="held-out pairs (data.eval_path): pairs shared with FILE"
+    record(
+        check,
+        "--eval-data",
+        key="data.eval_path",
+        metavar="FILE",
+        help="held-out pairs (data.eval_path): pairs shared with FILE",
     )
     check.add_argument(
         "--output", metavar="REPORT.json", help="write the data report, and its figure as .png"
@@ -202,11 +216,12 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
         help="edit distances, log-probs and rewards on a uniform sample of N pairs (0: all; default 2000)",
     )
     check.add_argument("--config", help="YAML config whose data section (fields, limits) applies")
-    check.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    record(check, "--set", key="", metavar="SECTION.KEY=VALUE", help="override a config value")
     check.add_argument(
         "--max-errors", type=positive_int, default=50, help="stop after this many bad records (default 50)"
     )
     check.add_argument("--margins", action="store_true", help="also check the reward-model margin column")
+    add_key_flags(check, "check-data", skip=("data.path",))
     check.set_defaults(run=_check_data)
 
     cache = commands.add_parser(

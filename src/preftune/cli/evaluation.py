@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
+from .flags import add_key_flags, load_run, record
 from .values import count, positive_float, positive_int
 
 
@@ -15,7 +15,7 @@ def _eval(args: argparse.Namespace) -> None:
     from ..evaluation.run import run_eval
     from ..evaluation.settings import EvalSettings
 
-    config = load_config(args.config, args.set or (), {"model.name_or_path": args.policy}, command="eval")
+    config = load_run(args, "eval", {"model.name_or_path": args.policy})
     run_eval(
         config,
         parse_data_specs(args.data),
@@ -105,9 +105,8 @@ def add_evaluation_commands(commands: Any) -> None:
     evaluation.add_argument("--batch-size", type=positive_int, default=8, help="pairs per forward pass")
     evaluation.add_argument("--seed", type=count, default=0, help="seed of the samples")
     evaluation.add_argument("--config", help="YAML file (model and data sections: dtype, fields, lengths)")
-    evaluation.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value"
-    )
+    record(evaluation, "--set", key="", metavar="SECTION.KEY=VALUE", help="override a config value")
+    add_key_flags(evaluation, "eval")
     evaluation.set_defaults(run=_eval)
 
     experiment = commands.add_parser(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig
 from ..errors import ConfigError
-from .values import positive_int
+from .flags import add_key_flags, load_run, record
 
 
 def add_sampling_commands(commands: Any, keys_help: str) -> None:
@@ -19,13 +19,24 @@ def add_sampling_commands(commands: Any, keys_help: str) -> None:
         "objective/train/rollout/online/prompts/reward",
         keys_help,
     )
-    online.add_argument("--loss", help="objective name(s), comma-separated (default dpo)")
-    online.add_argument(
-        "--rounds", type=positive_int, help="rounds of sample -> score -> pair -> train (default 3)"
+    record(
+        online,
+        "--loss",
+        key="objective.loss",
+        shape=_names,
+        help="objective name(s), comma-separated (default dpo)",
     )
-    online.add_argument(
-        "--samples-per-prompt", type=positive_int, metavar="K", help="completions per prompt (default 4)"
+    record(
+        online, "--rounds", key="online.rounds", help="rounds of sample -> score -> pair -> train (default 3)"
     )
+    record(
+        online,
+        "--samples-per-prompt",
+        key="online.samples_per_prompt",
+        metavar="K",
+        help="completions per prompt (default 4)",
+    )
+    add_key_flags(online, "online")
     online.set_defaults(run=_online)
 
     ppo = _sampling_parser(
@@ -35,8 +46,9 @@ def add_sampling_commands(commands: Any, keys_help: str) -> None:
         "train/rollout/ppo/prompts/reward",
         keys_help,
     )
-    ppo.add_argument("--kl-coef", type=float, help="β of the per-token KL penalty (default 0.05)")
-    ppo.add_argument("--steps", type=positive_int, help="PPO steps: rollout batches (default 100)")
+    record(ppo, "--kl-coef", key="ppo.kl_coef", help="β of the per-token KL penalty (default 0.05)")
+    record(ppo, "--steps", key="ppo.steps", help="PPO steps: rollout batches (default 100)")
+    add_key_flags(ppo, "ppo")
     ppo.set_defaults(run=_ppo)
 
 
@@ -47,16 +59,28 @@ def _sampling_parser(
     parser: argparse.ArgumentParser = commands.add_parser(
         name, help=description, epilog=f"{keys_help} (sections {sections.replace('/', ', ')})"
     )
-    parser.add_argument("--model", help="the starting policy: hub name or local folder of a causal LM")
-    parser.add_argument("--prompts", help="prompts: any file train reads, with a 'prompt' field")
-    parser.add_argument(
-        "--reward", help="a reward-model folder, or a function module:function / file.py:function"
+    record(
+        parser,
+        "--model",
+        key="model.name_or_path",
+        help="the starting policy: hub name or local folder of a causal LM",
     )
-    parser.add_argument("--output", help="output folder (train.output_dir)")
+    record(
+        parser, "--prompts", key="prompts.path", help="prompts: any file train reads, with a 'prompt' field"
+    )
+    record(
+        parser,
+        "--reward",
+        key="reward.scorer",
+        help="a reward-model folder, or a function module:function / file.py:function",
+    )
+    record(parser, "--output", key="train.output_dir", help="output folder (train.output_dir)")
     parser.add_argument("--config", help=f"YAML file with model/{sections} sections")
-    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
-    parser.add_argument(
+    record(parser, "--set", key="", metavar="SECTION.KEY=VALUE", help="override a config value")
+    record(
+        parser,
         "--resume",
+        key="train.resume",
         nargs="?",
         const=True,
         metavar="CHECKPOINT",
@@ -65,31 +89,25 @@ def _sampling_parser(
     return parser
 
 
-def _sampling_config(args: argparse.Namespace, section: str, flags: dict[str, str]) -> RunConfig:
-    """``online`` and ``ppo``: the config file, then the flags (``flags`` maps each to its key), then --set."""
-    base: dict[str, object] = {}
-    keys = {"model": "model.name_or_path", "prompts": "prompts.path", "reward": "reward.scorer"}
-    for flag, key in (keys | flags | {"output": "train.output_dir"}).items():
-        if getattr(args, flag, None) is not None:
-            base[key] = getattr(args, flag)
-    if getattr(args, "loss", None):
-        base["objective.loss"] = [name for name in args.loss.split(",") if name]
-    if args.resume:
-        base["train.resume"] = args.resume
-    config = load_config(args.config, args.set or (), base, command=section)
+def _sampling_config(args: argparse.Namespace, command: str) -> RunConfig:
+    """``online`` and ``ppo``: the config file, then every flag in command-line order."""
+    config = load_run(args, command)
     if not config.model.name_or_path:
         raise ConfigError("model.name_or_path: required (--model PATH_OR_NAME)")
     return config
 
 
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
 def _online(args: argparse.Namespace) -> None:
     from ..recipes.online import train_online
 
-    flags = {"rounds": "online.rounds", "samples_per_prompt": "online.samples_per_prompt"}
-    train_online(_sampling_config(args, "online", flags))
+    train_online(_sampling_config(args, "online"))
 
 
 def _ppo(args: argparse.Namespace) -> None:
     from ..recipes.ppo import train_ppo
 
-    train_ppo(_sampling_config(args, "ppo", {"kl_coef": "ppo.kl_coef", "steps": "ppo.steps"}))
+    train_ppo(_sampling_config(args, "ppo"))

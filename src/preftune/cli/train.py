@@ -6,27 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig
 from ..errors import ConfigError
+from .flags import add_foreign_flags, add_key_flags, load_run, record
+from .llamafactory import llamafactory_records
 from .values import positive_int
 
 
 def _run_config(args: argparse.Namespace, command: str) -> RunConfig:
-    """The config file, then --model/--data/… , then --set: later ones win."""
-    base: dict[str, object] = {}
-    if args.model:
-        base["model.name_or_path"] = args.model
-    if args.data:
-        base["data.path"] = args.data
-    if args.eval_data:
-        base["data.eval_path"] = args.eval_data
-    if getattr(args, "loss", None):
-        base["objective.loss"] = [name for name in args.loss.split(",") if name]
-    if args.output:
-        base["train.output_dir"] = args.output
-    if args.resume:
-        base["train.resume"] = args.resume
-    config = load_config(args.config, args.set or (), base, command=command)
+    """The config file (preftune's, TRL's or LLaMA-Factory's), then every flag in command-line order."""
+    config = load_run(args, command)
     if not config.model.name_or_path:
         raise ConfigError("model.name_or_path: required (--model PATH_OR_NAME)")
     if not config.data.path:
@@ -37,19 +26,22 @@ def _run_config(args: argparse.Namespace, command: str) -> RunConfig:
 def _train(args: argparse.Namespace) -> None:
     from ..recipes.dpo import train
 
-    train(_run_config(args, "train"))
+    config = _run_config(args, "train")
+    train(config, **llamafactory_records(args, config, "train"))
 
 
 def _sft(args: argparse.Namespace) -> None:
     from ..recipes.sft import train_sft
 
-    train_sft(_run_config(args, "sft"))
+    config = _run_config(args, "sft")
+    train_sft(config, **llamafactory_records(args, config, "sft"))
 
 
 def _rm_train(args: argparse.Namespace) -> None:
     from ..recipes.reward import train_reward_model
 
-    train_reward_model(_run_config(args, "rm train"))
+    config = _run_config(args, "rm train")
+    train_reward_model(config, **llamafactory_records(args, config, "rm train"))
 
 
 def _rm_score(args: argparse.Namespace) -> None:
@@ -69,45 +61,67 @@ def _rm_score(args: argparse.Namespace) -> None:
                 print(f"  {name:24} {accuracy:.1%}")
 
 
-def _training_arguments(parser: argparse.ArgumentParser, model_help: str, with_loss: bool) -> None:
-    parser.add_argument("--model", help=model_help)
-    parser.add_argument("--data", help="JSONL/JSON/CSV/Parquet file or hub dataset name")
-    parser.add_argument(
-        "--eval-data", help="held-out pairs, evaluated every train.eval_every steps and at the end"
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
+def _training_arguments(
+    parser: argparse.ArgumentParser, command: str, model_help: str, with_loss: bool
+) -> None:
+    record(parser, "--model", key="model.name_or_path", help=model_help)
+    record(
+        parser,
+        "--data",
+        key="data.path",
+        help="JSONL/JSON/CSV/Parquet file, hub dataset (name or name:config)",
+    )
+    record(
+        parser,
+        "--eval-data",
+        key="data.eval_path",
+        help="held-out pairs, evaluated every train.eval_every steps and at the end",
     )
     if with_loss:
-        parser.add_argument(
+        record(
+            parser,
             "--loss",
+            key="objective.loss",
+            shape=_names,
             help="objective name(s), comma-separated: dpo, dpop, simpo, ipo, … (kto: unpaired examples)",
         )
-    parser.add_argument("--output", help="output folder (train.output_dir)")
+    record(parser, "--output", key="train.output_dir", help="output folder (train.output_dir)")
     parser.add_argument(
-        "--config", help="YAML file with model/data/objective/reference/train/reward sections"
+        "--config", help="YAML file: preftune's sections, or a flat TRL or LLaMA-Factory config"
     )
-    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
-    parser.add_argument(
+    record(parser, "--set", key="", metavar="SECTION.KEY=VALUE", help="override a config value")
+    record(
+        parser,
         "--resume",
+        key="train.resume",
         nargs="?",
         const=True,
         metavar="CHECKPOINT",
         help="continue from the latest checkpoint in --output, or the one named",
     )
+    add_key_flags(parser, command)
+    add_foreign_flags(parser)
 
 
 def add_training_commands(commands: Any, keys_help: str) -> None:
     """``train``, ``sft``, ``rm train``, ``rm score``."""
+    keys_help = f"{keys_help}; TRL's and LLaMA-Factory's names are read too (docs/from-trl.md)"
     train = commands.add_parser(
         "train",
         help="train a policy on preference pairs (DPO and its family) or unpaired examples (KTO)",
         epilog=keys_help,
     )
-    _training_arguments(train, "hub name or local folder of a causal LM", with_loss=True)
+    _training_arguments(train, "train", "hub name or local folder of a causal LM", with_loss=True)
     train.set_defaults(run=_train)
 
     sft = commands.add_parser(
         "sft", help="supervised fine-tuning on prompt/completion, messages or text records", epilog=keys_help
     )
-    _training_arguments(sft, "hub name or local folder of a causal LM", with_loss=False)
+    _training_arguments(sft, "sft", "hub name or local folder of a causal LM", with_loss=False)
     sft.set_defaults(run=_sft)
 
     rm = commands.add_parser("rm", help="Bradley–Terry reward models: train, score")
@@ -115,7 +129,9 @@ def add_training_commands(commands: Any, keys_help: str) -> None:
     rm_train = rm_commands.add_parser(
         "train", help="train a reward model on preference pairs", epilog=keys_help
     )
-    _training_arguments(rm_train, "a causal LM (gets a new reward head) or a reward model", with_loss=False)
+    _training_arguments(
+        rm_train, "rm train", "a causal LM (gets a new reward head) or a reward model", with_loss=False
+    )
     rm_train.set_defaults(run=_rm_train)
     rm_score = rm_commands.add_parser("score", help="score preference or (prompt, completion) records")
     rm_score.add_argument("--model", required=True, help="reward-model folder (rm train's OUTPUT/final)")

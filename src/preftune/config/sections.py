@@ -55,13 +55,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    """JSONL / JSON / CSV / Parquet file, or a hub dataset name."""
+    """JSONL / JSON / CSV / Parquet file, a hub dataset name (``name:config`` for a configuration), or a
+    dataset folder (``save_to_disk``'s, or data files ``load_dataset`` reads)."""
     split: str = "train"
-    """Split of a hub dataset to train on."""
+    """Split of a hub dataset to train on: ``train``, a slice (``train[:1%]``, ``train[100:200]``), or
+    ``stream:train`` to stream it (``datasets`` streaming: nothing downloaded or prepared ahead)."""
     eval_path: str | None = None
     """Held-out pairs (same formats as ``path``), evaluated every ``train.eval_every`` steps and at the end."""
     eval_split: str = "test"
-    """Split of a hub dataset to evaluate on."""
+    """Split of a hub dataset to evaluate on (slices and ``stream:`` as ``split``); set alone, that split
+    of ``path``'s dataset."""
     prompt_field: str = "prompt"
     """Field holding the prompt (missing: the shared prefix of chosen and rejected)."""
     chosen_field: str = "chosen"
@@ -254,6 +257,11 @@ def check_data(d: DataConfig) -> None:
     need(d.num_proc is None or d.num_proc >= 1, "data.num_proc", "must be >= 1")
     packs = d.pack_tokens is None or (d.pack_tokens >= 2 and d.layout in ("auto", "packed"))
     need(packs, "data.pack_tokens", f"must be >= 2, for the packed layout (data.layout={d.layout})")
+    need(
+        d.eval_path is not None or d.eval_split == "test",
+        "data.eval_split",
+        "names a split of data.eval_path, which is not set (the same hub dataset's split: data.eval_path = data.path)",
+    )
     if d.max_length is not None and d.max_prompt_length is not None:
         need(d.max_prompt_length < d.max_length, "data.max_prompt_length", "must be < data.max_length")
     for key, names in (("response_fields", d.response_fields), ("score_fields", d.score_fields)):

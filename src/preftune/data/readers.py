@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,14 +48,18 @@ class Source:
         return "records" if isinstance(self.source, list) else "dataset"
 
     def _path(self) -> Path | None:
-        """The local file, or None for a hub name; a path that cannot be one is refused."""
+        """The local file, or None for a hub name or a dataset folder (``datasets`` reads both, a
+        configuration after a colon); a path that cannot be one is refused."""
         source = self.source
         path = Path(source).expanduser()
-        if path.is_dir():
-            raise DataError(f"{source}: is a folder; name a .jsonl, .json, .csv or .parquet file")
         if path.is_file():
             return path
-        looks_local = path.suffix.lower() in SUFFIXES or (path.suffix and "/" not in str(source))
+        named = Path(str(source).split(":")[0]).expanduser()  # a folder or hub name, before any :config
+        if named.is_dir() and any(named.iterdir()):  # a dataset folder, read by `datasets`
+            return None
+        if path.is_dir():
+            raise DataError(f"{source}: is a folder; name a .jsonl, .json, .csv or .parquet file")
+        looks_local = named.suffix.lower() in SUFFIXES or (named.suffix and "/" not in str(source))
         if looks_local or str(source).startswith((".", "/", "~")) or str(source).count("/") >= 2:
             raise DataError(f"{source}: no such file")
         return None
@@ -211,9 +216,44 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _load_hub(name: str, split: str) -> Any:
+    """A hub dataset or a dataset folder, as TRL's scripts load one: ``name:config`` names its
+    configuration, the split may be sliced (``train[:1%]``, ``train[10:20]``), and ``stream:train``
+    iterates the split as ``datasets`` streams it, never downloading or preparing the whole set (a
+    stream has no fingerprint: its tokens go to a store of the run alone). A folder written by
+    ``save_to_disk`` is read with ``load_from_disk``."""
     import datasets
 
+    path, _, config = name.partition(":")
+    named = {"name": config} if config else {}
+    streaming, split_spec = split.startswith("stream:"), split.removeprefix("stream:")
     try:
-        return datasets.load_dataset(name, split=split)
+        if (Path(path) / "dataset_dict.json").is_file() or (Path(path) / "state.json").is_file():
+            saved = datasets.load_from_disk(path)
+            base, start, stop = _slice(split_spec, streaming=False)
+            part = saved[base] if isinstance(saved, datasets.DatasetDict) else saved
+            return part.select(range(len(part))[_at(start, len(part)) : _at(stop, len(part))])
+        if streaming:
+            base, start, stop = _slice(split_spec, streaming=True)
+            first = int(start or 0)
+            stream = datasets.load_dataset(path, split=base, streaming=True, **named).skip(first)
+            return stream if stop is None else stream.take(max(0, int(stop) - first))
+        return datasets.load_dataset(path, split=split_spec, **named)
     except Exception as err:  # the library raises many types; the user needs one message
-        raise DataError(f"{name}: could not load dataset (split '{split}'): {err}") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{name}: could not load dataset (split '{split}'): {reason}") from None
+
+
+def _slice(spec: str, streaming: bool) -> tuple[str, str | None, str | None]:
+    """``train[10:20]`` -> ``("train", "10", "20")``; a stream's length is unknown, so it takes no percent."""
+    match = re.fullmatch(r"([\w.-]+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?", spec)
+    bounds = "".join(b for b in (match.groups()[1:] if match else ()) if b)
+    if match is None or (streaming and ("%" in bounds or "-" in bounds)):
+        length = " counted in records from the start (a stream has no length)" if streaming else ""
+        raise ValueError(f"expected SPLIT or SPLIT[START:STOP]{length}")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _at(bound: str | None, length: int) -> int | None:
+    if bound is None:
+        return None
+    return round(length * int(bound[:-1]) / 100) if bound.endswith("%") else int(bound)
