@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import DataError
-from .records import Text, check_text, is_empty, template_kwargs
+from .records import Text, check_text, check_turns, is_empty, template_kwargs
 from .report import Findings
 from .scan import Scan
 from .tokenize import Encoder
@@ -54,11 +54,7 @@ def read_prompts(
         text = check_text(record[cfg.prompt_field], where, cfg.prompt_field)
         if is_empty(text):
             raise DataError(f"{where}: field '{cfg.prompt_field}' is empty")
-        if isinstance(text, list) and text[-1]["role"] == "assistant":
-            raise DataError(
-                f"{where}: field '{cfg.prompt_field}' ends with an assistant turn; a prompt ends "
-                "where the model's answer starts"
-            )
+        check_turns(text, cfg.prompt_field, {}, where)
         kwargs = template_kwargs(record, where)
         ids = encoder.prompt_ids(text, kwargs, where, cfg.prompt_field)
         if cfg.max_prompt_length is not None and len(ids) > cfg.max_prompt_length:
@@ -73,3 +69,4 @@ def read_prompts(
     for line in findings.lines():
         warnings.warn(f"{reading.name}: {line}", stacklevel=2)
     return prompts
+
