@@ -70,3 +70,28 @@ def read_prompts(
         warnings.warn(f"{reading.name}: {line}", stacklevel=2)
     return prompts
 
+
+def check_room(prompts: list[Prompt], cfg: DataConfig, name: str) -> None:
+    """Online DPO trains on its samples within ``data.max_length``: a prompt that fills it alone
+    leaves no room for a completion, and its pairs are dropped. Every prompt doing so is refused
+    before anything samples; some doing so is said once, with the first places."""
+    if cfg.max_length is None:
+        return
+    full = [prompt for prompt in prompts if len(prompt.ids) >= cfg.max_length]
+    if not full:
+        return
+    shortest = min(full, key=lambda prompt: len(prompt.ids))
+    if len(full) == len(prompts):
+        raise DataError(
+            f"{name}: every prompt fills data.max_length={cfg.max_length} (the shortest, {shortest.where}, is "
+            f"{len(shortest.ids)} tokens) and leaves no room for a completion, so no sampled pair could "
+            "train; raise data.max_length, or set data.max_prompt_length below it to keep each prompt's end"
+        )
+    places = ", ".join(prompt.where for prompt in full[:3]) + (
+        f" and {len(full) - 3} more" if len(full) > 3 else ""
+    )
+    warnings.warn(
+        f"{name}: {len(full)} of {len(prompts)} prompts fill data.max_length={cfg.max_length} ({places}); "
+        "their samples cannot train and their pairs will be dropped",
+        stacklevel=2,
+    )
