@@ -170,6 +170,34 @@ DATA_CASES = [
         "d.jsonl:1: field 'prompt' message 0 has role 'human'",
     ),
     (
+        "completion-user-turn",
+        "d.jsonl",
+        lines(with_messages(chosen=[{"role": "user", "content": "hello"}])),
+        [],
+        "d.jsonl:1: field 'chosen' message 0 has role 'user'; a completion holds the model's turns only",
+    ),
+    (
+        "completion-system-turn",
+        "d.jsonl",
+        lines(
+            with_messages(
+                rejected=[{"role": "assistant", "content": "no"}, {"role": "system", "content": "x"}]
+            )
+        ),
+        [],
+        "d.jsonl:1: field 'rejected' message 1 has role 'system'; a completion holds the model's turns only",
+    ),
+    (
+        "prompt-ends-with-assistant",
+        "d.jsonl",
+        lines(
+            with_messages(prompt=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hm"}])
+        ),
+        [],
+        "d.jsonl:1: field 'prompt' ends with an assistant turn (message 1); a prompt ends where the model's "
+        "answer starts, with a user or tool turn",
+    ),
+    (
         "message-not-object",
         "d.jsonl",
         lines(with_messages(chosen=["hello"])),
@@ -453,3 +481,82 @@ def test_a_byte_order_mark_is_accepted_in_every_text_format(tmp_path, model_dir)
 
 def test_the_corpus_covers_at_least_forty_malformed_inputs():
     assert len(DATA_CASES) + len(CONFIG_CASES) + 7 + 4 >= 40
+
+
+# --------------------------------------------------------------------------- message roles, one rule everywhere
+
+ASSISTANT_LAST = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hm"}]
+USER_TURN = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
+# command: its arguments, a record whose prompt ends with an assistant turn, one whose completion
+# holds a user turn (None: the command reads prompts only) and that completion's field
+ROLE_COMMANDS = {
+    "train": (["train"], with_messages(prompt=ASSISTANT_LAST), with_messages(chosen=USER_TURN), "chosen"),
+    "rm train": (
+        ["rm", "train"],
+        with_messages(prompt=ASSISTANT_LAST),
+        with_messages(rejected=USER_TURN),
+        "rejected",
+    ),
+    "kto": (
+        ["train", "--loss", "kto"],
+        {"prompt": ASSISTANT_LAST, "completion": MESSAGES["chosen"], "label": True},
+        {"prompt": MESSAGES["prompt"], "completion": USER_TURN, "label": False},
+        "completion",
+    ),
+    "sft": (
+        ["sft"],
+        {"prompt": ASSISTANT_LAST, "completion": MESSAGES["chosen"]},
+        {"prompt": MESSAGES["prompt"], "completion": USER_TURN},
+        "completion",
+    ),
+    "check-data": (
+        ["check-data"],
+        with_messages(prompt=ASSISTANT_LAST),
+        with_messages(chosen=USER_TURN),
+        "chosen",
+    ),
+    "online": (["online", "--reward", "rw:fn"], {"prompt": ASSISTANT_LAST}, None, ""),
+    "ppo": (["ppo", "--reward", "rw:fn"], {"prompt": ASSISTANT_LAST}, None, ""),
+}
+
+
+@pytest.mark.parametrize("case", ["prompt-ends-with-assistant", "completion-with-a-user-turn"])
+@pytest.mark.parametrize("command", sorted(ROLE_COMMANDS))
+def test_message_roles_follow_one_rule_in_every_command(tmp_path, capsys, model_dir, command, case):
+    argv, bad_prompt, bad_completion, field = ROLE_COMMANDS[command]
+    record = bad_prompt if case.startswith("prompt") else bad_completion
+    if record is None:
+        pytest.skip(f"{command} reads prompts only")
+    data, output = tmp_path / "d.jsonl", tmp_path / "out"
+    data.write_text(lines(record))
+    before = data.read_bytes()
+    if command == "check-data":
+        argv = [*argv, str(data), "--model", str(model_dir)]
+    else:
+        flag = "--prompts" if command in ("online", "ppo") else "--data"
+        argv = [*argv, "--model", str(model_dir), flag, str(data), "--output", str(output)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    expected = (
+        "d.jsonl:1: field 'prompt' ends with an assistant turn (message 1)"
+        if case.startswith("prompt")
+        else f"d.jsonl:1: field '{field}' message 1 has role 'user'"
+    )
+    assert expected in err and "Traceback" not in err, err
+    assert not output.exists()
+    assert data.read_bytes() == before
+
+
+def test_tool_turns_may_end_a_prompt_and_follow_a_tool_call_in_a_completion():
+    from preftune.data.records import check_turns
+
+    call = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "f"}}],
+    }
+    prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}, call]
+    prompt.append({"role": "tool", "content": "42"})
+    completion = [call, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "it is 42"}]
+    check_turns(prompt, "prompt", {"chosen": completion, "rejected": MESSAGES["rejected"]}, "d.jsonl:1")
+    check_turns("text prompts and completions have no turns", "prompt", {"chosen": " yes"}, "d.jsonl:1")

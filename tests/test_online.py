@@ -214,19 +214,19 @@ def test_a_second_run_into_the_same_folder_is_refused_without_resume_or_overwrit
 
 
 def test_unscored_samples_are_counted_and_a_round_without_any_pair_stops_with_advice(tmp_path, tokenizer):
-    class Unscored:
-        name = "none"
+    class HalfUnscored:  # the other half all tie: no pair
+        name = "half"
 
         def __call__(self, prompts, completions):
-            return [None] * len(completions)
+            return [None if i % 2 else 1.0 for i in range(len(completions))]
 
-    with pytest.raises(ConfigError, match=r"no pair could be built.*64 unscored"):
+    with pytest.raises(ConfigError, match=r"no pair could be built.*32 unscored"):
         train_online(
             online_config(tmp_path, "online.samples_per_prompt=8"),
             model=tiny_llama(len(tokenizer)),
             tokenizer=tokenizer,
             prompts=sentiment_prompts(),
-            scorer=Unscored(),
+            scorer=HalfUnscored(),
         )
 
 

@@ -47,8 +47,10 @@ def _rm_train(args: argparse.Namespace) -> None:
 def _rm_score(args: argparse.Namespace) -> None:
     from ..config import DataConfig
     from ..generation.scoring import RewardModelScorer, check_scores_output, score_file
+    from ..model.load import check_local_path
 
     check_scores_output(Path(args.output), args.data, args.model)
+    check_local_path(args.model, "--model")
     scorer = RewardModelScorer(args.model, batch_size=args.batch_size, progress=True)
     summary = score_file(scorer, args.data, Path(args.output), DataConfig())
     print(f"scored {summary['records']} records -> {args.output}")

@@ -244,6 +244,9 @@ class RewardConfig:
     """A reward-model folder, or a function ``module:function`` / ``file.py:function``."""
     batch_size: int = 16
     """Completions per reward-model forward (or per call of a function)."""
+    timeout: float | None = 600.0
+    """Seconds one call of a reward function may take before the run stops naming the function and
+    the batch (null: no limit; a reward model's forward is not timed)."""
 
 
 def check_model(m: ModelConfig) -> None:
@@ -354,6 +357,12 @@ def check_rm(rm: RMConfig) -> None:
 def check_sampling(prompts: PromptsConfig, reward: RewardConfig) -> None:
     need(prompts.limit is None or prompts.limit >= 1, "prompts.limit", "must be >= 1")
     need(reward.batch_size >= 1, "reward.batch_size", "must be >= 1")
+    timeout = reward.timeout
+    need(
+        timeout is None or (math.isfinite(timeout) and timeout > 0),
+        "reward.timeout",
+        f"must be > 0 seconds (or null: no limit), got {timeout}",
+    )
 
 
 def looks_like_template(value: str) -> bool:

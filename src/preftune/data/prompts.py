@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import DataError
-from .records import Text, check_text, is_empty, template_kwargs
+from .records import Text, check_text, check_turns, is_empty, template_kwargs
 from .report import Findings
 from .scan import Scan
 from .tokenize import Encoder
@@ -54,11 +54,7 @@ def read_prompts(
         text = check_text(record[cfg.prompt_field], where, cfg.prompt_field)
         if is_empty(text):
             raise DataError(f"{where}: field '{cfg.prompt_field}' is empty")
-        if isinstance(text, list) and text[-1]["role"] == "assistant":
-            raise DataError(
-                f"{where}: field '{cfg.prompt_field}' ends with an assistant turn; a prompt ends "
-                "where the model's answer starts"
-            )
+        check_turns(text, cfg.prompt_field, {}, where)
         kwargs = template_kwargs(record, where)
         ids = encoder.prompt_ids(text, kwargs, where, cfg.prompt_field)
         if cfg.max_prompt_length is not None and len(ids) > cfg.max_prompt_length:
@@ -73,3 +69,29 @@ def read_prompts(
     for line in findings.lines():
         warnings.warn(f"{reading.name}: {line}", stacklevel=2)
     return prompts
+
+
+def check_room(prompts: list[Prompt], cfg: DataConfig, name: str) -> None:
+    """Online DPO trains on its samples within ``data.max_length``: a prompt that fills it alone
+    leaves no room for a completion, and its pairs are dropped. Every prompt doing so is refused
+    before anything samples; some doing so is said once, with the first places."""
+    if cfg.max_length is None:
+        return
+    full = [prompt for prompt in prompts if len(prompt.ids) >= cfg.max_length]
+    if not full:
+        return
+    shortest = min(full, key=lambda prompt: len(prompt.ids))
+    if len(full) == len(prompts):
+        raise DataError(
+            f"{name}: every prompt fills data.max_length={cfg.max_length} (the shortest, {shortest.where}, is "
+            f"{len(shortest.ids)} tokens) and leaves no room for a completion, so no sampled pair could "
+            "train; raise data.max_length, or set data.max_prompt_length below it to keep each prompt's end"
+        )
+    places = ", ".join(prompt.where for prompt in full[:3]) + (
+        f" and {len(full) - 3} more" if len(full) > 3 else ""
+    )
+    warnings.warn(
+        f"{name}: {len(full)} of {len(prompts)} prompts fill data.max_length={cfg.max_length} ({places}); "
+        "their samples cannot train and their pairs will be dropped",
+        stacklevel=2,
+    )

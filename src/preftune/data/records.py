@@ -91,6 +91,39 @@ def check_text(value: Any, where: str, name: str) -> Text:
     raise DataError(f"{where}: field '{name}' must be a string or a list of messages, got {kind}")
 
 
+PROMPT_ENDS = ("user", "tool")
+"""The turns a prompt may end with: the model answers a user, or goes on after a tool's result."""
+COMPLETION_ROLES = ("assistant", "tool")
+"""The turns a completion may hold: the model's own, and the results of the tools it called."""
+
+
+def check_turns(prompt: Text | None, prompt_field: str, completions: dict[str, Text], where: str) -> None:
+    """The one rule for messages, in every command: a completion holds the model's turns (it starts
+    with an assistant turn; tool results may follow its tool calls), and a prompt ends where the
+    model's answer starts, with a user or tool turn. A system or user turn inside a completion
+    would be trained as the model's own words; a prompt ending with an assistant turn would have
+    the model answer itself."""
+    if isinstance(prompt, list) and prompt and prompt[-1]["role"] not in PROMPT_ENDS:
+        role = prompt[-1]["role"]
+        article = "an" if role == "assistant" else "a"
+        raise DataError(
+            f"{where}: field '{prompt_field}' ends with {article} {role} turn (message {len(prompt) - 1}); a prompt "
+            "ends where the model's answer starts, with a user or tool turn (move the "
+            f"{role} turn {'into the completions' if role == 'assistant' else 'before the last user turn'})"
+        )
+    for name, completion in completions.items():
+        if not isinstance(completion, list):
+            continue
+        for i, message in enumerate(completion):
+            allowed = ("assistant",) if i == 0 else COMPLETION_ROLES
+            if message["role"] not in allowed:
+                raise DataError(
+                    f"{where}: field '{name}' message {i} has role {message['role']!r}; a completion holds the "
+                    "model's turns only: it starts with an assistant turn, and tool turns may follow its tool "
+                    f"calls (a {message['role']} turn belongs in '{prompt_field}')"
+                )
+
+
 def is_empty(value: Text) -> bool:
     if isinstance(value, str):
         return not value.strip()
@@ -297,6 +330,7 @@ def parse_example(
                 f"{where}: no field '{cfg.prompt_field}' and fields '{names[0]}'/'{names[1]}' "
                 "share no prefix to use as the prompt"
             )
+    check_turns(prompt, cfg.prompt_field, {names[0]: chosen, names[1]: rejected}, where)
     empty = tuple(name for name, value in zip(names, (chosen, rejected), strict=True) if is_empty(value))
     return PreferenceExample(prompt, chosen, rejected, where, margin, kwargs, names, empty, identical)
 

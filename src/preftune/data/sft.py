@@ -29,7 +29,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .cache import Job, processes, tokenized
 from .readers import Source
-from .records import Text, check_string, check_text, is_empty, template_kwargs
+from .records import Text, check_string, check_text, check_turns, is_empty, template_kwargs
 from .report import Findings, Lengths, p95
 from .scan import (
     Chunk,
@@ -109,6 +109,7 @@ def tokenize_sft(
             raise DataError(
                 f"{where}: fields '{prompt_field}' and '{completion_field}' mix text and messages"
             )
+        check_turns(prompt, prompt_field, {completion_field: completion}, where)
         kept = empty_completion(completion, where, completion_field, cfg, encoder.findings)
         if kept is None:
             return None

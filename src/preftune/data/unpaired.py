@@ -33,7 +33,7 @@ from ..errors import DataError
 from .cache import Collected, Job, processes, tokenized
 from .prepare import parse_or_skip
 from .readers import Source
-from .records import PreferenceExample, Text, check_text, template_kwargs
+from .records import PreferenceExample, Text, check_text, check_turns, template_kwargs
 from .report import COUNTED_ABOVE, DataReport, Findings, spread, truncation_lines
 from .scan import (
     Chunk,
@@ -138,6 +138,7 @@ def parse_unpaired(
             f"{where}: fields '{cfg.prompt_field}' and '{cfg.completion_field}' mix text and messages; "
             "use one format"
         )
+    check_turns(prompt, cfg.prompt_field, {cfg.completion_field: completion}, where)
     label = check_label(record[cfg.label_field], where, cfg.label_field)
     kwargs = template_kwargs(record, where)
     kept = empty_completion(completion, where, cfg.completion_field, cfg, findings)

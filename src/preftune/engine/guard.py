@@ -78,6 +78,35 @@ class Signals:
         return signal.Signals(self.received).name if self.received else ""
 
 
+class StopAtOnce:
+    """SIGTERM and SIGINT where no step can finish first (online DPO's sampling and scoring): the run
+    stops at once, saying what it was doing (``doing``). What it completed is on disk already, each
+    file whole or not at all, and ``--resume`` reuses it. Inside, the training loop's
+    :class:`Signals` take over (and give these handlers back when the loop ends)."""
+
+    def __init__(self, doing: str = "the run") -> None:
+        self.doing = doing
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopAtOnce:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        raise StopRequested(
+            f"stopped by {signal.Signals(number).name} during {self.doing}; run the same command with "
+            "--resume to continue (complete rounds and saved samples are reused)",
+            128 + number,
+        )
+
+
 def step_verdict(accelerator: Any, grad_norm: Tensor, loss_sum: Tensor, stop: bool) -> tuple[bool, bool]:
     """(finite, stop) as every process sees it: finite only if finite everywhere, stop if any
     process was asked to stop."""
@@ -136,12 +165,24 @@ def check_finite_weights(
 
 
 def nonfinite_message(step: int, loss: float, grad_norm: float, records: Iterable[str], kept: str) -> str:
-    names = list(records)
-    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return (
-        f"step {step}: the loss ({loss:g}) or gradient norm ({grad_norm:g}) is not finite, in a batch of "
-        f"records {shown or '(unnamed)'}; the weights were not updated and {kept}"
+        f"step {step}: the loss ({loss:g}) or gradient norm ({grad_norm:g}) is not finite, in {batch_of(records)}; "
+        f"the weights were not updated and {kept}"
     )
+
+
+def batch_of(records: Iterable[str], shown: int = 4) -> str:
+    """``a batch of records d.jsonl:3, d.jsonl:9 and 6 more``: each record named once (a record may
+    give several examples), the first ``shown`` of them; examples without a name (passed in Python)
+    are counted instead."""
+    names = list(records)
+    named = list(dict.fromkeys(name for name in names if name))
+    unnamed = len(names) - sum(1 for name in names if name)
+    if not named:
+        return f"a batch of {unnamed} unnamed records"
+    more = [f"{len(named) - shown} more"] if len(named) > shown else []
+    more += [f"{unnamed} unnamed"] if unnamed else []
+    return f"a batch of records {', '.join(named[:shown])}" + "".join(f" and {m}" for m in more)
 
 
 def tell_launcher(err: BaseException) -> None:

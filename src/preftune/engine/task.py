@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..errors import DataError
+
 if TYPE_CHECKING:
     from .tracking import Window
     from .update import Updater
@@ -130,7 +132,14 @@ def data_stream(num_examples: int, seed: int, shuffle: bool) -> Iterator[int]:
     """Endless example indices: epoch after epoch, each a fresh seeded permutation.
 
     Stateless given the seed, so resuming at step k means skipping k · examples-per-step items.
+    No examples is refused here, at once: an endless stream over nothing would never yield.
     """
+    if num_examples < 1:
+        raise DataError("no examples to train on: every record was dropped or the source is empty")
+    return _epochs(num_examples, seed, shuffle)
+
+
+def _epochs(num_examples: int, seed: int, shuffle: bool) -> Iterator[int]:
     epoch = 0
     while True:
         if shuffle:

@@ -23,7 +23,7 @@ from ..data.outputs import (
 from ..errors import ConfigError
 from ..generation.scoring import RewardModelScorer, Scorer, load_scorer
 from ..model.attention import choose_layout
-from ..model.load import load_model, load_tokenizer
+from ..model.load import check_local_path, load_model, load_tokenizer
 from .evaluate import check_tokenizers, evaluate, load_sets, score_sets
 from .report import format_table, write_outputs
 from .settings import EvalSettings
@@ -47,6 +47,8 @@ def run_eval(
     ``data.layout`` allows for these models, whatever ``settings.layout`` says."""
     # Everything that can be wrong with the input is checked before a model loads, the output first.
     check_output_dir(output, "--output")
+    if reward_model:
+        check_local_path(reward_model, "--reward-model")
     inputs = {"--policy": config.model.name_or_path, "--reference": reference, "--reward-model": reward_model}
     inputs |= {"--reward": reward, **{f"--data {name}": source for name, source in specs}}
     check_not_input(output, inputs, "--output")

@@ -16,8 +16,10 @@ from typing import Any
 from ..config.rl import RolloutConfig
 from ..data import Text
 from ..data.prompts import Prompt
+from ..data.report import shown
+from ..errors import ScorerError
 from .rollout import Completion, TransformersRollout, eos_ids
-from .scoring import Scorer
+from .scoring import Scorer, scorer_name
 
 BATCH_SIZE = 64
 
@@ -70,6 +72,12 @@ def score_samples(
     texts = tokenizer.batch_decode([c.ids for c in completions], skip_special_tokens=True)
     prompt_texts = [prompt.text for prompt in prompts for _ in range(k)]
     scores = scorer(prompt_texts, [as_completion(p, t) for p, t in zip(prompt_texts, texts, strict=True)])
+    if scores and all(value is None or not math.isfinite(float(value)) for value in scores):
+        raise ScorerError(
+            f"{scorer_name(scorer)} returned NaN or None (unscored) for every one of the {len(scores)} samples, "
+            f"so no pair can be built; it is the scorer, not the sampling: check it on a completion such as "
+            f"{shown(texts[0], 50)}"
+        )
     rows = []
     for i, (completion, text, value) in enumerate(zip(completions, texts, scores, strict=True)):
         score = math.nan if value is None else float(value)

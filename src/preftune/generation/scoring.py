@@ -14,15 +14,19 @@ checked (one finite number per completion).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import math
+import numbers
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -32,6 +36,9 @@ from ..data.layouts import pad_rows
 from ..data.outputs import check_not_input, check_output_file
 from ..errors import ModelLoadError, ScorerError
 from ..model.reward_head import sequence_rewards
+
+DEFAULT_TIMEOUT = 600.0
+"""Seconds one call of a reward function may take (``reward.timeout``)."""
 
 
 class Scorer(Protocol):
@@ -105,44 +112,156 @@ class FunctionScorer:
 
     With ``allow_unscored`` (online DPO), ``None`` or NaN marks a completion the function will
     not score (returned as NaN, and left out of the pairs); otherwise every score must be finite.
+    A call that has not returned after ``timeout`` seconds (None: no limit) stops the scoring.
     """
 
-    def __init__(self, spec: str, batch_size: int = 64, allow_unscored: bool = False):
+    def __init__(
+        self,
+        spec: str,
+        batch_size: int = 64,
+        allow_unscored: bool = False,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ):
         self.name = spec
         self.fn = import_function(spec)
         self.batch_size = batch_size
         self.allow_unscored = allow_unscored
+        self.timeout = timeout
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text]) -> list[float]:
         scores: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
+        total = len(prompts)
+        batches = -(-total // self.batch_size)
+        for number, start in enumerate(range(0, total, self.batch_size), 1):
             batch_prompts = list(prompts[start : start + self.batch_size])
             batch_completions = list(completions[start : start + self.batch_size])
-            try:
-                answer = self.fn(batch_prompts, batch_completions)
-            except Exception as err:
-                raise ScorerError(f"reward function {self.name} raised {type(err).__name__}: {err}") from None
-            scores += _check_scores(answer, len(batch_prompts), self.name, self.allow_unscored)
+            end = start + len(batch_prompts) - 1
+            batch = f"batch {number} of {batches} (completions {start} to {end} of {total})"
+            answer = self._call(batch_prompts, batch_completions, batch)
+            scores += _check_scores(answer, len(batch_prompts), self.name, self.allow_unscored, batch)
         return scores
 
+    def _call(self, prompts: list[Text], completions: list[Text], batch: str) -> Any:
+        """The function's answer on one batch, waited for at most ``timeout`` seconds. The call runs
+        in a thread of its own, so that a call that never returns cannot hold the run: past the
+        limit the run stops with a message, and the thread is left to end with the process."""
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
 
-def _check_scores(answer: Any, expected: int, name: str, allow_unscored: bool = False) -> list[float]:
-    if isinstance(answer, torch.Tensor):
-        answer = answer.detach().reshape(-1).tolist()
-    try:
-        values = [math.nan if v is None and allow_unscored else float(v) for v in answer]
-    except (TypeError, ValueError):
+        def call() -> None:
+            try:
+                outcome["answer"] = self.fn(prompts, completions)
+            except Exception as err:
+                outcome["error"] = err
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name=f"reward function {self.name}", daemon=True).start()
+        if not done.wait(self.timeout):
+            raise ScorerError(
+                f"reward function {self.name} did not return within reward.timeout={self.timeout:g} seconds on "
+                f"{batch}; raise reward.timeout (null: no limit) if it is slow, or fix it if it hangs"
+            )
+        if "error" in outcome:
+            err = outcome["error"]
+            raise ScorerError(f"reward function {self.name} raised {type(err).__name__}: {err} (on {batch})")
+        return outcome["answer"]
+
+
+def _check_scores(
+    answer: Any, expected: int, name: str, allow_unscored: bool = False, batch: str = "a batch"
+) -> list[float]:
+    """One number per completion, in order: a list or tuple of numbers (``None`` for an unscored
+    completion when allowed), or a 1-D tensor or array. Anything else (a dict, a set, text, a
+    generator, a table of several columns) is refused: a dict's keys are not its scores."""
+    what, unscored = f"reward function {name}", " or None (unscored)" if allow_unscored else ""
+    if isinstance(answer, torch.Tensor | np.ndarray):
+        shape = tuple(answer.shape)
+        if len(shape) == 2 and shape[1] == 1:
+            answer = answer.reshape(-1)
+        if len(answer.shape) != 1:
+            raise ScorerError(
+                f"{what} returned an array of shape {shape} on {batch}; it must return {expected} numbers, "
+                "one per completion (one column of scores)"
+            )
+        answer = answer.tolist()
+    if not isinstance(answer, list | tuple):
+        hint = " (a dict is not read by position: return a list in the order of the completions)"
         raise ScorerError(
-            f"reward function {name} must return a list of {expected} numbers, got {type(answer).__name__}"
-        ) from None
-    if len(values) != expected:
-        raise ScorerError(f"reward function {name} returned {len(values)} scores for {expected} completions")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v) and not (allow_unscored and math.isnan(v))]
-    if bad:
-        raise ScorerError(
-            f"reward function {name} returned a non-finite score ({values[bad[0]]}) at position {bad[0]}"
+            f"{what} must return a list of {expected} numbers, one per completion, got "
+            f"{type(answer).__name__} on {batch}{hint if isinstance(answer, dict) else ''}"
         )
+    if len(answer) != expected:
+        raise ScorerError(f"{what} returned {len(answer)} scores for {expected} completions on {batch}")
+    values = []
+    for i, value in enumerate(answer):
+        if value is None and allow_unscored:
+            value = math.nan
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, str) or not isinstance(value, numbers.Real):
+            raise ScorerError(
+                f"{what} returned {type(value).__name__} {value!r:.40} at position {i} on {batch}; "
+                f"each score must be a number{unscored}"
+            )
+        value = float(value)
+        if not math.isfinite(value) and not (allow_unscored and math.isnan(value)):
+            raise ScorerError(f"{what} returned a non-finite score ({value}) at position {i} on {batch}")
+        values.append(value)
     return values
+
+
+def scorer_name(scorer: Any) -> str:
+    """How a message names a scorer: ``reward function m:f``, ``reward model runs/rm/final``, or
+    ``scorer NAME`` for an object given in Python."""
+    if isinstance(scorer, FunctionScorer):
+        return f"reward function {scorer.name}"
+    if isinstance(scorer, RewardModelScorer):
+        return f"reward model {scorer.name}"
+    return f"scorer {getattr(scorer, 'name', type(scorer).__name__)}"
+
+
+def scorer_identity(scorer: Any) -> dict[str, str]:
+    """What a resumed run must score with again, as ``scorer.json`` keeps it: a function's name (a
+    file's by its absolute path), a reward model's contents (a folder moved elsewhere is the same
+    model; one whose files were replaced is not), an object's name."""
+    if isinstance(scorer, RewardModelScorer):
+        return {"scorer": scorer_name(scorer), "contents": folder_contents(Path(scorer.name))}
+    if isinstance(scorer, FunctionScorer):
+        module, _, function = scorer.name.rpartition(":")
+        if module.endswith(".py"):
+            module = str(Path(module).resolve())
+        return {"scorer": scorer_name(scorer), "function": f"{module}:{function}"}
+    return {"scorer": scorer_name(scorer)}
+
+
+def same_scorer(saved: dict[str, Any], current: dict[str, str]) -> bool:
+    """The identities name one scorer: the same contents for models, the same function, the same name."""
+    for key in ("contents", "function"):
+        if key in saved or key in current:
+            return saved.get(key) == current.get(key)
+    return saved.get("scorer") == current.get("scorer")
+
+
+WHOLE = 16 << 20
+"""Files up to this size are read whole for a folder's identity; larger ones by their first and last MiB."""
+
+
+def folder_contents(folder: Path) -> str:
+    """A digest of every file in ``folder``: its name, size and bytes (a weights file over
+    :data:`WHOLE` by its first and last MiB and its size: a fine-tuned model differs there too)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as handle:
+            if size <= WHOLE:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(1 << 20))
+                handle.seek(size - (1 << 20))
+                digest.update(handle.read())
+    return digest.hexdigest()
 
 
 def import_function(spec: str) -> Callable[..., Any]:
@@ -173,13 +292,17 @@ def import_function(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def load_scorer(spec: str, allow_unscored: bool = False, **model_options: Any) -> Scorer:
+def load_scorer(
+    spec: str, allow_unscored: bool = False, timeout: float | None = DEFAULT_TIMEOUT, **model_options: Any
+) -> Scorer:
     """A reward-model folder (``model_options`` go to :class:`RewardModelScorer`), or a function
-    named ``module:function`` / ``file.py:function``."""
+    named ``module:function`` / ``file.py:function`` (called on ``batch_size`` completions at a
+    time, each call given ``timeout`` seconds)."""
     if Path(spec).is_dir():
         return RewardModelScorer(spec, **model_options)
     if ":" in spec:
-        return FunctionScorer(spec, allow_unscored=allow_unscored)
+        batch_size = model_options.get("batch_size", 64)
+        return FunctionScorer(spec, batch_size, allow_unscored, timeout)
     raise ScorerError(f"{spec}: not a reward-model folder, nor a function named module:function")
 
 

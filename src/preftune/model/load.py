@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,19 @@ def _reason(err: Exception) -> str:
     return text[0] if text else type(err).__name__
 
 
+FUNCTION_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*$")
+"""``module:function`` or ``file.py:function``: how a reward function is named."""
+
+
 def check_local_path(path: str, key: str) -> None:
     """A path that can only be local (absolute, ``./``, ``~``, or two slashes, which no hub id
-    has) must exist; otherwise the hub client would answer with a confusing repo-id error."""
+    has) must exist; otherwise the hub client would answer with a confusing repo-id error. A
+    function's name given where a model is expected is said to be one."""
+    if FUNCTION_SPEC.match(path) and not Path(path).expanduser().exists():
+        raise ModelLoadError(
+            f"{key}: '{path}' names a function (module:function), not a model folder or hub name; "
+            "a reward function is given with --reward"
+        )
     looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") >= 2
     if looks_local and not Path(path).expanduser().exists():
         raise ModelLoadError(f"{key}: {path}: no such folder")

@@ -11,6 +11,7 @@ from ..data import DataReport, TokenizedPair, prepare_pairs
 from ..data.prepare import measure_and_truncate
 from ..data.store import Examples
 from ..engine import Harness
+from ..errors import DataError
 from ..model.attention import choose_layout
 from ..model.load import load_tokenizer, prepare_tokenizer
 
@@ -81,4 +82,25 @@ def tokenized_pairs(pairs: list[TokenizedPair], data: Any) -> tuple[list[Tokeniz
         if truncated is not None:
             kept.append(truncated)
     report.kept = len(kept)
+    if pairs and not kept:
+        raise DataError(
+            f"every pair was dropped ({len(pairs)} of {len(pairs)}): {dropped_cause(report, data)}"
+        )
     return kept, report
+
+
+def dropped_cause(report: DataReport, data: Any) -> str:
+    """Why no pair of ``report`` was kept, with the places to look at and the settings to change."""
+    overlong = report.findings.by_rule.get("overlong_prompt")
+    if overlong is None:
+        return report.summary().replace("\n", "; ")
+    lengths = sorted(set(report.prompt_lengths))
+    tokens = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]} to {lengths[-1]}"
+    more = (
+        f" and {overlong.count - len(overlong.wheres)} more" if overlong.count > len(overlong.wheres) else ""
+    )
+    return (
+        f"prompts of {tokens} tokens fill data.max_length={data.max_length} and leave no room for a "
+        f"completion ({', '.join(overlong.wheres)}{more}); raise data.max_length, or set "
+        "data.max_prompt_length below it to keep each prompt's end"
+    )

@@ -43,16 +43,18 @@ from ..data.outputs import (
     record_kind,
     releases_locks,
 )
-from ..data.prompts import Prompt, read_prompts
+from ..data.prompts import Prompt, check_room, read_prompts
+from ..data.scan import source_name
 from ..engine.card import model_card
 from ..engine.checkpoint import save_final
+from ..engine.guard import StopAtOnce
 from ..engine.tracking import config_lines
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluation.metrics import sampled_kl
 from ..generation.pair_rules import build_pairs
 from ..generation.rollout import Rollout, eos_ids
 from ..generation.sampling import as_completion, score_samples
-from ..generation.scoring import Scorer, load_scorer
+from ..generation.scoring import Scorer, load_scorer, same_scorer, scorer_identity
 from ..generation.vllm_engine import check_engine, rollout_factory
 from ..losses import build_objective
 from ..model.load import freeze, load_model
@@ -99,12 +101,17 @@ def train_online(
     tokenizer = tokenizer_for(config, tokenizer)
     source = prompts if prompts is not None else config.prompts.path
     prompt_rows = read_prompts(source, config.data, config.prompts.split, tokenizer, config.prompts.limit)
+    check_room(prompt_rows, config.data, source_name(source))
     if scorer is None:
-        scorer = load_scorer(config.reward.scorer, allow_unscored=True, batch_size=config.reward.batch_size)
+        scorer = load_scorer(
+            config.reward.scorer, True, config.reward.timeout, batch_size=config.reward.batch_size
+        )
     output = Path(cfg.output_dir)
     FolderLock(output, "online", "train.output_dir").acquire()  # until the run ends
-    done = _claim(output, bool(cfg.resume), cfg.overwrite)
+    identity = scorer_identity(scorer)
+    done = _claim(output, bool(cfg.resume), cfg.overwrite, identity, config.reward.scorer)
     record_kind(output, "online")
+    write_json(output / SCORER_FILE, identity)
     (output / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     # load: the initial policy stays in memory, frozen: KL to it each round, and the reference of
@@ -131,16 +138,19 @@ def train_online(
     rows = [row for row in done if row["round"] <= online.rounds]
     each = online.prompts_per_round or len(prompt_rows)
     print(f"online: {each} prompts x {online.samples_per_prompt} samples a round, {online.rounds} rounds")
-    for r in range(len(rows) + 1, online.rounds + 1):
-        stop_after = stop_in_round[1] if stop_in_round and stop_in_round[0] == r else None
-        row = run.round(r, stop_after)
-        if row is None:  # stopped inside the round, as if interrupted
-            return OnlineResult(output, rows)
-        rows.append(row)
-        write_jsonl(output / "rounds.jsonl", rows)
+    # A signal outside a round's training stops the run at once, saying where (inside, the harness
+    # finishes the step and checkpoints it).
+    with run.stop:
+        for r in range(len(rows) + 1, online.rounds + 1):
+            stop_after = stop_in_round[1] if stop_in_round and stop_in_round[0] == r else None
+            row = run.round(r, stop_after)
+            if row is None:  # stopped inside the round, as if interrupted
+                return OnlineResult(output, rows)
+            rows.append(row)
+            write_jsonl(output / "rounds.jsonl", rows)
 
-    # save: the last round's policy as final/, with its card; the summary
-    return run.finish(rows)
+        # save: the last round's policy as final/, with its card; the summary
+        return run.finish(rows)
 
 
 def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool, has_rollout: bool) -> None:
@@ -179,15 +189,20 @@ class OnlineRun:
     initial: nn.Module
     model: nn.Module | None
     make_rollout: RolloutFactory
+    stop: StopAtOnce = field(default_factory=StopAtOnce)
+    """Says what a signal interrupted."""
 
     def sample_and_measure(
         self, folder: Path, r: int, policy: nn.Module
     ) -> tuple[tuple[list[Prompt], list[list[dict[str, Any]]]], dict[str, Any]]:
         """Round ``r``'s prompts and scored samples of ``policy``, and what they measure."""
         prompts = prompt_slice(self.prompts, r, self.config.online.prompts_per_round)
+        final = r > self.config.online.rounds
+        self.stop.doing = "the final policy's sampling" if final else f"round {r}'s sampling and scoring"
         samples = _samples(
             folder, r, policy, self.make_rollout, prompts, self.config, self.scorer, self.tokenizer
         )
+        self.stop.doing = "the final summary" if final else f"round {r}, after its samples were saved"
         pad, batch_size = self.tokenizer.pad_token_id, self.config.reference.batch_size
         stats = sample_stats(samples, policy, self.initial, prompts, pad, batch_size, r == 1)
         return (prompts, samples), stats
@@ -195,6 +210,7 @@ class OnlineRun:
     def round(self, r: int, stop_after: int | None) -> dict[str, Any] | None:
         """Sample, score, pair and train round ``r``; its row, or None when stopped inside it."""
         config, online, started = self.config, self.config.online, time.perf_counter()
+        self.stop.doing = f"round {r}"
         round_dir = self.output / f"round-{r:02d}"
         policy = _policy_at(r, self.model, config, self.output)
         row: dict[str, Any] = {"round": r, "policy": "initial" if r == 1 else f"after round {r - 1}"}
@@ -215,22 +231,32 @@ class OnlineRun:
                 f"round {r}: no pair could be built ({counts.summary()}); sample more per prompt "
                 "(online.samples_per_prompt), raise rollout.temperature, or lower online.min_gap"
             )
+        # Each pair is named after its prompt's record: a warning or a stopped step points at the file.
         pairs = [
-            TokenizedPair(prompts[p].ids, samples[p][a]["completion_ids"], samples[p][b]["completion_ids"], i)
+            TokenizedPair(
+                prompts[p].ids,
+                samples[p][a]["completion_ids"],
+                samples[p][b]["completion_ids"],
+                i,
+                prompts[p].where,
+            )
             for i, (p, a, b) in enumerate(triples)
         ]
         train_dir = round_dir / "train"
         train_settings = dataclasses.replace(
             config.train, output_dir=str(train_dir), resume=train_dir.exists(), overwrite=False
         )
-        result = train(
-            dataclasses.replace(config, train=train_settings),
-            model=policy,
-            tokenizer=self.tokenizer,
-            train_data=pairs,
-            reference_model=self.initial if online.reference == "initial" else None,
-            stop_after=stop_after,
-        )
+        try:
+            result = train(
+                dataclasses.replace(config, train=train_settings),
+                model=policy,
+                tokenizer=self.tokenizer,
+                train_data=pairs,
+                reference_model=self.initial if online.reference == "initial" else None,
+                stop_after=stop_after,
+            )
+        except DataError as err:  # every pair dropped: say which round
+            raise DataError(f"round {r}: {err}") from None
         if result.final_dir is None:
             return None
         return row | _last_metrics(train_dir) | {"seconds": round(time.perf_counter() - started, 1)}
@@ -239,6 +265,7 @@ class OnlineRun:
         """``final/``: the last round's policy with its model card (and the final policy's samples
         when ``online.final_samples``); ``online.json`` and ``online.png`` summarize the rounds."""
         config, online, output = self.config, self.config.online, self.output
+        self.stop.doing = "the final policy's save"
         # The last round's final/ as saved (a QLoRA run's merged weights, not quantized again).
         plain = dataclasses.replace(config, model=dataclasses.replace(config.model, load_in_4bit=False))
         final_policy = _policy_at(online.rounds + 1, self.model, plain, output)
@@ -266,8 +293,15 @@ class OnlineRun:
 # --------------------------------------------------------------------------- the round's pieces
 
 
-def _claim(output: Path, resume: bool, overwrite: bool) -> list[dict[str, Any]]:
-    """Rounds already complete (resume), after clearing an earlier run (overwrite), or a refusal."""
+SCORER_FILE = "scorer.json"
+"""What scored the run's samples (:func:`scorer_identity`): a resume must score with the same."""
+
+
+def _claim(
+    output: Path, resume: bool, overwrite: bool, identity: dict[str, str], spec: str
+) -> list[dict[str, Any]]:
+    """Rounds already complete (resume, by the same scorer), after clearing an earlier run
+    (overwrite), or a refusal."""
     earlier = [
         *output.glob("round-*"),
         *(output / name for name in ("rounds.jsonl", "final", "final-samples")),
@@ -276,6 +310,7 @@ def _claim(output: Path, resume: bool, overwrite: bool) -> list[dict[str, Any]]:
     if not earlier:
         return []
     if resume:
+        check_same_scorer(output, identity, spec)
         rows = read_jsonl(output / "rounds.jsonl")
         print(f"resume: {len(rows)} complete rounds in {output}")
         return rows
@@ -287,6 +322,32 @@ def _claim(output: Path, resume: bool, overwrite: bool) -> list[dict[str, Any]]:
     for path in earlier:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return []
+
+
+def check_same_scorer(output: Path, identity: dict[str, str], spec: str) -> None:
+    """A resumed run scores with the scorer that scored its saved samples, or their rewards and the
+    new ones would be mixed in one run. A run from before ``scorer.json`` is checked by the name
+    its ``config.json`` gives."""
+    saved_file = output / SCORER_FILE
+    if saved_file.exists():
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+        if same_scorer(saved, identity):
+            return
+        before, now = str(saved.get("scorer")), identity["scorer"]
+        if before == now:
+            now += " as it is now (its files changed)"
+    else:
+        config_file = output / "config.json"
+        saved_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        before = str(saved_config.get("reward", {}).get("scorer") or "")
+        if not before or not spec or before == spec:
+            return
+        now = spec
+    raise ConfigError(
+        f"reward.scorer: the online run in {output} was scored by {before}, and this run would score with "
+        f"{now}; its saved samples carry the first one's rewards. Resume with the same --reward, or start "
+        "over (--set train.overwrite=true, or another --output)"
+    )
 
 
 def prompt_slice(prompts: list[Prompt], r: int, per_round: int | None) -> list[Prompt]:

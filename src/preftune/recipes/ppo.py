@@ -81,7 +81,9 @@ def train_ppo(
     source = prompts if prompts is not None else config.prompts.path
     prompt_rows = read_prompts(source, config.data, config.prompts.split, tokenizer, config.prompts.limit)
     if scorer is None:
-        scorer = load_scorer(config.reward.scorer, batch_size=config.reward.batch_size)
+        scorer = load_scorer(
+            config.reward.scorer, timeout=config.reward.timeout, batch_size=config.reward.batch_size
+        )
     harness.decide_start()
 
     # load: the policy, its reference and the critic, both taken before LoRA wraps the policy (with
