@@ -446,11 +446,15 @@ def test_two_processes_share_the_model_and_the_scorer_and_report_what_one_proces
         assert two["reference"][key] == pytest.approx(value, abs=1e-5), key
 
 
-def test_a_file_whose_every_pair_is_dropped_has_no_data_report_figures(tmp_path, capsys):
+def test_a_file_whose_every_pair_is_dropped_has_no_data_report_figures_and_fails_as_train_would(
+    tmp_path, capsys
+):
     records = [{"prompt": "q", "chosen": " a", "rejected": " a"}] * 2
     argv = ["check-data", write(tmp_path / "d.jsonl", records), "--set", "data.identical_pairs=drop"]
-    assert main(argv) == 0
-    assert "data report: no pair left to measure" in capsys.readouterr().out
+    assert main(argv) == 2
+    said = capsys.readouterr()
+    assert "data report: no pair left to measure" in said.out
+    assert "every pair has chosen identical to rejected" in said.err
 
 
 def test_every_setting_a_finding_suggests_is_a_config_key_training_accepts():
