@@ -366,7 +366,7 @@ def test_overwrite_with_bad_data_keeps_the_earlier_runs_checkpoints(model_dir, p
     assert (output / "checkpoint-1" / "preftune_state.json").is_file()
 
 
-@pytest.mark.parametrize("module", ["preftune", "preftune.cli"])
+@pytest.mark.parametrize("module", ["preftune", pytest.param("preftune.cli", marks=pytest.mark.slow)])
 def test_python_dash_m_runs_the_command_line(module):
     import subprocess
     import sys

@@ -90,6 +90,7 @@ def test_two_processes_of_batch_2_match_one_process_of_batch_4(tmp_path):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.slow  # a 2-process launch (40 s on 2 cores)
 def test_kto_gathers_its_kl_estimate_across_processes(tmp_path):
     """KTO on examples sharing one prompt: each process's micro-batch of 2 estimates KL from its own
     rows, and only their mean over the processes (clamped after averaging) equals the estimate of one
@@ -146,6 +147,7 @@ def _cli_run(tmp_path: Path, tokenizer, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # a 2-process launch of the command line (20 s on 2 cores)
 def test_a_finished_cli_run_ends_its_process_group_and_exits_0_on_every_process(tmp_path, tokenizer):
     stdout = _launch(_cli_run(tmp_path, tokenizer), tmp_path)  # exit status 0, no abort at the exit
     reports = [
@@ -341,7 +343,8 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+# ZeRO-2 is the slower-to-launch, lesser case of ZeRO-3 here: it runs with -m slow.
+@pytest.fixture(scope="module", params=[pytest.param(2, marks=pytest.mark.slow), 3], ids=["zero2", "zero3"])
 def zero(request, tmp_path_factory) -> tuple[int, dict, Path]:
     """One 2-process DeepSpeed launch (tests/distributed_deepspeed.py): stage, report, folder."""
     if importlib.util.find_spec("deepspeed") is None:
