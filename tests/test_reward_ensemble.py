@@ -329,6 +329,43 @@ QUIET = [
 ]
 
 
+@pytest.mark.parametrize("kind", ["full", "heads"])
+def test_online_dpo_takes_an_ensemble_folder_and_logs_its_members_disagreement(
+    ensembles, policy_files, tmp_path, kind
+):
+    model, prompts, _ = policy_files
+    argv = ["online", "--model", str(model), "--prompts", str(prompts), "--reward", str(ensembles[kind]),
+            "--monitor-reward", "preftune.experiments.synthetic:true_reward", "--rounds", "1",
+            "--samples-per-prompt", "3", "--output", str(tmp_path / "out"), "--set", "train.max_steps=1",
+            "--set", "reward.aggregate=min", *QUIET]  # fmt: skip
+    with one_thread():
+        assert main(argv) == 0
+    row = json.loads((tmp_path / "out" / "rounds.jsonl").read_text().splitlines()[0])
+    samples = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "round-01" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert all(s["score"] == pytest.approx(min(s["member_scores"])) for s in samples)
+    assert row["reward_disagreement"] > 0 and len(row["reward_members"]) == 2
+    assert row["monitor_mean"] == pytest.approx(sum(s["monitor"] for s in samples) / len(samples))
+
+
+def test_ppo_takes_an_ensemble_folder_and_logs_its_members_disagreement_each_step(
+    ensembles, policy_files, tmp_path
+):
+    model, prompts, _ = policy_files
+    argv = ["ppo", "--model", str(model), "--prompts", str(prompts), "--reward", str(ensembles["lora"]),
+            "--monitor-reward", "preftune.experiments.synthetic:true_reward", "--steps", "2",
+            "--output", str(tmp_path / "out"), "--set", "ppo.rollouts_per_step=4", "--set", "train.batch_size=4",
+            "--set", "train.log_every=1", "--set", "reward.aggregate=mean_minus_std",
+            "--set", "reward.uncertainty_penalty=0.5", *QUIET]  # fmt: skip
+    with one_thread():
+        assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["objective/scores_disagreement"] > 0 and "objective/monitor_scores" in row for row in rows)
+
+
 def test_eval_takes_an_ensemble_folder_as_its_reward_model_and_reports_each_member(
     ensembles, policy_files, tmp_path, capsys
 ):
@@ -347,3 +384,36 @@ def test_eval_takes_an_ensemble_folder_as_its_reward_model_and_reports_each_memb
     assert report["ex_rm_member_accuracy"] == pytest.approx(expected)
     by_min = sum(min(c) > min(r) for c, r in zip(chosen, rejected, strict=True)) / 6
     assert report["ex_rm_accuracy"] == pytest.approx(by_min)
+
+
+def test_a_ppo_run_on_an_ensemble_resumes_exactly_monitor_included(ensembles, tokenizer, tmp_path):
+    from preftune.experiments.synthetic import SentimentTask, tiny_llama, true_reward
+    from preftune.recipes.ppo import train_ppo
+
+    class Gold:
+        name = "true reward"
+
+        def __call__(self, prompts, completions):
+            return true_reward(list(prompts), list(completions))
+
+    def run(folder, *overrides, stop_after=None):
+        config = quiet_config(
+            str(folder), "train.batch_size=4", "ppo.steps=3", "ppo.rollouts_per_step=4", "ppo.ppo_epochs=1",
+            "rollout.max_new_tokens=5", "train.save_every=1", f"reward.scorer={ensembles['heads']}",
+            "reward.aggregate=min", *overrides,
+        )  # fmt: skip
+        with one_thread():
+            return train_ppo(config, model=tiny_llama(len(tokenizer), seed=0), tokenizer=tokenizer,
+                             prompts=[{"prompt": p} for p in SentimentTask().prompts(8, 0)], monitor=Gold(),
+                             stop_after=stop_after)  # fmt: skip
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", stop_after=2)
+    resumed = run(tmp_path / "b", "train.resume=true")
+    a, b = (load_file(tmp_path / run_dir / "final" / "model.safetensors") for run_dir in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    timeless = [{k: v for k, v in row.items() if "per_second" not in k} for row in resumed.history]
+    assert timeless == [
+        {k: v for k, v in row.items() if "per_second" not in k} for row in straight.history[2:]
+    ]
+    assert "objective/scores_disagreement" in timeless[0] and "monitor/best_step" in timeless[0]

@@ -47,7 +47,13 @@ def _sampling_parser(
     parser.add_argument("--model", help="the starting policy: hub name or local folder of a causal LM")
     parser.add_argument("--prompts", help="prompts: any file train reads, with a 'prompt' field")
     parser.add_argument(
-        "--reward", help="a reward-model folder, or a function module:function / file.py:function"
+        "--reward",
+        help="a reward-model or ensemble folder, or a function module:function / file.py:function",
+    )
+    parser.add_argument(
+        "--monitor-reward",
+        metavar="SCORER",
+        help="a second reward that scores the same samples, never trained on: warns on overoptimization",
     )
     parser.add_argument("--output", help="output folder (train.output_dir)")
     parser.add_argument("--config", help=f"YAML file with model/{sections} sections")
@@ -62,6 +68,7 @@ def _sampling_config(args: argparse.Namespace, section: str, flags: dict[str, st
     """``online`` and ``ppo``: the config file, then the flags (``flags`` maps each to its key), then --set."""
     base: dict[str, object] = {}
     keys = {"model": "model.name_or_path", "prompts": "prompts.path", "reward": "reward.scorer"}
+    keys["monitor_reward"] = "reward.monitor"
     for flag, key in (keys | flags | {"output": "train.output_dir"}).items():
         if getattr(args, flag, None) is not None:
             base[key] = getattr(args, flag)
