@@ -48,6 +48,9 @@ KEY_READERS: dict[str, tuple[str, ...]] = {
     "data.preference_field": _PAIRS,
     "data.preference_values": _PAIRS,
     "data.score_fields": _PAIRS,
+    "rm.ensemble": ("rm train",),
+    "rm.ensemble_kind": ("rm train",),
+    "rm.bootstrap": ("rm train",),
     # eval takes its reward as --reward-model / --reward; it reads how an ensemble's are aggregated.
     "reward.scorer": _SAMPLING,
     "reward.batch_size": _SAMPLING,

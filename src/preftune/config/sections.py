@@ -206,11 +206,12 @@ class RMConfig:
     (its members' rewards aggregated by ``reward.aggregate`` where it is used)."""
     ensemble_kind: Literal["full", "heads", "lora"] = "full"
     """``full``: K models, trained one after another (K× the time, K× the memory to score);
-    ``heads``: K heads on one shared backbone, trained together (about 1× both); ``lora``: K LoRA
-    adapters, each with its own head, on one frozen base (K× the time, 1× the memory)."""
-    bootstrap: bool = True
+    ``heads``: K heads on one shared backbone, trained together (about 1× both, but the heads
+    agree); ``lora``: K LoRA adapters, each with its own head, on one base (K× the time, one
+    model's memory plus K adapters). docs/rm.md compares them."""
+    bootstrap: bool = False
     """Each member trains on a bootstrap resample of the pairs (drawn with replacement); false: every
-    member sees every pair, and members differ only in their seed (head, data order)."""
+    member sees every pair, and members differ in their seed (a new head, the data order)."""
 
 
 @dataclass

@@ -90,14 +90,16 @@ class EnsembleScorer:
         if self.kind == "heads":
             # One model with K outputs: the base scorer's one forward gives every member.
             self.reader = RewardModelScorer(path, outputs=k, **options)
+            self.models = [self.reader.model]
             self.forwards = [self.reader.forward(self.reader.model)]
         elif self.kind == "full":
             self.reader = RewardModelScorer(str(folder / self.members[0]), **options)
-            models = [self.reader.model] + [self._member(folder / m) for m in self.members[1:]]
-            self.forwards = [self.reader.forward(model) for model in models]
+            self.models = [self.reader.model] + [self._member(folder / m) for m in self.members[1:]]
+            self.forwards = [self.reader.forward(model) for model in self.models]
         else:
             self.reader = RewardModelScorer(str(folder / "base"), **options)
             self.forwards = lora_forwards(self.reader, folder, self.members)
+            self.models = [self.reader.model]  # the base, every adapter in it
 
     def _member(self, path: Path) -> Any:
         tokenizer, model = load_reward_model_folder(str(path), self.reader.device)
