@@ -116,6 +116,59 @@ def test_an_unknown_experiment_is_one_clear_message(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_overoptimization_draws_a_curve_for_each_method_and_reward_from_the_start_to_the_end(quick):
+    results = json.loads((quick["overoptimization"] / "results.json").read_text())
+    rewards = ["single proxy", "ensemble mean", "ensemble min", "mean − std"]
+    assert list(results["curves"]) == [
+        f"{m}|{r}" for m in ("best-of-n", "online DPO", "PPO") for r in rewards
+    ]
+    for key, points in results["curves"].items():
+        assert points[0]["kl"] == 0.0 and all(-1 <= p["true"] <= 1 for p in points), key
+        shape = results["shapes"][key]
+        assert shape["fall"] == pytest.approx(shape["peak_true"] - points[-1]["true"])
+    best_of = results["curves"]["best-of-n|single proxy"]
+    assert [p["kl"] for p in best_of] == pytest.approx([math.log(n) - (n - 1) / n for n in (1, 2, 4)])
+    # The same starting policy's samples: every reward's best-of-1 measures the same true reward.
+    assert len({results["curves"][f"best-of-n|{r}"][0]["true"] for r in rewards}) == 1
+
+
+def test_a_curves_shape_is_its_peak_its_end_and_the_fall_between():
+    from preftune.experiments.overoptimization_report import shape
+
+    points = [
+        {"at": "round 1", "kl": 0.0, "true": 0.0, "proxy": 0.0},
+        {"at": "round 2", "kl": 4.0, "true": 0.6, "proxy": 1.0},
+        {"at": "round 3", "kl": 9.0, "true": 0.3, "proxy": 2.0},
+    ]
+    got = shape(points)
+    assert (got["peak_true"], got["peak_kl"], got["end_true"], got["end_kl"]) == (0.6, 4.0, 0.3, 9.0)
+    assert got["fall"] == pytest.approx(0.3) and got["overoptimized"] and got["proxy_gain"] == 2.0
+
+
+def test_the_seed_sweep_reports_each_shape_as_mean_min_and_max(tmp_path):
+    from preftune.experiments.overoptimization_report import sweep_report
+
+    for seed, (peak, end) in enumerate([(0.6, 0.2), (0.8, 0.8)]):
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        points = [{"at": "a", "kl": 0.0, "true": 0.0, "proxy": 0.0}, {"at": "b", "kl": 4.0, "true": peak, "proxy": 1.0},
+                  {"at": "c", "kl": 9.0, "true": end, "proxy": 2.0}]  # fmt: skip
+        from preftune.experiments.overoptimization_report import shape
+
+        results = {
+            "seed": seed,
+            "curves": {"PPO|single proxy": points},
+            "shapes": {"PPO|single proxy": shape(points)},
+        }
+        (folder / "results.json").write_text(json.dumps(results))
+    table = sweep_report([tmp_path / "s0", tmp_path / "s1"])
+    row = table.splitlines()[2]
+    assert row == (
+        "| PPO | single proxy | +0.700 [+0.600, +0.800] | 2.00 [2.00, 2.00] | +0.500 [+0.200, +0.800] | "
+        "3.00 [3.00, 3.00] | 0.200 [0.000, 0.400] | 1 of 2 (0) |"
+    )
+
+
 # --------------------------------------------------------------------------- the full runs
 
 
