@@ -199,6 +199,71 @@ def test_load_scorer_takes_an_ensemble_folder_and_answers_its_aggregate(ensemble
     assert scorer(*TEXTS) == pytest.approx([min(row) for row in columns])
 
 
+REWARDS = [0.5, -1.0, 2.0]
+"""What the hand-built reward model ``r`` answers for ``TEXTS``."""
+
+
+def _head_for(model, tokenizer, folder, targets):
+    """A head for ``model`` that answers ``targets`` for ``TEXTS``: the reward is linear in the head,
+    so three random heads' answers (a 3×3 matrix) say which mix of them answers the targets."""
+    generator = torch.Generator().manual_seed(0)
+    probes = [torch.randn(model.score.weight.shape, generator=generator) for _ in range(3)]
+    answers = []
+    for k, probe in enumerate(probes):
+        model.score.weight.data = probe
+        model.save_pretrained(folder / f"probe-{k}")
+        tokenizer.save_pretrained(folder / f"probe-{k}")
+        answers.append(RewardModelScorer(str(folder / f"probe-{k}"), device="cpu")(*TEXTS))
+    mix = torch.linalg.solve(
+        torch.tensor(answers, dtype=torch.float64).T, torch.tensor(targets, dtype=torch.float64)
+    )
+    return sum(float(c) * probe for c, probe in zip(mix, probes, strict=True))
+
+
+def _scaled_heads(tmp_path, tokenizer, kind):
+    """A hand-built ensemble of three members from one reward model ``r`` (answering ``REWARDS``):
+    its head times 1, 2 and −1, so that the members answer ``r``, ``2r`` and ``−r``."""
+    from preftune.generation.ensemble import write_manifest
+
+    model = tiny_reward_model(len(tokenizer), seed=5)
+    head, scales = _head_for(model, tokenizer, tmp_path, REWARDS), (1.0, 2.0, -1.0)
+    folder = tmp_path / kind
+    if kind == "full":
+        for k, scale in enumerate(scales):
+            model.score.weight.data = scale * head
+            model.save_pretrained(folder / f"member-{k:02d}")
+            tokenizer.save_pretrained(folder / f"member-{k:02d}")
+    else:
+        model.score = torch.nn.Linear(head.shape[1], 3, bias=False)
+        model.score.weight.data = torch.cat([scale * head for scale in scales])
+        model.config.num_labels = 3
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    write_manifest(folder, kind, [f"member-{k:02d}" for k in range(3)])
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["full", "heads"])
+def test_an_ensemble_of_r_2r_and_minus_r_scores_each_aggregate_as_worked_by_hand(tmp_path, tokenizer, kind):
+    """r = (0.5, −1, 2) on the three texts; members r, 2r, −r:
+    mean 2r/3 = (0.333333, −0.666667, 1.333333); min (−0.5, −2, −2);
+    population std |r|·√((1/9 + 16/9 + 25/9)/3) = |r|·√14/3 = (0.623610, 1.247219, 2.494438), so
+    mean − 0.5·std = (0.021529, −1.290276, 0.086114); disagreement, the mean std: 1.455089."""
+    folder = _scaled_heads(tmp_path, tokenizer, kind)
+    columns = EnsembleScorer(str(folder), device="cpu").columns(*TEXTS)
+    assert columns == [pytest.approx([0.5, 1.0, -0.5], abs=1e-4), pytest.approx([-1.0, -2.0, 1.0], abs=1e-4),
+                       pytest.approx([2.0, 4.0, -2.0], abs=1e-4)]  # fmt: skip
+    worked = {
+        "mean": [0.333333, -0.666667, 1.333333],
+        "min": [-0.5, -2.0, -2.0],
+        "mean_minus_std": [0.021529, -1.290276, 0.086114],
+    }
+    for how, expected in worked.items():
+        scorer = load_scorer(str(folder), aggregate=how, uncertainty_penalty=0.5, device="cpu")
+        assert scorer(*TEXTS) == pytest.approx(expected, abs=1e-4), how
+        assert scorer.detail(*TEXTS).disagreement() == pytest.approx(1.455089, abs=1e-4)
+
+
 def test_training_reports_each_member_and_each_aggregates_accuracy_on_the_eval_pairs(ensembles):
     card = (ensembles["full"] / "README.md").read_text()
     assert "ensemble of 2 (full)" in card
@@ -417,3 +482,39 @@ def test_a_ppo_run_on_an_ensemble_resumes_exactly_monitor_included(ensembles, to
         {k: v for k, v in row.items() if "per_second" not in k} for row in straight.history[2:]
     ]
     assert "objective/scores_disagreement" in timeless[0] and "monitor/best_step" in timeless[0]
+
+
+def test_an_online_dpo_run_on_an_ensemble_resumes_exactly_monitor_included(ensembles, tokenizer, tmp_path):
+    """Stopped in round 2 after one step and resumed: the same rounds (rewards, members'
+    disagreement, monitor) and the same final policy as the run never stopped."""
+    from preftune.experiments.synthetic import SentimentTask, tiny_llama, true_reward
+    from preftune.recipes.online import train_online
+
+    class Gold:
+        name = "true reward"
+
+        def __call__(self, prompts, completions):
+            return true_reward(list(prompts), list(completions))
+
+    def run(folder, *overrides, stop_in_round=None):
+        config = quiet_config(
+            str(folder), "train.batch_size=4", "online.rounds=2", "online.samples_per_prompt=3",
+            "rollout.max_new_tokens=5", "train.save_every=1", f"reward.scorer={ensembles['full']}",
+            "reward.aggregate=mean_minus_std", "reward.uncertainty_penalty=0.5", *overrides,
+        )  # fmt: skip
+        with one_thread():
+            return train_online(config, model=tiny_llama(len(tokenizer), seed=0), tokenizer=tokenizer,
+                                prompts=[{"prompt": p} for p in SentimentTask().prompts(8, 0)], monitor=Gold(),
+                                stop_in_round=stop_in_round)  # fmt: skip
+
+    def timeless(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    straight = run(tmp_path / "a")
+    assert [row["round"] for row in run(tmp_path / "b", stop_in_round=(2, 1)).rounds] == [1]
+    resumed = run(tmp_path / "b", "train.resume=true")
+    assert timeless(resumed.rounds) == timeless(straight.rounds)
+    assert timeless([resumed.final]) == timeless([straight.final])
+    assert resumed.rounds[1]["reward_disagreement"] > 0 and "monitor_mean" in resumed.rounds[1]
+    a, b = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
