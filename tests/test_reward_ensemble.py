@@ -416,19 +416,24 @@ def test_online_dpo_takes_an_ensemble_folder_and_logs_its_members_disagreement(
 
 
 def test_ppo_takes_an_ensemble_folder_and_logs_its_members_disagreement_each_step(
-    ensembles, policy_files, tmp_path
+    ensembles, policy_files, tmp_path, capsys
 ):
     model, prompts, _ = policy_files
     argv = ["ppo", "--model", str(model), "--prompts", str(prompts), "--reward", str(ensembles["lora"]),
             "--monitor-reward", "preftune.experiments.synthetic:true_reward", "--steps", "2",
             "--output", str(tmp_path / "out"), "--set", "ppo.rollouts_per_step=4", "--set", "train.batch_size=4",
             "--set", "train.log_every=1", "--set", "reward.aggregate=mean_minus_std",
-            "--set", "reward.uncertainty_penalty=0.5", *QUIET]  # fmt: skip
+            "--set", "reward.uncertainty_penalty=0.5", "--set", "train.report_to=none",
+            "--set", "rollout.max_new_tokens=5"]  # fmt: skip
     with one_thread():
         assert main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["objective/scores_disagreement"] > 0 and "objective/monitor_scores" in row for row in rows)
+    # Not a terminal: a line per logged step, the members' disagreement and the monitor beside the score.
+    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("step 2/2 "))
+    std, monitor = rows[1]["objective/scores_disagreement"], rows[1]["objective/monitor_scores"]
+    assert f"members' std {std:.4f} monitor {monitor:.4f} kl " in line
 
 
 def test_eval_takes_an_ensemble_folder_as_its_reward_model_and_reports_each_member(

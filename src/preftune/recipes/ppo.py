@@ -59,7 +59,13 @@ from .common import tokenizer_for
 from .online import RolloutFactory, check_monitor, rewards_of
 from .ppo_experience import Experience, PPOModels, build_critic, chunks, collect, policy_tokens, step_seed
 
-CONSOLE = (("score", "objective/scores"), ("kl", "objective/kl"), ("vf", "loss/value_avg"))
+CONSOLE = (
+    ("score", "objective/scores"),
+    ("members' std", "objective/scores_disagreement"),  # an ensemble's; a run with one reward has none
+    ("monitor", "objective/monitor_scores"),
+    ("kl", "objective/kl"),
+    ("vf", "loss/value_avg"),
+)
 GEOMETRY = ("rollouts_per_step", "ppo_epochs", "num_mini_batches")
 """What a resumed run must keep: the data position and the schedule count rollouts and updates."""
 
