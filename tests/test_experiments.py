@@ -145,28 +145,33 @@ def test_a_curves_shape_is_its_peak_its_end_and_the_fall_between():
     assert got["fall"] == pytest.approx(0.3) and got["overoptimized"] and got["proxy_gain"] == 2.0
 
 
-def test_the_seed_sweep_reports_each_shape_as_mean_min_and_max(tmp_path):
-    from preftune.experiments.overoptimization_report import sweep_report
+def test_the_seed_sweep_reports_each_shape_as_mean_min_and_max_and_each_seeds_proxies(tmp_path):
+    from preftune.experiments.overoptimization_report import shape, sweep_report
 
     for seed, (peak, end) in enumerate([(0.6, 0.2), (0.8, 0.8)]):
         folder = tmp_path / f"s{seed}"
         folder.mkdir()
         points = [{"at": "a", "kl": 0.0, "true": 0.0, "proxy": 0.0}, {"at": "b", "kl": 4.0, "true": peak, "proxy": 1.0},
                   {"at": "c", "kl": 9.0, "true": end, "proxy": 2.0}]  # fmt: skip
-        from preftune.experiments.overoptimization_report import shape
-
+        accuracy = {"bayes": 0.9, "eval_accuracy/member_00": 0.7 + seed / 10, "eval_accuracy/member_01": 0.8,
+                    "eval_accuracy/mean": 0.85, "eval_accuracy/min": 0.84, "eval_accuracy/mean_minus_std": 0.83,
+                    "eval_disagreement": 0.5}  # fmt: skip
         results = {
             "seed": seed,
             "curves": {"PPO|single proxy": points},
             "shapes": {"PPO|single proxy": shape(points)},
+            "proxy_accuracy": accuracy,
         }
         (folder / "results.json").write_text(json.dumps(results))
-    table = sweep_report([tmp_path / "s0", tmp_path / "s1"])
-    row = table.splitlines()[2]
-    assert row == (
-        "| PPO | single proxy | +0.700 [+0.600, +0.800] | 2.00 [2.00, 2.00] | +0.500 [+0.200, +0.800] | "
-        "3.00 [3.00, 3.00] | 0.200 [0.000, 0.400] | 1 of 2 (0) |"
+    lines = sweep_report([tmp_path / "s0", tmp_path / "s1"]).splitlines()
+    assert lines[2] == (
+        "| PPO | single proxy | +0.700 [+0.600, +0.800] | 4.00 [4.00, 4.00] | +0.500 [+0.200, +0.800] | "
+        "9.00 [9.00, 9.00] | 0.200 [0.000, 0.400] | 1 of 2 (0) |"
     )
+    assert lines[6:] == [
+        "| 0 | 70.0 | 75.0 | 85.0 | 84.0 | 83.0 | 90.0 | 0.50 |",
+        "| 1 | 80.0 | 80.0 | 85.0 | 84.0 | 83.0 | 90.0 | 0.50 |",
+    ]
 
 
 # --------------------------------------------------------------------------- the full runs

@@ -60,23 +60,19 @@ def table(shapes: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]
         "method",
         "reward optimized",
         "start",
-        "peak (√KL)",
-        "at the largest KL (√KL)",
+        "peak",
+        "KL at peak",
+        "end",
+        "KL at end",
         "fall from peak",
     ]
     rows = []
     for key, s in shapes.items():
         method, label = key.split("|")
         rows.append(
-            [
-                method,
-                label,
-                f"{s['start_true']:+.3f}",
-                f"{s['peak_true']:+.3f} ({math.sqrt(s['peak_kl']):.2f})",
-                f"{s['end_true']:+.3f} ({math.sqrt(s['end_kl']):.2f})",
-                f"{s['fall']:.3f}" + (" ↓" if s["overoptimized"] else ""),
-            ]
-        )
+            [method, label, f"{s['start_true']:+.3f}", f"{s['peak_true']:+.3f}", f"{s['peak_kl']:.2f}",
+             f"{s['end_true']:+.3f}", f"{s['end_kl']:.2f}", f"{s['fall']:.3f}" + (" ↓" if s["overoptimized"] else "")]
+        )  # fmt: skip
     return header, rows
 
 
@@ -95,14 +91,15 @@ def report_text(
         + ", ".join(f"{100 * m:.1f}%" for m in members)
         + f"; the ensemble's mean {100 * accuracy.get('eval_accuracy/mean', math.nan):.1f}%; Bayes ceiling "
         f"{100 * accuracy['bayes']:.1f}%). Member 0 is the single proxy. True reward (−1 to +1) of the policy's",
-        "samples; √KL to the starting policy in √nats (best-of-n: the analytic KL); ↓: fell more than "
-        f"{FALL} from its peak.",
+        "samples; KL to the starting policy in nats (best-of-n: the analytic KL; the plot's axis is √KL); "
+        f"end: the last policy (best-of-n: the largest n); ↓: fell more than {FALL} from its peak.",
         "",
         markdown_table(header, rows),
         "",
         "What it shows:",
         "",
         *findings(results["shapes"]),
+        confound(members[0], accuracy.get("eval_accuracy/mean", math.nan)),
     ]
     if plotted:
         lines += ["", f"![{NAME}]({NAME}.png)"]
@@ -118,15 +115,15 @@ def findings(shapes: dict[str, dict[str, Any]]) -> list[str]:
         if single is None:
             continue
         verdict = (
-            f"overoptimized it: the true reward peaked at {single['peak_true']:+.3f} (√KL "
-            f"{math.sqrt(single['peak_kl']):.2f}) and fell by {single['fall']:.3f} to {single['end_true']:+.3f} at the "
-            f"end (√KL {math.sqrt(single['end_kl']):.2f}), the proxy {single['proxy_gain']:+.3f} above its start"
+            f"overoptimized it: the true reward peaked at {single['peak_true']:+.3f} (KL "
+            f"{single['peak_kl']:.2f} nats) and fell by {single['fall']:.3f} to {single['end_true']:+.3f} at the "
+            f"end (KL {single['end_kl']:.2f}), the proxy {single['proxy_gain']:+.3f} above its start"
             if single["overoptimized"]
             else f"did not overoptimize it (by this measure): the true reward ended at {single['end_true']:+.3f}, "
             f"{single['fall']:.3f} below its peak of {single['peak_true']:+.3f}"
         )
         others = [
-            f"{label} {s['fall']:.3f} (end {s['end_true']:+.3f}, √KL {math.sqrt(s['end_kl']):.2f})"
+            f"{label} {s['fall']:.3f} (peak {s['peak_true']:+.3f}, end {s['end_true']:+.3f} at KL {s['end_kl']:.2f})"
             for key, s in shapes.items()
             if key.startswith(f"{method}|") and not key.endswith("single proxy")
             for label in [key.split("|")[1]]
@@ -137,9 +134,23 @@ def findings(shapes: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def confound(single: float, mean: float) -> str:
+    """What the comparison with the single proxy measures, given the two held-out accuracies."""
+    said = (
+        f"* The single proxy ranks {100 * single:.1f}% of the held-out pairs right, the ensemble's mean "
+        f"{100 * mean:.1f}%: "
+    )
+    if mean > single + 0.01:
+        said += "what the mean gains over the single proxy is in part a better reward model, not caution."
+    else:
+        said += "no better, so what the mean changes is not a better reward model."
+    return said + " Min and mean − std against the mean compare caution alone (the same members)."
+
+
 def plot(by_seed: dict[int, dict[str, list[dict[str, Any]]]], png: Path) -> bool:
     """True (top) and optimized (bottom) reward against √KL, one panel per method, one colour per
-    reward optimized; several seeds: one thin line each."""
+    reward optimized; several seeds: one thin line each. Points are joined in the order the run
+    reached them: a trained policy's KL need not grow every round."""
     plt = pyplot()
     if plt is None:
         return False
@@ -148,7 +159,9 @@ def plot(by_seed: dict[int, dict[str, list[dict[str, Any]]]], png: Path) -> bool
     for column, method in enumerate(METHODS):
         for colour, label in zip(COLORS, labels, strict=False):
             for i, curves in enumerate(by_seed.values()):
-                points = sorted(curves.get(f"{method}|{label}", []), key=lambda p: p["kl"])
+                points = curves.get(
+                    f"{method}|{label}", []
+                )  # in training order: a path, not a function of KL
                 xs = [math.sqrt(max(p["kl"], 0.0)) for p in points]
                 style = {"color": colour, "alpha": 0.9 if len(by_seed) == 1 else 0.55, "linewidth": 1.2}
                 name = label if i == 0 else None
@@ -175,29 +188,51 @@ def plot(by_seed: dict[int, dict[str, list[dict[str, Any]]]], png: Path) -> bool
 
 def sweep_report(folders: Sequence[Path], output: Path | None = None) -> str:
     """The shapes over the seeds whose ``results.json`` the folders hold, as mean [min, max], the
-    seeds each curve overoptimized in, and a plot of every seed (``output/overoptimization-seeds.png``).
+    seeds each curve overoptimized in, the proxies' held-out accuracy per seed, and a plot of every
+    seed (``output/overoptimization-seeds.png``).
 
         from preftune.experiments.overoptimization_report import sweep_report
         print(sweep_report([Path(f"sweep/overoptimization-s{s}") for s in range(5)], Path("sweep")))
     """
     runs = [json.loads((Path(f) / "results.json").read_text()) for f in folders]
     seeds = [r["seed"] for r in runs]
-    header = ["method", "reward optimized", "peak true reward", "√KL at peak", "true reward at the end", "√KL at the end",
-              "fall from peak", f"seeds that fell > {FALL}"]  # fmt: skip
+    header = ["method", "reward optimized", "peak true reward", "KL at peak", "true reward at the end",
+              "KL at the end", "fall from peak", f"seeds that fell > {FALL}"]  # fmt: skip
     rows = []
     for key in runs[0]["shapes"]:
         method, label = key.split("|")
         values = [r["shapes"][key] for r in runs]
         fell = [str(seed) for seed, s in zip(seeds, values, strict=True) if s["overoptimized"]]
         rows.append(
-            [method, label, _spread([s["peak_true"] for s in values]),
-             _spread([math.sqrt(s["peak_kl"]) for s in values], "{:.2f}"),
-             _spread([s["end_true"] for s in values]), _spread([math.sqrt(s["end_kl"]) for s in values], "{:.2f}"),
+            [method, label, _spread([s["peak_true"] for s in values]), _spread([s["peak_kl"] for s in values], "{:.2f}"),
+             _spread([s["end_true"] for s in values]), _spread([s["end_kl"] for s in values], "{:.2f}"),
              _spread([s["fall"] for s in values], "{:.3f}"),
              f"{len(fell)} of {len(runs)}" + (f" ({', '.join(fell)})" if fell else "")]
         )  # fmt: skip
     if output is not None:
         plot({r["seed"]: r["curves"] for r in runs}, output / f"{NAME}-seeds.png")
+    tables = [markdown_table(header, rows)]
+    if all("proxy_accuracy" in r for r in runs):
+        tables.append(accuracy_table(runs))
+    return "\n\n".join(tables)
+
+
+def accuracy_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Per seed, the proxies' held-out accuracy (%): the single proxy (member 0), the members'
+    mean, each aggregate, the Bayes ceiling; and the members' disagreement (the mean std of their
+    rewards on the held-out texts)."""
+    header = ["seed", "single proxy", "members (mean)", "ensemble mean", "ensemble min", "mean − std", "Bayes",
+              "disagreement"]  # fmt: skip
+    rows = []
+    for run in runs:
+        a = run["proxy_accuracy"]
+        members = [v for k, v in a.items() if k.startswith("eval_accuracy/member_")]
+        aggregates = [
+            f"{100 * a.get(f'eval_accuracy/{how}', math.nan):.1f}"
+            for how in ("mean", "min", "mean_minus_std")
+        ]
+        rows.append([run["seed"], f"{100 * members[0]:.1f}", f"{100 * statistics.mean(members):.1f}", *aggregates,
+                     f"{100 * a['bayes']:.1f}", f"{a.get('eval_disagreement', math.nan):.2f}"])  # fmt: skip
     return markdown_table(header, rows)
 
 
