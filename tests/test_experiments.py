@@ -143,6 +143,20 @@ def test_a_curves_shape_is_its_peak_its_end_and_the_fall_between():
     got = shape(points)
     assert (got["peak_true"], got["peak_kl"], got["end_true"], got["end_kl"]) == (0.6, 4.0, 0.3, 9.0)
     assert got["fall"] == pytest.approx(0.3) and got["overoptimized"] and got["proxy_gain"] == 2.0
+    assert got["dip"] == pytest.approx(0.3)  # round 2 to 3: the proxy rose, the true reward fell
+
+
+def test_a_dip_is_a_fall_of_the_true_reward_while_the_proxy_did_not_fall_even_if_it_recovers():
+    """True 0.0, 0.5, −0.3, 0.9; proxy 0, 1, 2, 3: from 0.5 to −0.3 is a dip of 0.8, though the curve
+    ends at its peak. With the proxy falling to 0.5 at the third point that fall is not a dip."""
+    from preftune.experiments.overoptimization_report import dip
+
+    def curve(trues, proxies):
+        return [{"true": t, "proxy": p} for t, p in zip(trues, proxies, strict=True)]
+
+    assert dip(curve([0.0, 0.5, -0.3, 0.9], [0, 1, 2, 3])) == pytest.approx(0.8)
+    assert dip(curve([0.0, 0.5, -0.3, 0.9], [0, 1, 0.5, 3])) == pytest.approx(0.3)  # 0.0 -> −0.3, 0 -> 0.5
+    assert dip(curve([0.0, 0.2, 0.4], [0, 1, 2])) == 0.0
 
 
 def test_the_seed_sweep_reports_each_shape_as_mean_min_and_max_and_each_seeds_proxies(tmp_path):
@@ -166,7 +180,7 @@ def test_the_seed_sweep_reports_each_shape_as_mean_min_and_max_and_each_seeds_pr
     lines = sweep_report([tmp_path / "s0", tmp_path / "s1"]).splitlines()
     assert lines[2] == (
         "| PPO | single proxy | +0.700 [+0.600, +0.800] | 4.00 [4.00, 4.00] | +0.500 [+0.200, +0.800] | "
-        "9.00 [9.00, 9.00] | 0.200 [0.000, 0.400] | 1 of 2 (0) |"
+        "9.00 [9.00, 9.00] | 0.200 [0.000, 0.400] | 1 of 2 (0) | 0.200 [0.000, 0.400] | 1 of 2 (0) |"
     )
     assert lines[6:] == [
         "| 0 | 70.0 | 75.0 | 85.0 | 84.0 | 83.0 | 90.0 | 0.50 |",

@@ -22,12 +22,28 @@ counts as overoptimized: about 2.5 standard errors of a PPO point's mean (128 sa
 flat curve's noise (its highest point is above its last by chance) does not count."""
 
 
+def dip(points: Sequence[dict[str, Any]]) -> float:
+    """The largest fall of the true reward from one point to a later one at which the optimized
+    reward was no lower: Gao et al.'s signature (the proxy rises, the gold reward falls), seen even
+    where the curve recovers later. A fall of both is not counted: that is a run going wrong, not
+    a proxy being exploited."""
+    falls = [
+        a["true"] - b["true"]
+        for i, a in enumerate(points)
+        for b in points[i + 1 :]
+        if b["proxy"] >= a["proxy"]
+    ]
+    return max([0.0, *falls])
+
+
 def shape(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """A curve's peak true reward and the KL there, its last point (the policy the optimization
-    ended with; best-of-n: the largest n) and the fall from the peak to it."""
+    ended with; best-of-n: the largest n), the fall from the peak to it, and its deepest
+    :func:`dip`."""
     peak = max(points, key=lambda p: p["true"])
     end = points[-1]
     return {
+        "dip": dip(points),
         "start_true": points[0]["true"],
         "peak_true": peak["true"],
         "peak_kl": peak["kl"],
@@ -65,13 +81,15 @@ def table(shapes: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]
         "end",
         "KL at end",
         "fall from peak",
+        "deepest dip",
     ]
     rows = []
     for key, s in shapes.items():
         method, label = key.split("|")
         rows.append(
             [method, label, f"{s['start_true']:+.3f}", f"{s['peak_true']:+.3f}", f"{s['peak_kl']:.2f}",
-             f"{s['end_true']:+.3f}", f"{s['end_kl']:.2f}", f"{s['fall']:.3f}" + (" ↓" if s["overoptimized"] else "")]
+             f"{s['end_true']:+.3f}", f"{s['end_kl']:.2f}", f"{s['fall']:.3f}" + (" ↓" if s["overoptimized"] else ""),
+             f"{s['dip']:.3f}"]
         )  # fmt: skip
     return header, rows
 
@@ -92,7 +110,8 @@ def report_text(
         + f"; the ensemble's mean {100 * accuracy.get('eval_accuracy/mean', math.nan):.1f}%; Bayes ceiling "
         f"{100 * accuracy['bayes']:.1f}%). Member 0 is the single proxy. True reward (−1 to +1) of the policy's",
         "samples; KL to the starting policy in nats (best-of-n: the analytic KL; the plot's axis is √KL); "
-        f"end: the last policy (best-of-n: the largest n); ↓: fell more than {FALL} from its peak.",
+        f"end: the last policy (best-of-n: the largest n); ↓: fell more than {FALL} from its peak; deepest dip: "
+        "the largest fall of the true reward between two points while the optimized reward did not fall.",
         "",
         markdown_table(header, rows),
         "",
@@ -128,8 +147,15 @@ def findings(shapes: dict[str, dict[str, Any]]) -> list[str]:
             if key.startswith(f"{method}|") and not key.endswith("single proxy")
             for label in [key.split("|")[1]]
         ]
+        dipped = (
+            f" On the way its true reward dipped by {single['dip']:.3f} while the proxy rose."
+            if single["dip"] > FALL
+            else ""
+        )
         lines.append(
-            f"* {method} against the single proxy {verdict}. Falls from the peak: " + "; ".join(others) + "."
+            f"* {method} against the single proxy {verdict}.{dipped} Falls from the peak: "
+            + "; ".join(others)
+            + "."
         )
     return lines
 
@@ -197,17 +223,19 @@ def sweep_report(folders: Sequence[Path], output: Path | None = None) -> str:
     runs = [json.loads((Path(f) / "results.json").read_text()) for f in folders]
     seeds = [r["seed"] for r in runs]
     header = ["method", "reward optimized", "peak true reward", "KL at peak", "true reward at the end",
-              "KL at the end", "fall from peak", f"seeds that fell > {FALL}"]  # fmt: skip
+              "KL at the end", "fall from peak", f"seeds that fell > {FALL}", "deepest dip",
+              f"seeds that dipped > {FALL}"]  # fmt: skip
     rows = []
-    for key in runs[0]["shapes"]:
+    for key in runs[0]["curves"]:
         method, label = key.split("|")
-        values = [r["shapes"][key] for r in runs]
+        values = [shape(r["curves"][key]) for r in runs]  # from the points: shapes of every version alike
         fell = [str(seed) for seed, s in zip(seeds, values, strict=True) if s["overoptimized"]]
+        dipped = [str(seed) for seed, s in zip(seeds, values, strict=True) if s["dip"] > FALL]
         rows.append(
             [method, label, _spread([s["peak_true"] for s in values]), _spread([s["peak_kl"] for s in values], "{:.2f}"),
              _spread([s["end_true"] for s in values]), _spread([s["end_kl"] for s in values], "{:.2f}"),
-             _spread([s["fall"] for s in values], "{:.3f}"),
-             f"{len(fell)} of {len(runs)}" + (f" ({', '.join(fell)})" if fell else "")]
+             _spread([s["fall"] for s in values], "{:.3f}"), _count(fell, len(runs)),
+             _spread([s["dip"] for s in values], "{:.3f}"), _count(dipped, len(runs))]
         )  # fmt: skip
     if output is not None:
         plot({r["seed"]: r["curves"] for r in runs}, output / f"{NAME}-seeds.png")
@@ -234,6 +262,10 @@ def accuracy_table(runs: Sequence[dict[str, Any]]) -> str:
         rows.append([run["seed"], f"{100 * members[0]:.1f}", f"{100 * statistics.mean(members):.1f}", *aggregates,
                      f"{100 * a['bayes']:.1f}", f"{a.get('eval_disagreement', math.nan):.2f}"])  # fmt: skip
     return markdown_table(header, rows)
+
+
+def _count(seeds: Sequence[str], runs: int) -> str:
+    return f"{len(seeds)} of {runs}" + (f" ({', '.join(seeds)})" if seeds else "")
 
 
 def _spread(values: Sequence[float], fmt: str = "{:+.3f}") -> str:
