@@ -436,6 +436,21 @@ def test_ppo_takes_an_ensemble_folder_and_logs_its_members_disagreement_each_ste
     assert f"members' std {std:.4f} monitor {monitor:.4f} kl " in line
 
 
+def test_ppo_values_with_the_policys_backbone_on_an_ensemble_and_refuses_to_copy_it_as_the_critic(
+    ensembles, tokenizer
+):
+    from preftune.experiments.synthetic import tiny_llama
+    from preftune.recipes.ppo_experience import build_critic
+
+    scorer, policy = EnsembleScorer(str(ensembles["full"]), device="cpu"), tiny_llama(len(tokenizer), seed=1)
+    _, source = build_critic(load_config(), policy, scorer, tokenizer, print)
+    assert source.startswith("the policy's backbone")  # auto: no one reward model to start from
+    with pytest.raises(
+        ConfigError, match=r"is an ensemble of 2, no one model to copy: use ppo\.value_model=policy"
+    ):
+        build_critic(load_config(overrides=["ppo.value_model=reward"]), policy, scorer, tokenizer, print)
+
+
 def test_eval_takes_an_ensemble_folder_as_its_reward_model_and_reports_each_member(
     ensembles, policy_files, tmp_path, capsys
 ):

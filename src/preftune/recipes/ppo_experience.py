@@ -247,7 +247,16 @@ def build_critic(
         choice = "reward" if usable else "policy"
     if choice == "reward":
         if reward_model is None:
-            raise ConfigError("ppo.value_model: 'reward' needs reward.scorer to be a reward-model folder")
+            several = getattr(scorer, "members", None)
+            raise ConfigError(
+                "ppo.value_model: 'reward' needs reward.scorer to be a reward-model folder"
+                + (
+                    f"; {scorer.name} is an ensemble of {len(several)}, no one model to copy: use "
+                    "ppo.value_model=policy or a reward-model folder (a member of a full ensemble is one)"
+                    if several
+                    else ""
+                )
+            )
         if not same_vocabulary(reward_model.tokenizer, tokenizer):
             raise ConfigError(
                 f"ppo.value_model: the reward model {reward_model.name} reads another vocabulary than the "
