@@ -263,3 +263,20 @@ def test_frontier_full(tmp_path):
     assert all(g["gap"] > 0 for g in results["gaps_to_dpo"]["PPO (true reward)"] if g["kl"] > 1)
     best = [p["reward"] for p in results["points"] if p["method"] == "best-of-N"]
     assert best == sorted(best)
+
+
+@pytest.mark.slow
+def test_overoptimization_full(tmp_path):
+    """At seed 0, online DPO on the single proxy overoptimizes it (its true reward falls more than
+    0.1 from its peak) and on the ensemble's min and mean − std it does not, ending higher; every
+    aggregate's best-of-n ends above the single proxy's (measured over seeds 0–4: see
+    docs/experiments.md, where other seeds say otherwise for best-of-n)."""
+    _, run = EXPERIMENTS["overoptimization"]
+    shapes = run(tmp_path, 0, False)["shapes"]
+    single = shapes["online DPO|single proxy"]
+    assert single["overoptimized"] and single["fall"] > 0.2
+    for label in ("ensemble min", "mean − std"):
+        cautious = shapes[f"online DPO|{label}"]
+        assert not cautious["overoptimized"] and cautious["end_true"] > single["end_true"] + 0.3
+    for label in ("ensemble mean", "ensemble min", "mean − std"):
+        assert shapes[f"best-of-n|{label}"]["end_true"] > shapes["best-of-n|single proxy"]["end_true"] + 0.2
