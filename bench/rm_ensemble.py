@@ -11,9 +11,10 @@ processes, so that peak memory is the kind's own:
 1. **train**: from the same starting reward model (``tiny``: the synthetic task's SFT'd tiny Llama
    with a new head, as the experiments build their reward models; ``25m``: a randomly initialised
    Llama of 25M parameters, for time and memory), on the same Bradley–Terry pairs, one thread:
-   seconds and peak resident memory over the process's baseline (torch and the data loaded);
+   seconds (wall-clock and the process's CPU time: on a shared machine the CPU seconds are the
+   steadier figure) and peak resident memory over the process's baseline (torch and the data loaded);
 2. **score**: load ``final/`` through the scorer interface, score the held-out pairs and a pool of
-   the SFT policy's samples: seconds per 1,000 completions, peak resident memory over the baseline,
+   the SFT policy's samples: seconds (wall, CPU) per 1,000 completions, peak resident memory over the baseline,
    the parameters held; each member's held-out accuracy and each aggregate's (``mean``, ``min``,
    ``mean_minus_std`` with λ = 1) against the Bayes ceiling; the members' disagreement on the
    held-out texts and on the policy's samples; and best-of-n from the pool, selected by member 0
@@ -100,11 +101,12 @@ def train_child(work: Path, size: str, kind: str, k: int, seed: int) -> dict[str
     }  # fmt: skip
     config = load_config(base=settings)
     baseline = rss_mib()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with one_thread():
         result = train_reward_model(config, model=model, tokenizer=tokenizer, train_data=data["train"])
     return {
         "train_seconds": time.perf_counter() - started,
+        "train_cpu_seconds": time.process_time() - cpu,
         "train_extra_peak_mib": peak_mib() - baseline,
         "steps": result.steps,
         "final": str(result.final_dir),
@@ -125,15 +127,16 @@ def score_child(work: Path, size: str, kind: str) -> dict[str, object]:
     held = data["held_out"]
     prompts = [r["prompt"] for r in held] * 2
     completions = [r["chosen"] for r in held] + [r["rejected"] for r in held]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     columns = (
         scorer.columns(prompts, completions)
         if hasattr(scorer, "columns")
         else [[s] for s in scorer(prompts, completions)]
     )
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     out: dict[str, object] = {
         "score_seconds_per_1000": 1000 * seconds / len(completions),
+        "score_cpu_seconds_per_1000": 1000 * cpu / len(completions),
         "score_extra_peak_mib": peak_mib() - baseline,
         "parameters_loaded": _parameters(scorer),
         "bayes": data["bayes"],
@@ -202,15 +205,15 @@ def summary(rows: list[dict[str, object]]) -> dict[str, object]:
 
 
 def show(size: str, kinds: dict[str, dict[str, object]]) -> None:
-    print(f"\n{size}: means over seeds")
-    print(f"{'kind':16}{'train s':>8}{'MiB':>6}{'score s/1k':>11}{'MiB':>6}{'params':>9}  member acc      "
+    print(f"\n{size}: means over seeds (seconds: CPU)")
+    print(f"{'kind':16}{'train s':>8}{'MiB':>6}{'score s/1k':>11}{'MiB':>6}{'params':>11}  member acc      "
           f"{'mean':>6}{'min':>6}{'m−std':>6}{'std':>6}   best-of-128 true reward: member 0 / mean / min / m−std")  # fmt: skip
     for kind, row in kinds.items():
         s, m = row["summary"], row["summary"]["member_accuracy"]  # type: ignore[index]
         bon = [s[f"best_of_n_true_reward/{h}"]["128"] for h in ("member 0", "mean", "min", "mean_minus_std")]  # type: ignore[index]
         dis = s.get("disagreement_held_out")  # type: ignore[union-attr]
-        print(f"{kind:16}{s['train_seconds']:8.1f}{s['train_extra_peak_mib']:6.0f}{s['score_seconds_per_1000']:11.2f}"
-              f"{s['score_extra_peak_mib']:6.0f}{s['parameters_loaded']:9.0f}  {100 * m['mean']:.1f} [{100 * m['min']:.1f}, "
+        print(f"{kind:16}{s['train_cpu_seconds']:8.1f}{s['train_extra_peak_mib']:6.0f}{s['score_cpu_seconds_per_1000']:11.2f}"
+              f"{s['score_extra_peak_mib']:6.0f}{s['parameters_loaded']:11.0f}  {100 * m['mean']:.1f} [{100 * m['min']:.1f}, "
               f"{100 * m['max']:.1f}] {100 * s['accuracy_mean']:6.1f}{100 * s['accuracy_min']:6.1f}"
               f"{100 * s['accuracy_mean_minus_std']:6.1f}{dis if dis is None else f'{dis:6.2f}'!s:>6}   "
               + " / ".join(f"{b:+.3f}" for b in bon))  # type: ignore[index, str-format]  # fmt: skip
@@ -254,7 +257,7 @@ def main() -> None:
                 row = run(args, "--child", "train", "--size", size, "--kind", kind, "--seed", str(seed))
                 row |= run(args, "--child", "score", "--size", size, "--kind", kind)
                 rows.append(row)
-                print(f"{size} {kind} seed {seed}: train {row['train_seconds']:.1f} s", flush=True)
+                print(f"{size} {kind} seed {seed}: train {row['train_cpu_seconds']:.1f} s CPU", flush=True)
             results["kinds"][kind] = {"seeds": rows, "summary": summary(rows)}  # type: ignore[index]
         results["load_average_after"] = machine()["load_average_1m"]
         path = Path(__file__).parent / "results" / f"rm-ensemble-{size}.json"
