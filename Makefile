@@ -28,7 +28,7 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest
 
-test-slow: $(STAMP)  # the full experiments, 2–3 minutes
+test-slow: $(STAMP)  # the full experiments, 6–7 minutes
 	$(VENV)/bin/pytest -m slow
 
 bench: $(STAMP)  # preftune's layouts against TRL's trainers (the quick suite: a few minutes)

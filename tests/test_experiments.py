@@ -116,6 +116,78 @@ def test_an_unknown_experiment_is_one_clear_message(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_overoptimization_draws_a_curve_for_each_method_and_reward_from_the_start_to_the_end(quick):
+    results = json.loads((quick["overoptimization"] / "results.json").read_text())
+    rewards = ["single proxy", "ensemble mean", "ensemble min", "mean − std"]
+    assert list(results["curves"]) == [
+        f"{m}|{r}" for m in ("best-of-n", "online DPO", "PPO") for r in rewards
+    ]
+    for key, points in results["curves"].items():
+        assert points[0]["kl"] == 0.0 and all(-1 <= p["true"] <= 1 for p in points), key
+        shape = results["shapes"][key]
+        assert shape["fall"] == pytest.approx(shape["peak_true"] - points[-1]["true"])
+    best_of = results["curves"]["best-of-n|single proxy"]
+    assert [p["kl"] for p in best_of] == pytest.approx([math.log(n) - (n - 1) / n for n in (1, 2, 4)])
+    # The same starting policy's samples: every reward's best-of-1 measures the same true reward.
+    assert len({results["curves"][f"best-of-n|{r}"][0]["true"] for r in rewards}) == 1
+
+
+def test_a_curves_shape_is_its_peak_its_end_and_the_fall_between():
+    from preftune.experiments.overoptimization_report import shape
+
+    points = [
+        {"at": "round 1", "kl": 0.0, "true": 0.0, "proxy": 0.0},
+        {"at": "round 2", "kl": 4.0, "true": 0.6, "proxy": 1.0},
+        {"at": "round 3", "kl": 9.0, "true": 0.3, "proxy": 2.0},
+    ]
+    got = shape(points)
+    assert (got["peak_true"], got["peak_kl"], got["end_true"], got["end_kl"]) == (0.6, 4.0, 0.3, 9.0)
+    assert got["fall"] == pytest.approx(0.3) and got["overoptimized"] and got["proxy_gain"] == 2.0
+    assert got["dip"] == pytest.approx(0.3)  # round 2 to 3: the proxy rose, the true reward fell
+
+
+def test_a_dip_is_a_fall_of_the_true_reward_while_the_proxy_did_not_fall_even_if_it_recovers():
+    """True 0.0, 0.5, −0.3, 0.9; proxy 0, 1, 2, 3: from 0.5 to −0.3 is a dip of 0.8, though the curve
+    ends at its peak. With the proxy falling to 0.5 at the third point that fall is not a dip."""
+    from preftune.experiments.overoptimization_report import dip
+
+    def curve(trues, proxies):
+        return [{"true": t, "proxy": p} for t, p in zip(trues, proxies, strict=True)]
+
+    assert dip(curve([0.0, 0.5, -0.3, 0.9], [0, 1, 2, 3])) == pytest.approx(0.8)
+    assert dip(curve([0.0, 0.5, -0.3, 0.9], [0, 1, 0.5, 3])) == pytest.approx(0.3)  # 0.0 -> −0.3, 0 -> 0.5
+    assert dip(curve([0.0, 0.2, 0.4], [0, 1, 2])) == 0.0
+
+
+def test_the_seed_sweep_reports_each_shape_as_mean_min_and_max_and_each_seeds_proxies(tmp_path):
+    from preftune.experiments.overoptimization_report import shape, sweep_report
+
+    for seed, (peak, end) in enumerate([(0.6, 0.2), (0.8, 0.8)]):
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        points = [{"at": "a", "kl": 0.0, "true": 0.0, "proxy": 0.0}, {"at": "b", "kl": 4.0, "true": peak, "proxy": 1.0},
+                  {"at": "c", "kl": 9.0, "true": end, "proxy": 2.0}]  # fmt: skip
+        accuracy = {"bayes": 0.9, "eval_accuracy/member_00": 0.7 + seed / 10, "eval_accuracy/member_01": 0.8,
+                    "eval_accuracy/mean": 0.85, "eval_accuracy/min": 0.84, "eval_accuracy/mean_minus_std": 0.83,
+                    "eval_disagreement": 0.5}  # fmt: skip
+        results = {
+            "seed": seed,
+            "curves": {"PPO|single proxy": points},
+            "shapes": {"PPO|single proxy": shape(points)},
+            "proxy_accuracy": accuracy,
+        }
+        (folder / "results.json").write_text(json.dumps(results))
+    lines = sweep_report([tmp_path / "s0", tmp_path / "s1"]).splitlines()
+    assert lines[2] == (
+        "| PPO | single proxy | +0.700 [+0.600, +0.800] | 4.00 [4.00, 4.00] | +0.500 [+0.200, +0.800] | "
+        "9.00 [9.00, 9.00] | 0.200 [0.000, 0.400] | 1 of 2 (0) | 0.200 [0.000, 0.400] | 1 of 2 (0) |"
+    )
+    assert lines[6:] == [
+        "| 0 | 70.0 | 75.0 | 85.0 | 84.0 | 83.0 | 90.0 | 0.50 |",
+        "| 1 | 80.0 | 80.0 | 85.0 | 84.0 | 83.0 | 90.0 | 0.50 |",
+    ]
+
+
 # --------------------------------------------------------------------------- the full runs
 
 
@@ -234,3 +306,20 @@ def test_frontier_full(tmp_path):
     assert all(g["gap"] > 0 for g in results["gaps_to_dpo"]["PPO (true reward)"] if g["kl"] > 1)
     best = [p["reward"] for p in results["points"] if p["method"] == "best-of-N"]
     assert best == sorted(best)
+
+
+@pytest.mark.slow
+def test_overoptimization_full(tmp_path):
+    """At seed 0, online DPO on the single proxy overoptimizes it (its true reward falls more than
+    0.1 from its peak) and on the ensemble's min and mean − std it does not, ending higher; every
+    aggregate's best-of-n ends above the single proxy's (measured over seeds 0–4: see
+    docs/experiments.md, where other seeds say otherwise for best-of-n)."""
+    _, run = EXPERIMENTS["overoptimization"]
+    shapes = run(tmp_path, 0, False)["shapes"]
+    single = shapes["online DPO|single proxy"]
+    assert single["overoptimized"] and single["fall"] > 0.2
+    for label in ("ensemble min", "mean − std"):
+        cautious = shapes[f"online DPO|{label}"]
+        assert not cautious["overoptimized"] and cautious["end_true"] > single["end_true"] + 0.3
+    for label in ("ensemble mean", "ensemble min", "mean − std"):
+        assert shapes[f"best-of-n|{label}"]["end_true"] > shapes["best-of-n|single proxy"]["end_true"] + 0.2

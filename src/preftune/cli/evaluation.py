@@ -15,7 +15,7 @@ def _eval(args: argparse.Namespace) -> None:
     from ..evaluation.run import run_eval
     from ..evaluation.settings import EvalSettings
 
-    config = load_run(args, "eval", {"model.name_or_path": args.policy})
+    config = _eval_config(args)
     run_eval(
         config,
         parse_data_specs(args.data),
@@ -31,6 +31,16 @@ def _eval(args: argparse.Namespace) -> None:
         reward_model=args.reward_model,
         reward=args.reward,
     )
+
+
+def _eval_config(args: argparse.Namespace) -> Any:
+    """The config file, then every flag in command-line order (--aggregate and its λ as keys)."""
+    base: dict[str, object] = {"model.name_or_path": args.policy}
+    if args.aggregate:
+        base["reward.aggregate"] = args.aggregate
+    if args.uncertainty_penalty is not None:
+        base["reward.uncertainty_penalty"] = args.uncertainty_penalty
+    return load_run(args, "eval", base)
 
 
 def _experiment(args: argparse.Namespace) -> None:
@@ -79,8 +89,17 @@ def add_evaluation_commands(commands: Any) -> None:
     evaluation.add_argument("--policy", required=True, help="the trained policy (a folder or hub name)")
     evaluation.add_argument("--reference", help="the reference it was trained from (log-ratios, drift, KL)")
     rewards = evaluation.add_mutually_exclusive_group()
-    rewards.add_argument("--reward-model", help="a reward-model folder (rm train's OUTPUT/final)")
+    rewards.add_argument("--reward-model", help="a reward-model or ensemble folder (rm train's OUTPUT/final)")
     rewards.add_argument("--reward", help="a reward function, module:function or file.py:function")
+    evaluation.add_argument(
+        "--aggregate", help="an ensemble's members made one: mean, min, mean_minus_std (reward.aggregate)"
+    )
+    evaluation.add_argument(
+        "--uncertainty-penalty",
+        type=float,
+        metavar="λ",
+        help="λ of mean_minus_std (reward.uncertainty_penalty)",
+    )
     evaluation.add_argument(
         "--data",
         action="append",

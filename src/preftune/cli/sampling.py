@@ -72,7 +72,14 @@ def _sampling_parser(
         parser,
         "--reward",
         key="reward.scorer",
-        help="a reward-model folder, or a function module:function / file.py:function",
+        help="a reward-model or ensemble folder, or a function module:function / file.py:function",
+    )
+    record(
+        parser,
+        "--monitor-reward",
+        key="reward.monitor",
+        metavar="SCORER",
+        help="a second reward that scores the same samples, never trained on: warns on overoptimization",
     )
     record(parser, "--output", key="train.output_dir", help="output folder (train.output_dir)")
     parser.add_argument("--config", help=f"YAML file with model/{sections} sections")

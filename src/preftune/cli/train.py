@@ -8,6 +8,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..generation.aggregate import AGGREGATES
 from .flags import add_foreign_flags, add_key_flags, load_run, record
 from .llamafactory import llamafactory_records
 from .values import positive_int
@@ -46,21 +47,35 @@ def _rm_train(args: argparse.Namespace) -> None:
 
 def _rm_score(args: argparse.Namespace) -> None:
     from ..config import DataConfig
-    from ..generation.scoring import RewardModelScorer, check_scores_output, score_file
+    from ..generation.ensemble import EnsembleScorer, is_ensemble
+    from ..generation.scoring import RewardModelScorer, Scorer, check_scores_output, score_file
     from ..model.load import check_local_path
 
     check_scores_output(Path(args.output), args.data, args.model)
     check_local_path(args.model, "--model")
-    scorer = RewardModelScorer(args.model, batch_size=args.batch_size, progress=True)
+    scorer: Scorer
+    if is_ensemble(args.model):
+        scorer = EnsembleScorer(
+            args.model, args.aggregate, args.uncertainty_penalty, batch_size=args.batch_size, progress=True
+        )
+    else:
+        scorer = RewardModelScorer(args.model, batch_size=args.batch_size, progress=True)
     summary = score_file(scorer, args.data, Path(args.output), DataConfig())
     print(f"scored {summary['records']} records -> {args.output}")
     if summary["accuracy"] is not None:
+        of = f" ({args.aggregate} of {summary['members']} members)" if "members" in summary else ""
         print(
-            f"accuracy (chosen scored above rejected): {summary['accuracy']:.1%} of {summary['pairs']} pairs"
+            f"accuracy (chosen scored above rejected): {summary['accuracy']:.1%} of {summary['pairs']} pairs{of}"
         )
+        for k, accuracy in enumerate(summary.get("member_accuracy", [])):
+            print(f"  member {k:<17} {accuracy:.1%}")
         if set(summary["subsets"]) - {"all"}:
             for name, accuracy in summary["subsets"].items():
                 print(f"  {name:24} {accuracy:.1%}")
+    if summary.get("disagreement") is not None:
+        print(
+            f"members' disagreement (their standard deviation, mean over texts): {summary['disagreement']:.4f}"
+        )
 
 
 def _names(text: str) -> list[str]:
@@ -134,10 +149,28 @@ def add_training_commands(commands: Any, keys_help: str) -> None:
     _training_arguments(
         rm_train, "rm train", "a causal LM (gets a new reward head) or a reward model", with_loss=False
     )
+    record(
+        rm_train,
+        "--ensemble",
+        key="rm.ensemble",
+        metavar="K",
+        help="train K reward models saved as one folder (rm.ensemble)",
+    )
     rm_train.set_defaults(run=_rm_train)
     rm_score = rm_commands.add_parser("score", help="score preference or (prompt, completion) records")
-    rm_score.add_argument("--model", required=True, help="reward-model folder (rm train's OUTPUT/final)")
+    rm_score.add_argument(
+        "--model", required=True, help="reward-model or ensemble folder (rm train's OUTPUT/final)"
+    )
     rm_score.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet records")
     rm_score.add_argument("--output", required=True, help="scores, one JSON object per record")
     rm_score.add_argument("--batch-size", type=positive_int, default=16, help="records per forward pass")
+    rm_score.add_argument(
+        "--aggregate",
+        choices=AGGREGATES,
+        default="mean",
+        help="an ensemble's members made one (default mean)",
+    )
+    rm_score.add_argument(
+        "--uncertainty-penalty", type=float, default=1.0, metavar="λ", help="λ of --aggregate mean_minus_std"
+    )
     rm_score.set_defaults(run=_rm_score)

@@ -18,13 +18,14 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "rm train": ("model", "data", "train", "rm"),
     "online": ("model", "data", "objective", "reference", "train", "rollout", "online", "prompts", "reward"),
     "ppo": ("model", "data", "reference", "train", "rollout", "ppo", "prompts", "reward"),
-    "eval": ("model", "data"),
+    "eval": ("model", "data", "reward"),
     "check-data": ("model", "data", "objective", "rm"),
 }
 """The sections each command reads (the pipeline's stage kinds are these commands)."""
 
 _PAIRS = ("train", "rm train", "eval", "check-data")
 _TRAINED_ON_DATA = ("train", "sft", "rm train", "check-data")
+_SAMPLING = ("online", "ppo")
 KEY_READERS: dict[str, tuple[str, ...]] = {
     "data.path": _TRAINED_ON_DATA,
     "data.split": (*_TRAINED_ON_DATA, "eval"),  # eval reads its sets from this split of a hub dataset
@@ -50,6 +51,15 @@ KEY_READERS: dict[str, tuple[str, ...]] = {
     "data.cache": ("train", "sft", "rm train", "eval"),
     "data.cache_dir": ("train", "sft", "rm train", "eval"),
     "data.num_proc": (*_TRAINED_ON_DATA, "eval"),
+    "rm.ensemble": ("rm train",),
+    "rm.ensemble_kind": ("rm train",),
+    "rm.bootstrap": ("rm train",),
+    # eval takes its reward as --reward-model / --reward; it reads how an ensemble's are aggregated.
+    "reward.scorer": _SAMPLING,
+    "reward.batch_size": _SAMPLING,
+    "reward.monitor": _SAMPLING,
+    "reward.monitor_patience": _SAMPLING,
+    "reward.stop_on_overoptimization": _SAMPLING,
 }
 """Keys of a shared section that only some of the commands reading the section read."""
 

@@ -222,6 +222,17 @@ class RMConfig:
     ``scores``: chosen's score minus rejected's, from ``data.score_fields``."""
     center_rewards_coefficient: float | None = None
     """c in the centering term ``c · mean((r_w + r_l)²)`` (Eisenstein et al. 2023); None: off."""
+    ensemble: int = 1
+    """K > 1: train an ensemble of K reward models, saved as one folder that scores like one model
+    (its members' rewards aggregated by ``reward.aggregate`` where it is used)."""
+    ensemble_kind: Literal["full", "heads", "lora"] = "full"
+    """``full``: K models, trained one after another (K× the time, K× the memory to score);
+    ``heads``: K heads on one shared backbone, trained together (about 1× both, but the heads
+    agree); ``lora``: K LoRA adapters, each with its own head, on one base (K× the time, one
+    model's memory plus K adapters). docs/rm.md compares them."""
+    bootstrap: bool = False
+    """Each member trains on a bootstrap resample of the pairs (drawn with replacement); false: every
+    member sees every pair, and members differ in their seed (a new head, the data order)."""
 
 
 @dataclass
@@ -247,6 +258,19 @@ class RewardConfig:
     timeout: float | None = 600.0
     """Seconds one call of a reward function may take before the run stops naming the function and
     the batch (null: no limit; a reward model's forward is not timed)."""
+    aggregate: Literal["mean", "min", "mean_minus_std"] = "mean"
+    """How a reward with several members (an ensemble folder, a function answering K columns) becomes
+    one: their mean, their minimum (worst case), or mean − λ·std (uncertainty-weighted)."""
+    uncertainty_penalty: float = 1.0
+    """λ of ``aggregate=mean_minus_std``: how many of the members' standard deviations are subtracted."""
+    monitor: str = ""
+    """A second reward (a held-out reward model, another ensemble, or a function) that scores the same
+    samples without being trained on: logged beside the reward, to watch for overoptimization."""
+    monitor_patience: int = 2
+    """N: warn when the reward rose and the monitor fell at each of the last N rounds (online) or logged
+    steps (PPO)."""
+    stop_on_overoptimization: bool = False
+    """On that warning, stop the run; ``final/`` is the policy the monitor scored best."""
 
 
 def check_model(m: ModelConfig) -> None:
@@ -352,6 +376,7 @@ def check_rm(rm: RMConfig) -> None:
     need(
         c is None or (math.isfinite(c) and c >= 0), "rm.center_rewards_coefficient", f"must be >= 0, got {c}"
     )
+    need(rm.ensemble >= 1, "rm.ensemble", f"must be >= 1 (1: one reward model), got {rm.ensemble}")
 
 
 def check_sampling(prompts: PromptsConfig, reward: RewardConfig) -> None:
@@ -363,6 +388,16 @@ def check_sampling(prompts: PromptsConfig, reward: RewardConfig) -> None:
         "reward.timeout",
         f"must be > 0 seconds (or null: no limit), got {timeout}",
     )
+    penalty = reward.uncertainty_penalty
+    need(
+        math.isfinite(penalty) and penalty >= 0, "reward.uncertainty_penalty", f"must be >= 0, got {penalty}"
+    )
+    need(
+        penalty == 1.0 or reward.aggregate == "mean_minus_std",
+        "reward.uncertainty_penalty",
+        f"is read only with reward.aggregate=mean_minus_std (it is {reward.aggregate})",
+    )
+    need(reward.monitor_patience >= 1, "reward.monitor_patience", "must be >= 1")
 
 
 def looks_like_template(value: str) -> bool:

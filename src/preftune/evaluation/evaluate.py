@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..config import DataConfig
 from ..data import PreferenceExample, Text, TokenizedPair, parse_example, prepare_pairs, read_records
 from ..errors import ConfigError, DataError, ModelLoadError
+from ..generation.aggregate import Scores, score_detail
 from ..generation.scoring import Scorer
 from ..losses import PairStats
 from ..model.set_logps import PairLogps, pair_logps
@@ -129,7 +130,7 @@ def set_report(
     pairs: Sequence[TokenizedPair],
     policy: PairLogps,
     reference: PairLogps | None,
-    rewards: tuple[list[float], list[float]] | None,
+    rewards: SetRewards | tuple[list[float], list[float]] | None,
     beta: float,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The set's summary (``eval.json``) and its per-pair rows, from per-pair statistics."""
@@ -141,7 +142,7 @@ def set_report(
         logratio_margin = per_pair["drift/chosen"] - per_pair["drift/rejected"]
     ex_margin = None
     if rewards is not None:
-        chosen_rewards, rejected_rewards = (torch.tensor(r, dtype=torch.float64) for r in rewards)
+        chosen_rewards, rejected_rewards = (torch.tensor(r, dtype=torch.float64) for r in rewards[:2])
         ex_margin = chosen_rewards - rejected_rewards
     summary: dict[str, Any] = {
         "pairs": len(pairs),
@@ -161,6 +162,8 @@ def set_report(
         "mean_edit_distance": None,
         "drift_by_edit_distance": [],
     }
+    if isinstance(rewards, SetRewards) and rewards.members is not None:
+        summary |= rewards.member_figures()
     # Token edit distance between the two completions (Pal et al.: few differing tokens is the
     # case where DPO most often lowers the chosen likelihood).
     distances = [edit_distance(p.chosen_ids, p.rejected_ids) for p in pairs]
@@ -208,15 +211,47 @@ def drift_by_bucket(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- every set
 
 
-def score_sets(scorer: Scorer, sets: Sequence[EvalSet]) -> dict[str, tuple[list[float], list[float]]]:
-    """The explicit reward of every pair's chosen and rejected, per set. Run before any policy
-    forward pass, so a reward function that raises or answers in the wrong shape stops at once."""
+class SetRewards(NamedTuple):
+    """The explicit reward of a set's chosen and rejected completions (an ensemble's aggregate),
+    and with an ensemble each member's (``members[0][i][k]``: chosen of pair i, member k)."""
+
+    chosen: list[float]
+    rejected: list[float]
+    members: tuple[list[list[float]], list[list[float]]] | None = None
+
+    def member_figures(self) -> dict[str, Any]:
+        """Each member's accuracy (chosen above rejected), the weakest and best, and the members'
+        disagreement (their standard deviation, mean over the completions)."""
+        assert self.members is not None
+        chosen, rejected = self.members
+        accuracy = [
+            sum(c[k] > r[k] for c, r in zip(chosen, rejected, strict=True)) / max(len(chosen), 1)
+            for k in range(len(chosen[0]) if chosen else 0)
+        ]
+        return {
+            "ex_rm_member_accuracy": accuracy,
+            "ex_rm_member_accuracy_min": min(accuracy, default=None),
+            "ex_rm_member_accuracy_max": max(accuracy, default=None),
+            "ex_rm_disagreement": Scores([], chosen + rejected).disagreement(),
+        }
+
+
+def score_sets(scorer: Scorer, sets: Sequence[EvalSet]) -> dict[str, SetRewards]:
+    """The explicit reward of every pair's chosen and rejected, per set (an ensemble's aggregate,
+    and its members'). Run before any policy forward pass, so a reward function that raises or
+    answers in the wrong shape stops at once."""
     out = {}
     for eval_set in sets:
         prompts = [e.prompt for e in eval_set.examples]
         completions = [e.chosen for e in eval_set.examples] + [e.rejected for e in eval_set.examples]
-        scores = scorer(prompts + prompts, completions)
-        out[eval_set.name] = scores[: len(prompts)], scores[len(prompts) :]
+        scores = score_detail(scorer, prompts + prompts, completions)
+        n, members = len(prompts), scores.members
+        several = members is not None and bool(members) and len(members[0]) > 1
+        out[eval_set.name] = SetRewards(
+            scores.rewards[:n],
+            scores.rewards[n:],
+            (members[:n], members[n:]) if several and members is not None else None,
+        )
     return out
 
 
@@ -236,7 +271,7 @@ def evaluate(
     scorer: Scorer | None = None,
     settings: EvalSettings | None = None,
     *,
-    rewards: dict[str, tuple[list[float], list[float]]] | None = None,
+    rewards: dict[str, SetRewards] | dict[str, tuple[list[float], list[float]]] | None = None,
     names: dict[str, str | None] | None = None,
 ) -> EvalResult:
     """Every figure of ``preftune eval`` for models already in memory (see the module docstring).

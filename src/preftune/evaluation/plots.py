@@ -146,8 +146,15 @@ def online_plot(rows: Sequence[dict[str, Any]], png: Path) -> bool:
     xs = list(range(len(rows)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     rewards = [row["reward_mean"] for row in rows]
-    left.plot(xs, [math.nan if r is None else r for r in rewards], "o-", color=COLORS[0])
+    left.plot(xs, [math.nan if r is None else r for r in rewards], "o-", color=COLORS[0], label="reward")
     left.set_ylabel("mean reward of the samples")
+    if any(row.get("monitor_mean") is not None for row in rows):  # the monitor, on an axis of its own
+        twin = left.twinx()
+        watched = [row.get("monitor_mean") for row in rows]
+        twin.plot(
+            xs, [math.nan if w is None else w for w in watched], "s--", color=COLORS[2], label="monitor"
+        )
+        twin.set_ylabel("mean monitor reward (not trained on)", color=COLORS[2])
     right.errorbar(
         xs,
         [row["kl_to_initial"] for row in rows],

@@ -25,6 +25,9 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("reference-free accuracy, norm", "dpo_rm_accuracy_ref_free_norm", "{:.1%}"),
     ("EX-RM accuracy", "ex_rm_accuracy", "{:.1%}"),
     ("EX-RM mean margin", "ex_rm_margin", "{:+.3f}"),
+    ("EX-RM accuracy, weakest member", "ex_rm_member_accuracy_min", "{:.1%}"),
+    ("EX-RM accuracy, best member", "ex_rm_member_accuracy_max", "{:.1%}"),
+    ("EX-RM members' disagreement (std)", "ex_rm_disagreement", "{:.3f}"),
     ("avg log-prob ranks chosen 1st, policy", "ranking_consistency_policy", "{:.1%}"),
     ("avg log-prob ranks chosen 1st, reference", "ranking_consistency_reference", "{:.1%}"),
     ("log p(chosen) − ref", "chosen_logp_drift", "{:+.2f}"),
@@ -44,6 +47,8 @@ def _cell(report: dict[str, Any], key: str, fmt: str) -> str | None:
         key = key.removeprefix("samples.")
         if not report:
             return None
+    if key not in report:  # a figure only some rewards have (an ensemble's members)
+        return None
     value = report.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"

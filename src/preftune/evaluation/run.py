@@ -21,6 +21,7 @@ from ..data.outputs import (
     releases_locks,
 )
 from ..errors import ConfigError
+from ..generation.ensemble import EnsembleScorer, is_ensemble
 from ..generation.scoring import RewardModelScorer, Scorer, load_scorer
 from ..model.attention import choose_layout
 from ..model.load import check_local_path, load_model, load_tokenizer
@@ -60,10 +61,13 @@ def run_eval(
         check_tokenizers(tokenizer, load_tokenizer(reference_cfg), reference)
     sets = load_sets(specs, tokenizer, config.data)
     scorer: Scorer | None = None
-    if reward_model:
+    how = {"aggregate": config.reward.aggregate, "uncertainty_penalty": config.reward.uncertainty_penalty}
+    if reward_model and is_ensemble(reward_model):
+        scorer = EnsembleScorer(reward_model, **how, batch_size=settings.batch_size, progress=True)  # type: ignore[arg-type]
+    elif reward_model:
         scorer = RewardModelScorer(reward_model, batch_size=settings.batch_size, progress=True)
     elif reward:
-        scorer = load_scorer(reward)
+        scorer = load_scorer(reward, **how)  # type: ignore[arg-type]
     if settings.samples and not reference:
         raise ConfigError("--samples: the KL estimate and the win rate need a reference (--reference)")
     rewards = score_sets(scorer, sets) if scorer is not None else None

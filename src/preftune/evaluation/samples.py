@@ -4,16 +4,22 @@ samples' rewards and the policy's win rate (``preftune eval --samples``, the exp
 Every sample is drawn at temperature 1 with no top-k, top-p or other warping
 (:func:`preftune.generation.sampling.generate`): a KL estimate or a win rate is a statement about
 the model's distribution, so that is what is sampled.
+
+Best-of-n (:func:`best_of_n`) selects from a pool of samples by a reward (an ensemble by its
+aggregate) and reports the selected samples' reward by that reward and by another (the true one).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from ..data.records import Text
 from ..data.tokenize import TokenizedPair
+from ..generation.aggregate import score_detail
 from ..generation.rollout import eos_ids
 from ..generation.sampling import as_completion, generate
 from ..generation.scoring import Scorer
@@ -84,3 +90,47 @@ def sample_report(
             win_rate_policy_vs_reference=sum(wins) / len(wins),
         )
     return report
+
+
+# --------------------------------------------------------------------------- best-of-n
+
+
+def expected_best_of_n(select: Sequence[float], measure: Sequence[float], n: int) -> float:
+    """E[``measure`` of the sample ``select`` ranks highest among n drawn without replacement from
+    a pool of M], exact: the (i+1)-th lowest by ``select`` is the best of a random n-subset with
+    chance ``C(i, n−1) / C(M, n)`` (ties broken by pool order, the later one ranking higher).
+    With ``measure = select`` it is the expected best reward itself."""
+    order = sorted(range(len(select)), key=lambda i: select[i])
+    total = math.comb(len(select), n)
+    return sum(measure[j] * math.comb(i, n - 1) for i, j in enumerate(order)) / total
+
+
+def best_of_n(
+    scorer: Scorer,
+    prompts: Sequence[Text],
+    pools: Sequence[Sequence[Text]],
+    ns: Sequence[int],
+    measure: Scorer | None = None,
+) -> list[dict[str, Any]]:
+    """Best-of-n selected by ``scorer`` (an ensemble: by its aggregate) from a pool of samples per
+    prompt, for each n: the expected selected reward by the scorer, and by ``measure`` when given
+    (the true reward, a monitor); the KL of best-of-n to the sampling policy is at most
+    ``log n − (n−1)/n`` (Beirami et al. 2024, arXiv 2401.01879), reported as the KL."""
+    flat_prompts = [p for p, pool in zip(prompts, pools, strict=True) for _ in pool]
+    flat = [c for pool in pools for c in pool]
+    selected = score_detail(scorer, flat_prompts, flat)
+    measured = score_detail(measure, flat_prompts, flat).rewards if measure is not None else None
+    points = []
+    for n in ns:
+        by_scorer, by_measure, start = [], [], 0
+        for pool in pools:
+            chosen = selected.rewards[start : start + len(pool)]
+            by_scorer.append(expected_best_of_n(chosen, chosen, n))
+            if measured is not None:
+                by_measure.append(expected_best_of_n(chosen, measured[start : start + len(pool)], n))
+            start += len(pool)
+        point = {"n": n, "kl": math.log(n) - (n - 1) / n, "reward": sum(by_scorer) / len(by_scorer)}
+        if measured is not None:
+            point["measured"] = sum(by_measure) / len(by_measure)
+        points.append(point)
+    return points

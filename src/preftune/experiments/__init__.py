@@ -41,6 +41,11 @@ _EXPERIMENTS = {
         "reward model, same pairs and steps: true reward, win rate and KL spent (Xiong et al. 2024)",
         "online_vs_offline",
     ),
+    "overoptimization": (
+        "best-of-n, online DPO and PPO against one learned proxy reward and against an ensemble's mean, min and "
+        "mean − std: the true reward and the proxy against √KL (Gao et al. 2022; Coste et al. 2023)",
+        "overoptimization",
+    ),
     "ranking-consistency": (
         "after DPO and after SimPO: the share of training and held-out pairs whose chosen has the higher "
         "mean log-prob, and the true reward reached (Meng et al. 2024)",

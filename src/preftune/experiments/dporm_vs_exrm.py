@@ -141,7 +141,7 @@ def _run(lab: Lab) -> dict[str, Any]:
 
     figures: dict[str, dict[str, Any]] = {}
     for name in SETS:
-        ex_margins = [c - r for c, r in zip(*rewards[name], strict=True)]
+        ex_margins = [c - r for c, r in zip(rewards[name].chosen, rewards[name].rejected, strict=True)]
         ex_accuracy = sum(m > 0 for m in ex_margins) / len(ex_margins)
         figures[name] = {
             "pairs": len(ex_margins),

@@ -18,6 +18,7 @@ from ..data import Text
 from ..data.prompts import Prompt
 from ..data.report import shown
 from ..errors import ScorerError
+from .aggregate import Scores, score_detail
 from .rollout import Completion, TransformersRollout, eos_ids
 from .scoring import Scorer, scorer_name
 
@@ -66,32 +67,58 @@ def score_samples(
     scorer: Scorer,
     tokenizer: Any,
     missing_eos_penalty: float | None,
+    monitor: Scorer | None = None,
 ) -> list[dict[str, Any]]:
     """One row per sample: its text and ids, whether it ended with EOS, the scorer's reward and the
-    reward used for pairing (minus the penalty when it did not end; NaN when unscored)."""
+    reward used for pairing (minus the penalty when it did not end; NaN when unscored). A scorer
+    with several members adds each member's score (``member_scores``); a ``monitor`` scores the
+    same texts (``monitor``), for the record only."""
     texts = tokenizer.batch_decode([c.ids for c in completions], skip_special_tokens=True)
     prompt_texts = [prompt.text for prompt in prompts for _ in range(k)]
-    scores = scorer(prompt_texts, [as_completion(p, t) for p, t in zip(prompt_texts, texts, strict=True)])
-    if scores and all(value is None or not math.isfinite(float(value)) for value in scores):
+    shaped = [as_completion(p, t) for p, t in zip(prompt_texts, texts, strict=True)]
+    scores = score_detail(scorer, prompt_texts, shaped)
+    watched = score_detail(monitor, prompt_texts, shaped).rewards if monitor is not None else None
+    rewards = scores.rewards
+    if rewards and all(value is None or not math.isfinite(float(value)) for value in rewards):
         raise ScorerError(
-            f"{scorer_name(scorer)} returned NaN or None (unscored) for every one of the {len(scores)} samples, "
-            f"so no pair can be built; it is the scorer, not the sampling: check it on a completion such as "
-            f"{shown(texts[0], 50)}"
+            f"{scorer_name(scorer)} returned NaN or None (unscored) for every one of the {len(rewards)} "
+            f"samples, so no pair can be built; it is the scorer, not the sampling: check it on a completion "
+            f"such as {shown(texts[0], 50)}"
         )
     rows = []
-    for i, (completion, text, value) in enumerate(zip(completions, texts, scores, strict=True)):
+    for i, (completion, text, value) in enumerate(zip(completions, texts, scores.rewards, strict=True)):
         score = math.nan if value is None else float(value)
         penalty = missing_eos_penalty if missing_eos_penalty and not completion.ended else 0.0
         reward = score - penalty if math.isfinite(score) else None
-        rows.append(
-            {
-                "prompt_index": i // k,
-                "sample": i % k,
-                "completion": text,
-                "completion_ids": completion.ids,
-                "eos": completion.ended,
-                "score": score if math.isfinite(score) else None,
-                "reward": reward,
-            }
-        )
+        row = {
+            "prompt_index": i // k,
+            "sample": i % k,
+            "completion": text,
+            "completion_ids": completion.ids,
+            "eos": completion.ended,
+            "score": score if math.isfinite(score) else None,
+            "reward": reward,
+        }
+        if scores.members is not None and len(scores.members[i]) > 1:
+            row["member_scores"] = [v if math.isfinite(v) else None for v in scores.members[i]]
+        if watched is not None:
+            row["monitor"] = watched[i] if math.isfinite(watched[i]) else None
+        rows.append(row)
     return rows
+
+
+def sample_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The members' disagreement (mean over samples of their standard deviation, and each member's
+    mean score) and the monitor's mean, where the rows hold them."""
+    out: dict[str, Any] = {}
+    members = [row["member_scores"] for row in rows if row.get("member_scores")]
+    if members:
+        scores = Scores(
+            [math.nan] * len(members), [[math.nan if v is None else v for v in m] for m in members]
+        )
+        out["reward_disagreement"] = scores.disagreement()
+        out["reward_members"] = scores.member_means()
+    watched = [row["monitor"] for row in rows if row.get("monitor") is not None]
+    if any("monitor" in row for row in rows):
+        out["monitor_mean"] = sum(watched) / len(watched) if watched else None
+    return out

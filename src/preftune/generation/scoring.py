@@ -10,6 +10,11 @@ own tokenizer and is fed exactly what it was trained on (:func:`preftune.data.se
 the EOS text appended). A function is imported only when named; it is called in batches
 with ``fn(prompts: list[str], completions: list[str]) -> list[float]`` and its answer is
 checked (one finite number per completion).
+
+Several rewards per completion — an ensemble folder (``rm train --ensemble K``,
+:mod:`.ensemble`) or a function answering one row of K numbers per completion — are made into one
+by ``aggregate`` (:mod:`.aggregate`: ``mean``, ``min``, ``mean_minus_std``); such a scorer also
+answers :meth:`detail`, the members' rewards beside the aggregate.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ..data.layouts import pad_rows
 from ..data.outputs import check_not_input, check_output_file
 from ..errors import ModelLoadError, ScorerError
 from ..model.reward_head import sequence_rewards
+from .aggregate import Scores, aggregate_rows, score_detail
 
 DEFAULT_TIMEOUT = 600.0
 """Seconds one call of a reward function may take (``reward.timeout``)."""
@@ -47,8 +53,54 @@ class Scorer(Protocol):
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text]) -> list[float]: ...
 
 
+def load_reward_model_folder(path: str, device: torch.device, outputs: int = 1) -> tuple[Any, Any]:
+    """The tokenizer and the sequence classifier of a reward-model folder with ``outputs`` outputs
+    (1; an ensemble of heads has K), in eval mode on ``device``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    except Exception as err:
+        raise ModelLoadError(f"{path}: could not load a reward model ({err})") from None
+    if model.config.num_labels != outputs:
+        what = "a reward model" if outputs == 1 else f"an ensemble of {outputs} heads"
+        raise ModelLoadError(f"{path}: a classifier with {model.config.num_labels} labels, not {what}")
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(f"{path}: its tokenizer has no eos_token to end completions with")
+    return tokenizer, model.to(device)
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(input_ids [B, T], attention_mask [B, T]) -> rewards [B] or [B, k]."""
+
+
+@torch.no_grad()
+def batched_rewards(
+    rows: list[list[int]], pad_id: int, batch_size: int, forwards: Sequence[Forward], progress: bool = False
+) -> list[list[float]]:
+    """Every row scored by every forward: ``out[i]`` holds row i's rewards, the forwards' outputs
+    side by side. Rows are padded on the right in batches, longest first (an out-of-memory shows at
+    the first batch, not the last); each batch goes through every forward before the next."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out: list[list[float]] = [[] for _ in rows]
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="scoring", disable=None if progress else True, leave=False):
+        chunk = order[start : start + batch_size]
+        input_ids = pad_rows([rows[i] for i in chunk], pad_id)
+        lengths = torch.tensor([len(rows[i]) for i in chunk])
+        mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+        columns = [forward(input_ids, mask).reshape(len(chunk), -1).float().cpu() for forward in forwards]
+        for i, values in zip(chunk, torch.cat(columns, dim=1).tolist(), strict=True):
+            out[i] = values
+    return out
+
+
 class RewardModelScorer:
-    """A reward-model folder (``rm train``'s ``final/`` or any one-output sequence classifier)."""
+    """A reward-model folder (``rm train``'s ``final/`` or any one-output sequence classifier).
+
+    ``outputs``: how many outputs the classifier must have (an ensemble of K heads on one
+    backbone has K, read through :meth:`columns`)."""
 
     def __init__(
         self,
@@ -57,23 +109,11 @@ class RewardModelScorer:
         device: str | torch.device | None = None,
         max_length: int | None = None,
         progress: bool = False,
+        outputs: int = 1,
     ):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         self.name = path
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        except Exception as err:
-            raise ModelLoadError(f"{path}: could not load a reward model ({err})") from None
-        if self.model.config.num_labels != 1:
-            raise ModelLoadError(
-                f"{path}: a classifier with {self.model.config.num_labels} labels, not a reward model"
-            )
-        if self.tokenizer.eos_token is None:
-            raise ModelLoadError(f"{path}: its tokenizer has no eos_token to end completions with")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
+        self.tokenizer, self.model = load_reward_model_folder(path, self.device, outputs)
         self.batch_size = batch_size
         self.max_length = max_length
         self.progress = progress
@@ -89,22 +129,25 @@ class RewardModelScorer:
         # Over the limit keeps the end: the score is read at the last token.
         return ids[-self.max_length :] if self.max_length else ids
 
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[Text], completions: Sequence[Text]) -> list[float]:
+    def forward(self, model: Any) -> Forward:
+        """``model``'s rewards of a padded batch, on this scorer's device."""
+
+        def run(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return sequence_rewards(model, input_ids.to(self.device), mask.to(self.device))
+
+        return run
+
+    def columns(
+        self, prompts: Sequence[Text], completions: Sequence[Text], forwards: Sequence[Forward] | None = None
+    ) -> list[list[float]]:
+        """``[N][outputs]`` every output of the model (or of ``forwards``, each reading the rows
+        this scorer's tokenizer makes) for each completion."""
         rows = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
-        # Longest first: an out-of-memory shows at the first batch, not the last.
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        scores = [0.0] * len(rows)
-        starts = range(0, len(order), self.batch_size)
-        for start in tqdm(starts, desc="scoring", disable=None if self.progress else True, leave=False):
-            chunk = order[start : start + self.batch_size]
-            input_ids = pad_rows([rows[i] for i in chunk], self.pad_id)
-            lengths = torch.tensor([len(rows[i]) for i in chunk])
-            mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-            rewards = sequence_rewards(self.model, input_ids.to(self.device), mask.to(self.device))
-            for i, value in zip(chunk, rewards.tolist(), strict=True):
-                scores[i] = value
-        return scores
+        forwards = forwards or [self.forward(self.model)]
+        return batched_rewards(rows, self.pad_id, self.batch_size, forwards, self.progress)
+
+    def __call__(self, prompts: Sequence[Text], completions: Sequence[Text]) -> list[float]:
+        return [row[0] for row in self.columns(prompts, completions)]
 
 
 class FunctionScorer:
@@ -113,6 +156,8 @@ class FunctionScorer:
     With ``allow_unscored`` (online DPO), ``None`` or NaN marks a completion the function will
     not score (returned as NaN, and left out of the pairs); otherwise every score must be finite.
     A call that has not returned after ``timeout`` seconds (None: no limit) stops the scoring.
+    A function may answer one row of K numbers per completion (a list of lists, or a ``[N, K]``
+    tensor): the rows are members, made into one reward by ``aggregate``.
     """
 
     def __init__(
@@ -121,15 +166,18 @@ class FunctionScorer:
         batch_size: int = 64,
         allow_unscored: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
+        aggregate: str = "mean",
+        uncertainty_penalty: float = 1.0,
     ):
         self.name = spec
         self.fn = import_function(spec)
         self.batch_size = batch_size
         self.allow_unscored = allow_unscored
         self.timeout = timeout
+        self.aggregate, self.uncertainty_penalty = aggregate, uncertainty_penalty
 
-    def __call__(self, prompts: Sequence[Text], completions: Sequence[Text]) -> list[float]:
-        scores: list[float] = []
+    def detail(self, prompts: Sequence[Text], completions: Sequence[Text]) -> Scores:
+        rows: list[list[float]] = []
         total = len(prompts)
         batches = -(-total // self.batch_size)
         for number, start in enumerate(range(0, total, self.batch_size), 1):
@@ -138,8 +186,67 @@ class FunctionScorer:
             end = start + len(batch_prompts) - 1
             batch = f"batch {number} of {batches} (completions {start} to {end} of {total})"
             answer = self._call(batch_prompts, batch_completions, batch)
-            scores += _check_scores(answer, len(batch_prompts), self.name, self.allow_unscored, batch)
-        return scores
+            answered = _check_rows(answer, len(batch_prompts), self.name, self.allow_unscored, batch)
+            if rows and answered and len(answered[0]) != len(rows[0]):
+                raise ScorerError(
+                    f"reward function {self.name} answered {len(rows[0])} columns, then {len(answered[0])} "
+                    f"in {batch}"
+                )
+            rows += answered
+        if rows and len(rows[0]) == 1:
+            return Scores([row[0] for row in rows])
+        return aggregate_rows(rows, self.aggregate, self.uncertainty_penalty)
+
+    def __call__(self, prompts: Sequence[Text], completions: Sequence[Text]) -> list[float]:
+        return self.detail(prompts, completions).rewards
+
+    def _call(self, prompts: list[Text], completions: list[Text], batch: str) -> Any:
+        """The function's answer on one batch, waited for at most ``timeout`` seconds. The call runs
+        in a thread of its own, so that a call that never returns cannot hold the run: past the
+        limit the run stops with a message, and the thread is left to end with the process."""
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                outcome["answer"] = self.fn(prompts, completions)
+            except Exception as err:
+                outcome["error"] = err
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name=f"reward function {self.name}", daemon=True).start()
+        if not done.wait(self.timeout):
+            raise ScorerError(
+                f"reward function {self.name} did not return within reward.timeout={self.timeout:g} seconds on "
+                f"{batch}; raise reward.timeout (null: no limit) if it is slow, or fix it if it hangs"
+            )
+        if "error" in outcome:
+            err = outcome["error"]
+            raise ScorerError(f"reward function {self.name} raised {type(err).__name__}: {err} (on {batch})")
+        return outcome["answer"]
+
+
+def _check_rows(answer: Any, expected: int, name: str, allow_unscored: bool, batch: str) -> list[list[float]]:
+    """A function's answer as ``expected`` rows of numbers: one number each, or K each."""
+    if isinstance(answer, torch.Tensor):
+        answer = answer.detach().tolist()
+    if isinstance(answer, list | tuple) and answer and all(isinstance(v, list | tuple) for v in answer):
+        widths = {len(row) for row in answer}
+        if len(widths) != 1 or 0 in widths:
+            raise ScorerError(
+                f"reward function {name} answered rows of different lengths ({sorted(widths)}) in {batch}"
+            )
+        if len(answer) != expected:
+            raise ScorerError(
+                f"reward function {name} returned {len(answer)} rows for {expected} completions in {batch}"
+            )
+        columns = [
+            _check_scores([row[k] for row in answer], expected, name, allow_unscored, batch)
+            for k in range(widths.pop())
+        ]
+        return [list(row) for row in zip(*columns, strict=True)]
+    return [[value] for value in _check_scores(answer, expected, name, allow_unscored, batch)]
 
     def _call(self, prompts: list[Text], completions: list[Text], batch: str) -> Any:
         """The function's answer on one batch, waited for at most ``timeout`` seconds. The call runs
@@ -293,16 +400,26 @@ def import_function(spec: str) -> Callable[..., Any]:
 
 
 def load_scorer(
-    spec: str, allow_unscored: bool = False, timeout: float | None = DEFAULT_TIMEOUT, **model_options: Any
+    spec: str,
+    allow_unscored: bool = False,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    aggregate: str = "mean",
+    uncertainty_penalty: float = 1.0,
+    **model_options: Any,
 ) -> Scorer:
-    """A reward-model folder (``model_options`` go to :class:`RewardModelScorer`), or a function
-    named ``module:function`` / ``file.py:function`` (called on ``batch_size`` completions at a
-    time, each call given ``timeout`` seconds)."""
+    """A reward-model folder (``model_options`` go to :class:`RewardModelScorer`), an ensemble
+    folder (``rm train --ensemble K``: its members' rewards made into one by ``aggregate``), or a
+    function named ``module:function`` / ``file.py:function`` (called on ``batch_size`` completions
+    at a time, each call given ``timeout`` seconds; several columns: aggregated alike)."""
+    from .ensemble import EnsembleScorer, is_ensemble
+
+    if is_ensemble(spec):
+        return EnsembleScorer(spec, aggregate, uncertainty_penalty, **model_options)
     if Path(spec).is_dir():
         return RewardModelScorer(spec, **model_options)
     if ":" in spec:
         batch_size = model_options.get("batch_size", 64)
-        return FunctionScorer(spec, batch_size, allow_unscored, timeout)
+        return FunctionScorer(spec, batch_size, allow_unscored, timeout, aggregate, uncertainty_penalty)
     raise ScorerError(f"{spec}: not a reward-model folder, nor a function named module:function")
 
 
@@ -323,8 +440,55 @@ def score_file(
 
     Preference records (chosen/rejected) get both scores and whether chosen won; records with
     ``prompt`` and ``completion`` (or ``response``) get one score. A ``subset`` field gives
-    per-subset accuracy, as RewardBench reports it. Returns the summary.
+    per-subset accuracy, as RewardBench reports it. A scorer with several members (an ensemble)
+    also writes each member's scores, and the summary holds each member's accuracy beside the
+    aggregate's. Returns the summary.
     """
+    rows, prompts, completions = _records_to_score(source, data_cfg)
+    scores = score_detail(scorer, prompts, completions)
+    members = scores.members if scores.members and len(scores.members[0]) > 1 else None
+    position = 0
+    summary: dict[str, Any] = {"records": len(rows), "pairs": 0, "accuracy": None, "subsets": {}}
+    subsets: dict[str, list[float]] = {}
+    wins: list[float] = []
+    member_wins: list[list[float]] = []
+    lines = []
+    for row in rows:
+        out: dict[str, Any] = {"index": row["index"]}
+        if row["subset"] is not None:
+            out["subset"] = row["subset"]
+        if row["kind"] == "pair":
+            chosen, rejected = scores.rewards[position], scores.rewards[position + 1]
+            out.update(chosen_score=chosen, rejected_score=rejected, correct=chosen > rejected)
+            wins.append(float(chosen > rejected))
+            subsets.setdefault(str(row["subset"] or "all"), []).append(float(chosen > rejected))
+            if members is not None:
+                a, b = members[position], members[position + 1]
+                out.update(chosen_member_scores=a, rejected_member_scores=b)
+                member_wins.append([float(x > y) for x, y in zip(a, b, strict=True)])
+            position += 2
+        else:
+            out["score"] = scores.rewards[position]
+            if members is not None:
+                out["member_scores"] = members[position]
+            position += 1
+        lines.append(out)
+    write_jsonl(output, lines)  # nothing half-written under the final name
+    if wins:
+        summary.update(pairs=len(wins), accuracy=sum(wins) / len(wins))
+        summary["subsets"] = {name: sum(v) / len(v) for name, v in sorted(subsets.items())}
+    if members is not None:
+        summary["members"] = len(members[0])
+        summary["disagreement"] = scores.disagreement()
+        if member_wins:
+            summary["member_accuracy"] = [
+                sum(column) / len(member_wins) for column in zip(*member_wins, strict=True)
+            ]
+    return summary
+
+
+def _records_to_score(source: Any, data_cfg: Any) -> tuple[list[dict[str, Any]], list[Text], list[Text]]:
+    """Each record's kind (pair or single) and the texts to score, in order."""
     from ..data import parse_example, read_records
 
     rows: list[dict[str, Any]] = []
@@ -354,28 +518,4 @@ def score_file(
             completions.append(record[field])
     if not rows:
         raise ScorerError(f"{source}: no records")
-    scores = scorer(prompts, completions)
-    position = 0
-    summary: dict[str, Any] = {"records": len(rows), "pairs": 0, "accuracy": None, "subsets": {}}
-    subsets: dict[str, list[float]] = {}
-    wins: list[float] = []
-    lines = []
-    for row in rows:
-        out = {"index": row["index"]}
-        if row["subset"] is not None:
-            out["subset"] = row["subset"]
-        if row["kind"] == "pair":
-            chosen, rejected = scores[position], scores[position + 1]
-            position += 2
-            out.update(chosen_score=chosen, rejected_score=rejected, correct=chosen > rejected)
-            wins.append(float(chosen > rejected))
-            subsets.setdefault(str(row["subset"] or "all"), []).append(float(chosen > rejected))
-        else:
-            out["score"] = scores[position]
-            position += 1
-        lines.append(out)
-    write_jsonl(output, lines)  # nothing half-written under the final name
-    if wins:
-        summary.update(pairs=len(wins), accuracy=sum(wins) / len(wins))
-        summary["subsets"] = {name: sum(v) / len(v) for name, v in sorted(subsets.items())}
-    return summary
+    return rows, prompts, completions

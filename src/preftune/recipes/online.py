@@ -10,6 +10,12 @@
     final/      <- the last round's policy, saved as `train` saves it
     rounds.jsonl, online.json, online.png: reward, KL to the initial policy, EOS rate by round
 
+An ensemble reward (``rm train --ensemble K``, or a function answering K columns) is aggregated by
+``reward.aggregate``; each round logs the members' disagreement. A monitor (``reward.monitor``)
+scores the same samples without being trained on: when the reward rises while the monitor falls
+for ``reward.monitor_patience`` rounds the run warns, and with ``reward.stop_on_overoptimization``
+it stops, ``final/`` being the policy the monitor scored best.
+
 Training reads the completions' token ids exactly as they were generated (no decode/encode
 trip). Every file is written whole or not at all; ``--resume`` skips complete rounds, reuses
 a round's saved samples and resumes its training from the round's last checkpoint.
@@ -51,9 +57,10 @@ from ..engine.guard import StopAtOnce
 from ..engine.tracking import config_lines
 from ..errors import ConfigError, DataError
 from ..evaluation.metrics import sampled_kl
+from ..evaluation.monitor import OveroptimizationMonitor
 from ..generation.pair_rules import build_pairs
 from ..generation.rollout import Rollout, eos_ids
-from ..generation.sampling import as_completion, score_samples
+from ..generation.sampling import as_completion, sample_summary, score_samples
 from ..generation.scoring import Scorer, load_scorer, same_scorer, scorer_identity
 from ..generation.vllm_engine import check_engine, rollout_factory
 from ..losses import build_objective
@@ -85,27 +92,27 @@ def train_online(
     scorer: Scorer | None = None,
     rollout_for: RolloutFactory | None = None,
     stop_in_round: tuple[int, int] | None = None,
+    monitor: Scorer | None = None,
 ) -> OnlineResult:
     """``config.online.rounds`` rounds of online DPO from ``config.model`` (or ``model``) on
     ``config.prompts`` (or the records given), scored by ``config.reward`` (or
-    ``scorer``). ``rollout_for(policy)`` gives each round's sampler (default: transformers).
-    ``stop_in_round=(r, k)`` stops round r after k training steps, as if interrupted."""
+    ``scorer``), watched by ``reward.monitor`` (or ``monitor``). ``rollout_for(policy)`` gives
+    each round's sampler (default: transformers). ``stop_in_round=(r, k)`` stops round r after k
+    training steps, as if interrupted."""
     # check
     validate(config)
     check_run(config, prompts is not None, scorer is not None, rollout_for is not None)
     if not held():  # a pipeline stage: the pipeline printed its keys
         print(config_lines(config), flush=True)
+    check_monitor(config, monitor is not None)
 
-    # data: the prompts, and the reward
+    # data: the prompts, the reward and its monitor
     online, cfg = config.online, config.train
     tokenizer = tokenizer_for(config, tokenizer)
     source = prompts if prompts is not None else config.prompts.path
     prompt_rows = read_prompts(source, config.data, config.prompts.split, tokenizer, config.prompts.limit)
     check_room(prompt_rows, config.data, source_name(source))
-    if scorer is None:
-        scorer = load_scorer(
-            config.reward.scorer, True, config.reward.timeout, batch_size=config.reward.batch_size
-        )
+    scorer, monitor = rewards_of(config, scorer, monitor, allow_unscored=True)
     output = Path(cfg.output_dir)
     FolderLock(output, "online", "train.output_dir").acquire()  # until the run ends
     identity = scorer_identity(scorer)
@@ -134,14 +141,20 @@ def train_online(
     )
 
     # loop: each round samples, scores and pairs, then trains on the harness's loop (`train`)
-    run = OnlineRun(config, output, prompt_rows, scorer, tokenizer, initial, model, make_rollout)
+    run = OnlineRun(
+        config, output, prompt_rows, scorer, tokenizer, initial, model, make_rollout, monitor=monitor
+    )
     rows = [row for row in done if row["round"] <= online.rounds]
+    for done_row in rows:  # a resumed run's monitor has seen the rounds done, as an uninterrupted one's had
+        run.watch(done_row, quiet=True)
     each = online.prompts_per_round or len(prompt_rows)
     print(f"online: {each} prompts x {online.samples_per_prompt} samples a round, {online.rounds} rounds")
     # A signal outside a round's training stops the run at once, saying where (inside, the harness
     # finishes the step and checkpoints it).
     with run.stop:
         for r in range(len(rows) + 1, online.rounds + 1):
+            if rows and rows[-1].get("stopped"):
+                break
             stop_after = stop_in_round[1] if stop_in_round and stop_in_round[0] == r else None
             row = run.round(r, stop_after)
             if row is None:  # stopped inside the round, as if interrupted
@@ -149,8 +162,36 @@ def train_online(
             rows.append(row)
             write_jsonl(output / "rounds.jsonl", rows)
 
-        # save: the last round's policy as final/, with its card; the summary
+        # save: the last round's policy (or the monitor's best) as final/, with its card; the summary
         return run.finish(rows)
+
+
+def rewards_of(
+    config: RunConfig, scorer: Scorer | None, monitor: Scorer | None, allow_unscored: bool
+) -> tuple[Scorer, Scorer | None]:
+    """The reward (``reward.scorer``, an ensemble aggregated as ``reward.aggregate``) and its monitor
+    (``reward.monitor``; an ensemble's mean), unless given as objects."""
+    reward = config.reward
+    if scorer is None:
+        scorer = load_scorer(
+            reward.scorer,
+            allow_unscored,
+            reward.timeout,
+            aggregate=reward.aggregate,
+            uncertainty_penalty=reward.uncertainty_penalty,
+            batch_size=reward.batch_size,
+        )
+    if monitor is None and reward.monitor:
+        monitor = load_scorer(reward.monitor, allow_unscored, reward.timeout, batch_size=reward.batch_size)
+    return scorer, monitor
+
+
+def check_monitor(config: RunConfig, has_monitor: bool) -> None:
+    if config.reward.stop_on_overoptimization and not (has_monitor or config.reward.monitor):
+        raise ConfigError(
+            "reward.stop_on_overoptimization: needs a monitor to judge by (--monitor-reward SCORER, "
+            "reward.monitor)"
+        )
 
 
 def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool, has_rollout: bool) -> None:
@@ -191,6 +232,26 @@ class OnlineRun:
     make_rollout: RolloutFactory
     stop: StopAtOnce = field(default_factory=StopAtOnce)
     """Says what a signal interrupted."""
+    monitor: Scorer | None = None
+    watcher: OveroptimizationMonitor | None = None
+
+    def __post_init__(self) -> None:
+        reward = self.config.reward
+        if self.monitor is not None:
+            self.watcher = OveroptimizationMonitor(reward.monitor_patience, reward.stop_on_overoptimization)
+
+    def watch(self, row: dict[str, Any], quiet: bool = False) -> None:
+        """The monitor's verdict on the samples of ``row`` (a round's, or the final policy's), in it."""
+        if self.watcher is None or row.get("monitor_mean") is None or row.get("reward_mean") is None:
+            return
+        verdict = self.watcher.add(
+            row["round"], row["reward_mean"], row["monitor_mean"], row["kl_to_initial"]
+        )
+        row |= verdict.fields()
+        if verdict.overoptimized and not quiet:
+            print(verdict.message, flush=True)
+        if verdict.stop:
+            row["stopped"] = True
 
     def sample_and_measure(
         self, folder: Path, r: int, policy: nn.Module
@@ -199,9 +260,7 @@ class OnlineRun:
         prompts = prompt_slice(self.prompts, r, self.config.online.prompts_per_round)
         final = r > self.config.online.rounds
         self.stop.doing = "the final policy's sampling" if final else f"round {r}'s sampling and scoring"
-        samples = _samples(
-            folder, r, policy, self.make_rollout, prompts, self.config, self.scorer, self.tokenizer
-        )
+        samples = _samples(folder, r, policy, self, prompts)
         self.stop.doing = "the final summary" if final else f"round {r}, after its samples were saved"
         pad, batch_size = self.tokenizer.pad_token_id, self.config.reference.batch_size
         stats = sample_stats(samples, policy, self.initial, prompts, pad, batch_size, r == 1)
@@ -216,6 +275,10 @@ class OnlineRun:
         row: dict[str, Any] = {"round": r, "policy": "initial" if r == 1 else f"after round {r - 1}"}
         (prompts, samples), stats = self.sample_and_measure(round_dir, r, policy)
         row |= stats
+        self.watch(row)
+        if row.get("stopped"):  # the monitor's verdict: this round does not train
+            print(f"round {r}/{online.rounds}: {_describe(row)}", flush=True)
+            return row
         triples, counts = build_pairs(
             [[s["reward"] for s in group] for group in samples],
             [[s["completion_ids"] for s in group] for group in samples],
@@ -266,22 +329,32 @@ class OnlineRun:
         when ``online.final_samples``); ``online.json`` and ``online.png`` summarize the rounds."""
         config, online, output = self.config, self.config.online, self.output
         self.stop.doing = "the final policy's save"
-        # The last round's final/ as saved (a QLoRA run's merged weights, not quantized again).
+        stopped = bool(rows and rows[-1].get("stopped"))
+        trained = len(rows) - stopped  # rounds that trained
+        # The last trained round's final/ as saved (a QLoRA run's merged weights, not quantized again).
         plain = dataclasses.replace(config, model=dataclasses.replace(config.model, load_in_4bit=False))
-        final_policy = _policy_at(online.rounds + 1, self.model, plain, output)
+        final_policy = _policy_at(trained + 1, self.model, plain, output)
         final = None
-        if online.final_samples:
+        if online.final_samples and not stopped:
             final = {"round": "final", "policy": f"after round {online.rounds}"}
             final |= self.sample_and_measure(output / "final-samples", online.rounds + 1, final_policy)[1]
+            self.watch(final)
             print(f"final policy: {_describe(final)}", flush=True)
-        history = read_jsonl(output / f"round-{online.rounds:02d}" / "train" / "metrics.jsonl")
+            stopped = bool(final.get("stopped"))
         card = {
             "kind": "online-dpo",
             "objective": "+".join(config.objective.loss),
-            "rounds": online.rounds,
+            "rounds": trained,
             "reward": config.reward.scorer or getattr(self.scorer, "name", "a scorer object"),
             "pair rule": online.pair_rule,
         }
+        if stopped and self.watcher is not None:  # final/ is the policy the monitor scored best
+            best = self.watcher.best()["at"]
+            final_policy = _policy_at(
+                online.rounds + 1 if best == "final" else best, self.model, config, output
+            )
+            card["stopped"] = f"on overoptimization; the policy of round {best}, best by the monitor"
+        history = read_jsonl(output / f"round-{max(trained, 1):02d}" / "train" / "metrics.jsonl")
         final_dir = save_final(
             output, final_policy, self.tokenizer, model_card(output, config, history, card)
         )
@@ -367,17 +440,11 @@ def _policy_at(r: int, model: nn.Module | None, config: RunConfig, output: Path)
 
 
 def _samples(
-    folder: Path,
-    r: int,
-    policy: nn.Module,
-    make_rollout: RolloutFactory,
-    prompts: list[Prompt],
-    config: RunConfig,
-    scorer: Scorer,
-    tokenizer: Any,
+    folder: Path, r: int, policy: nn.Module, run: OnlineRun, prompts: list[Prompt]
 ) -> list[list[dict[str, Any]]]:
     """K scored completions per prompt, read back from ``samples.jsonl`` when a run being resumed
-    already drew them; else generated, scored, penalized and saved."""
+    already drew them; else generated, scored (and watched by the monitor), penalized and saved."""
+    config = run.config
     path, k = folder / "samples.jsonl", config.online.samples_per_prompt
     if path.exists():
         flat = read_jsonl(path)
@@ -390,10 +457,11 @@ def _samples(
         print(f"round {r}: reusing {len(flat)} saved samples from {path}")
     else:
         ids = [prompt.ids for prompt in prompts for _ in range(k)]
-        completions = make_rollout(policy).generate(
+        completions = run.make_rollout(policy).generate(
             ids, config.rollout, seed=config.train.seed * 1_000 + r, desc=f"round {r}: sampling"
         )
-        flat = score_samples(prompts, k, completions, scorer, tokenizer, config.rollout.missing_eos_penalty)
+        penalty = config.rollout.missing_eos_penalty
+        flat = score_samples(prompts, k, completions, run.scorer, run.tokenizer, penalty, run.monitor)
         write_jsonl(path, flat)
     return [flat[p * k : (p + 1) * k] for p in range(len(prompts))]
 
@@ -431,8 +499,13 @@ def _last_metrics(train_dir: Path) -> dict[str, Any]:
 
 def _describe(row: dict[str, Any]) -> str:
     reward = "—" if row["reward_mean"] is None else f"{row['reward_mean']:.3f} (max {row['reward_max']:.3f})"
+    extra = ""
+    if row.get("reward_disagreement") is not None:
+        extra += f", members' std {row['reward_disagreement']:.3f}"
+    if row.get("monitor_mean") is not None:
+        extra += f", monitor {row['monitor_mean']:.3f}"
     return (
-        f"reward {reward}, EOS {row['eos_rate']:.0%}, {row['completion_tokens']:.1f} tokens, "
+        f"reward {reward}{extra}, EOS {row['eos_rate']:.0%}, {row['completion_tokens']:.1f} tokens, "
         f"KL to initial {row['kl_to_initial']:.2f} nats"
     )
 
@@ -478,4 +551,5 @@ def sample_stats(
         "completion_tokens": sum(len(s["completion_ids"]) for s in flat) / len(flat),
         "kl_to_initial": kl,
         "kl_to_initial_stderr": kl_stderr,
+        **sample_summary(flat),
     }

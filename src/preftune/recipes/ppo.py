@@ -20,12 +20,19 @@ The harness runs the loop (:meth:`Harness.fit`: progress, metrics, signals and t
 checkpoints, ``final/``), as for every recipe; PPO brings its step (:class:`PPOSteps`): a rollout
 phase, then its updates, each through the update every recipe uses (clip, verdict, optimizer step,
 schedule). A checkpoint holds the critic in ``value/`` and β in its trainer state.
+
+With a monitor (``reward.monitor``) every logged row is a point of the overoptimization monitor
+(:mod:`preftune.evaluation.monitor`): the reward, the monitor's reward and the KL, averaged over the
+row's steps. The policy at the end of the row the monitor scores best is kept in
+``best-by-monitor/``; with ``reward.stop_on_overoptimization`` the run stops on the monitor's
+warning and ``final/`` is that policy.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +41,32 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from ..config import RunConfig
+from ..data.files import read_jsonl, write_json
 from ..data.layouts import collate_sequences
 from ..data.outputs import releases_locks
 from ..data.prompts import Prompt, read_prompts
 from ..engine import Harness, Models, StepPlan, TrainResult, Updater, Window, data_stream
+from ..engine.checkpoint import save_final
 from ..errors import ConfigError
+from ..evaluation.monitor import OveroptimizationMonitor
 from ..generation.rollout import eos_ids
-from ..generation.scoring import Scorer, load_scorer
+from ..generation.scoring import Scorer
 from ..generation.vllm_engine import check_engine, rollout_factory
 from ..losses.ppo import KLController, policy_loss, value_loss
 from ..model.load import load_model, prepare_for_training
 from ..model.reference import reference_model, weights_digest
 from ..model.reward_head import token_values
 from .common import tokenizer_for
-from .online import RolloutFactory
+from .online import RolloutFactory, check_monitor, rewards_of
 from .ppo_experience import Experience, PPOModels, build_critic, chunks, collect, policy_tokens, step_seed
 
-CONSOLE = ("objective/scores", "objective/kl", "loss/value_avg")
+CONSOLE = (
+    "objective/scores",
+    "objective/scores_disagreement",  # an ensemble's members' spread; a run with one reward has none
+    "objective/monitor_scores",  # with a monitor
+    "objective/kl",
+    "loss/value_avg",
+)
 GEOMETRY = ("rollouts_per_step", "ppo_epochs", "num_mini_batches")
 """What a resumed run must keep: the data position and the schedule count rollouts and updates."""
 
@@ -65,25 +81,24 @@ def train_ppo(
     scorer: Scorer | None = None,
     rollout_for: RolloutFactory | None = None,
     stop_after: int | None = None,
+    monitor: Scorer | None = None,
 ) -> TrainResult:
     """``config.ppo.steps`` PPO steps from ``config.model`` (or ``model``, trained in place) on
-    ``config.prompts`` (or the records given), rewarded by ``config.reward`` (or ``scorer``).
-    ``rollout_for(policy)`` gives the sampler (default: transformers). ``stop_after`` ends the run
-    after that many steps, as if interrupted."""
+    ``config.prompts`` (or the records given), rewarded by ``config.reward`` (or ``scorer``) and
+    watched by ``reward.monitor`` (or ``monitor``). ``rollout_for(policy)`` gives the sampler
+    (default: transformers). ``stop_after`` ends the run after that many steps, as if interrupted."""
     # check
     harness, ppo = Harness(config, "ppo"), config.ppo
     check_run(config, prompts is not None, scorer is not None)
+    check_monitor(config, monitor is not None)
     if rollout_for is None:
         check_engine(config.rollout)
 
-    # data: the prompts, and the reward
+    # data: the prompts, the reward and its monitor
     tokenizer = tokenizer_for(config, tokenizer)
     source = prompts if prompts is not None else config.prompts.path
     prompt_rows = read_prompts(source, config.data, config.prompts.split, tokenizer, config.prompts.limit)
-    if scorer is None:
-        scorer = load_scorer(
-            config.reward.scorer, timeout=config.reward.timeout, batch_size=config.reward.batch_size
-        )
+    scorer, monitor = rewards_of(config, scorer, monitor, allow_unscored=False)
     harness.decide_start()
 
     # load: the policy, its reference and the critic, both taken before LoRA wraps the policy (with
@@ -109,8 +124,8 @@ def train_ppo(
         f"critic: {critic_source}; reward: {getattr(scorer, 'name', 'a scorer object')}"
     )
 
-    # loop, then final/: the harness
-    parts = PPOModels(policy, critic, reference, make_rollout(policy), scorer, tokenizer)
+    # loop, then final/: the harness (or, stopped by the monitor, the policy it scored best)
+    parts = PPOModels(policy, critic, reference, make_rollout(policy), scorer, tokenizer, monitor)
     card = {
         "kind": "ppo",
         "objective": f"PPO, KL penalty {ppo.kl_estimator} (β = {ppo.kl_coef})",
@@ -122,7 +137,62 @@ def train_ppo(
     # saved at a checkpoint's top and in final/, the critic in value/.
     trained = nn.ModuleDict({"policy": policy, "value": critic})
     models = Models(trained, policy, tokenizer, {"value": critic}, start_digest, card)
-    return harness.fit(models, PPOSteps(config, prompt_rows, parts, harness.accelerator), stop_after)
+    steps = PPOSteps(config, prompt_rows, parts, harness.accelerator)
+    try:
+        result = harness.fit(models, steps, stop_after)
+    except StoppedByMonitor as stop:
+        result = TrainResult(harness.output_dir, stop.step, read_jsonl(harness.output_dir / "metrics.jsonl"))
+    if steps.stopped and steps.watcher is not None:
+        result.final_dir = final_from_best(harness.output_dir, steps.watcher.best(), harness.say)
+    return result
+
+
+class StoppedByMonitor(Exception):
+    """Ends PPO's loop at the start of the step after the monitor's warning (its row is logged)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by the overoptimization monitor after step {step}")
+        self.step = step
+
+
+BEST = "best-by-monitor"
+"""The folder, in the output folder, holding the policy the monitor scored best so far."""
+
+
+def save_best(output: Path, policy: nn.Module, tokenizer: Any, point: dict[str, Any]) -> None:
+    """``OUTPUT/best-by-monitor/``: ``policy`` as ``final/`` saves it (LoRA merged), and the point
+    (``monitor.json``). Replaced whole: a crash leaves the old one or the new one (the harness puts
+    back a ``.old-`` folder and drops a ``.tmp-`` one when the run resumes)."""
+    staging = output / f".tmp-{BEST}"
+    shutil.rmtree(staging, ignore_errors=True)
+    folder = save_final(staging, policy, tokenizer)
+    write_json(folder / "monitor.json", point)
+    target, old = output / BEST, output / f".old-{BEST}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(folder, target)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def final_from_best(output: Path, best: dict[str, Any], say: Any) -> Path:
+    """``final/`` <- ``best-by-monitor/``, with a line in its card saying so."""
+    staging = output / f".tmp-{BEST}-final"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(output / BEST, staging)
+    card = staging / "README.md"
+    note = (
+        f"\nStopped on overoptimization: this is the policy at step {best['at']}, the logged step the "
+        f"monitor scored best ({best['monitor']:+.4f}, KL {best['kl']:.3f} nats).\n"
+    )
+    card.write_text((card.read_text() if card.exists() else "") + note, encoding="utf-8")
+    final, old = output / "final", output / ".old-final"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+    say(f"saved {final} (the policy of step {best['at']}, best by the monitor)")
+    return final
 
 
 def check_run(config: RunConfig, has_prompts: bool, has_scorer: bool) -> None:
@@ -176,12 +246,21 @@ class PPOSteps:
         self.kl_used = ppo.kl_coef
         """β of the last step's rewards (the controller's value has moved on since)."""
         self.stream = data_stream(len(prompts), config.train.seed, config.train.shuffle)
+        reward = config.reward
+        self.watcher = None
+        if models.monitor is not None:
+            self.watcher = OveroptimizationMonitor(
+                reward.monitor_patience, reward.stop_on_overoptimization, "step"
+            )
+        self.last_step, self.stopped = 0, False
+        self.verdict: dict[str, float] = {}
 
     def geometry(self) -> dict[str, int]:
         return {name: getattr(self.config.ppo, name) for name in GEOMETRY}
 
     def state(self) -> dict[str, Any]:
-        return {**self.geometry(), "kl_coef": self.kl_control.value}
+        watched = self.watcher.state() if self.watcher is not None else {}
+        return {**self.geometry(), "kl_coef": self.kl_control.value, **watched}
 
     def start(self, step: int, checkpoint: Path | None, saved: dict[str, Any]) -> None:
         if checkpoint is not None:
@@ -192,12 +271,19 @@ class PPOSteps:
                     "resume with the same ppo.rollouts_per_step, ppo_epochs and num_mini_batches"
                 )
             self.kl_control.value = float(saved["kl_coef"])
+            if self.watcher is not None:
+                self.watcher.restore(saved)
+        elif self.watcher is not None:  # a fresh run: an earlier run's best is not this run's
+            shutil.rmtree(Path(self.config.train.output_dir) / BEST, ignore_errors=True)
         for _ in range(step * self.config.ppo.rollouts_per_step):
             next(self.stream)
 
     def step(self, step: int, module: nn.Module, update: Updater, window: Window) -> None:
         """Collect step ``step``'s experience, make its updates, then move β. (``module`` holds the
         policy and the critic; on PPO's one process it is not wrapped, so they are called directly.)"""
+        if self.stopped:  # the monitor's warning at the last logged row
+            raise StoppedByMonitor(step - 1)
+        self.last_step = step
         rollouts = self.config.ppo.rollouts_per_step
         prompts = [self.prompts[next(self.stream)] for _ in range(rollouts)]
         experience = collect(self.config, step, prompts, self.models, self.kl_control.value, self.accelerator)
@@ -207,10 +293,30 @@ class PPOSteps:
         window.add_step(values | experience.metrics, rollouts, sum(experience.counts))
 
     def summarize(self, means: dict[str, float]) -> dict[str, float]:
+        """A logged row; with a monitor, its verdict on the row (and the best policy kept)."""
+        if self.watcher is not None and "objective/monitor_scores" in means:
+            at = self.last_step
+            verdict = self.watcher.add(
+                at, means["objective/scores"], means["objective/monitor_scores"], means["objective/kl"]
+            )
+            if verdict.is_best:
+                save_best(Path(self.config.train.output_dir), self.models.policy, self.models.tokenizer,
+                          verdict.best)  # fmt: skip
+            if verdict.overoptimized:
+                print(f"step {at}: {verdict.message}", flush=True)
+            self.stopped = verdict.stop
+            self.verdict = {
+                "monitor/overoptimized": float(verdict.overoptimized),
+                "monitor/best_step": float(verdict.best["at"]),
+            }
         return means
 
     def current(self, step: int) -> dict[str, float]:
-        return {"episode": step * self.config.ppo.rollouts_per_step, "objective/kl_coef": self.kl_used}
+        return {
+            "episode": step * self.config.ppo.rollouts_per_step,
+            "objective/kl_coef": self.kl_used,
+            **self.verdict,
+        }
 
     def evaluate(self, module: nn.Module) -> dict[str, float]:
         return {}  # PPO's measure is the reward of its rollouts, logged every step

@@ -24,7 +24,7 @@ from ..data.prompts import Prompt
 from ..data.sft import TokenizedSequence
 from ..errors import ConfigError, ScorerError
 from ..generation.rollout import Rollout
-from ..generation.sampling import score_samples
+from ..generation.sampling import sample_summary, score_samples
 from ..generation.scoring import RewardModelScorer, Scorer
 from ..losses.ppo import explained_variance, gae, kl_penalty, masked_mean, token_rewards, whiten
 from ..model.load import load_reward_model
@@ -104,6 +104,8 @@ class PPOModels:
     sampler: Rollout
     scorer: Scorer
     tokenizer: Any
+    monitor: Scorer | None = None
+    """Scores the same completions for the record (never trained on): the overoptimization monitor."""
 
 
 @torch.no_grad()
@@ -122,7 +124,8 @@ def collect(
     completions = models.sampler.generate(
         [p.ids for p in prompts], config.rollout, seed=step_seed(config.train.seed, step), desc=f"step {step}"
     )
-    scores = score(prompts, completions, models, config.rollout.missing_eos_penalty).to(device)
+    scores, watched = score(prompts, completions, models, config.rollout.missing_eos_penalty)
+    scores = scores.to(device)
     sequences = [
         TokenizedSequence([*p.ids, *c.ids], [0] * len(p.ids) + [1] * len(c.ids), i, p.where)
         for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
@@ -154,16 +157,21 @@ def collect(
         "objective/completion_tokens": counts.float().mean().item(),
         "val/explained_variance": explained_variance(rows["values"], returns, mask),
         "val/mean": masked_mean(rows["values"], mask).item(),
+        **watched,
     }
     return Experience(
         sequences, counts.tolist(), mask, **rows, advantages=advantages, returns=returns, metrics=metrics
     )
 
 
-def score(prompts: list[Prompt], completions: list[Any], models: PPOModels, penalty: float | None) -> Tensor:
-    """``[S]`` each completion's reward, minus ``penalty`` where it did not end with EOS; a
-    completion left unscored stops the run, naming its prompt."""
-    scored = score_samples(prompts, 1, completions, models.scorer, models.tokenizer, penalty)
+def score(
+    prompts: list[Prompt], completions: list[Any], models: PPOModels, penalty: float | None
+) -> tuple[Tensor, dict[str, float]]:
+    """``[S]`` each completion's reward, minus ``penalty`` where it did not end with EOS; and what
+    is logged beside it: the members' disagreement (``objective/scores_disagreement``, an
+    ensemble's) and the monitor's mean reward (``objective/monitor_scores``). A completion left
+    unscored stops the run, naming its prompt."""
+    scored = score_samples(prompts, 1, completions, models.scorer, models.tokenizer, penalty, models.monitor)
     unscored = [prompts[i].where for i, s in enumerate(scored) if s["reward"] is None]
     if unscored:
         raise ScorerError(
@@ -171,7 +179,13 @@ def score(prompts: list[Prompt], completions: list[Any], models: PPOModels, pena
             f"{len(scored)} completions (first: the prompt of {unscored[0]}); PPO needs a reward for every "
             "completion"
         )
-    return torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
+    summary = sample_summary(scored)
+    logged = {
+        "reward_disagreement": "objective/scores_disagreement",
+        "monitor_mean": "objective/monitor_scores",
+    }
+    watched = {name: float(summary[key]) for key, name in logged.items() if summary.get(key) is not None}
+    return torch.tensor([s["reward"] for s in scored], dtype=torch.float32), watched
 
 
 def old_tokens(
@@ -233,7 +247,16 @@ def build_critic(
         choice = "reward" if usable else "policy"
     if choice == "reward":
         if reward_model is None:
-            raise ConfigError("ppo.value_model: 'reward' needs reward.scorer to be a reward-model folder")
+            several = getattr(scorer, "members", None)
+            raise ConfigError(
+                "ppo.value_model: 'reward' needs reward.scorer to be a reward-model folder"
+                + (
+                    f"; {scorer.name} is an ensemble of {len(several)}, no one model to copy: use "
+                    "ppo.value_model=policy or a reward-model folder (a member of a full ensemble is one)"
+                    if several
+                    else ""
+                )
+            )
         if not same_vocabulary(reward_model.tokenizer, tokenizer):
             raise ConfigError(
                 f"ppo.value_model: the reward model {reward_model.name} reads another vocabulary than the "

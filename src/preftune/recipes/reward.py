@@ -14,12 +14,14 @@ Metrics carry TRL's ``RewardTrainer`` names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RunConfig
+from ..data import TokenizedPair
 from ..data.layouts import Batch
 from ..data.outputs import releases_locks
 from ..data.packing import collate_for
@@ -62,7 +64,15 @@ def train_reward_model(
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train a reward model on ``config.data`` (or the records given); ``final/`` loads with
-    ``AutoModelForSequenceClassification`` and scores with ``preftune rm score``."""
+    ``AutoModelForSequenceClassification`` and scores with ``preftune rm score``. With
+    ``rm.ensemble`` K > 1, an ensemble of K (:mod:`.reward_ensemble`), scored as one."""
+    if config.rm.ensemble > 1:
+        from .reward_ensemble import train_reward_ensemble
+
+        return train_reward_ensemble(
+            config, model=model, tokenizer=tokenizer, train_data=train_data, eval_data=eval_data,
+            stop_after=stop_after,
+        )  # fmt: skip
     # check
     harness = Harness(config, "rm")
 
@@ -74,26 +84,39 @@ def train_reward_model(
     # load
     if model is None:
         model = load_reward_model(config.model, tokenizer.pad_token_id, harness.say)
+
+    # loop, then final/: the harness
+    result, _ = fit_reward_model(harness, model, tokenizer, pairs, eval_pairs, stop_after)
+    result.data_report = report
+    return result
+
+
+def fit_reward_model(
+    harness: Harness,
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[TokenizedPair],
+    eval_pairs: Sequence[TokenizedPair],
+    stop_after: int | None = None,
+    loss: LossFn | None = None,
+    card: dict[str, Any] | None = None,
+) -> tuple[TrainResult, nn.Module]:
+    """The harness's loop on ``pairs`` for ``model`` (LoRA applied as the config says); returns
+    the result and the model as trained (a LoRA model keeps its adapters). ``loss``: the
+    Bradley–Terry loss by default; ``card``: lines of the model card beyond the objective's."""
+    config = harness.config
     model = prepare_for_training(model, config.model, task_type="SEQ_CLS")
     centering = config.rm.center_rewards_coefficient
     harness.say(f"reward model: Bradley–Terry{f', centering c={centering}' if centering else ''}")
     layout = layout_for(harness, model)
-
-    # loop, then final/: the harness
     task = Task(
         examples=pairs,
         collate=collate_for(layout, tokenizer.pad_token_id, config.data.pack_tokens),
-        loss=bradley_terry_loss(centering),
+        loss=loss or bradley_terry_loss(centering),
         eval_examples=eval_pairs,
         console=("loss", "accuracy", "margin"),
     )
-    models = Models(
-        RewardModule(model),
-        model,
-        tokenizer,
-        start_digest=weights_digest(model),
-        card={"kind": "reward-model", "objective": "Bradley–Terry", "centering": centering},
-    )
-    result = harness.fit(models, ExampleSteps(task, harness.accelerator, config.train), stop_after)
-    result.data_report = report
-    return result
+    lines = {"kind": "reward-model", "objective": "Bradley–Terry", "centering": centering} | (card or {})
+    models = Models(RewardModule(model), model, tokenizer, start_digest=weights_digest(model), card=lines)
+    steps = ExampleSteps(task, harness.accelerator, config.train)
+    return harness.fit(models, steps, stop_after), model
