@@ -185,7 +185,7 @@ def test_ppo_stops_on_overoptimization_keeping_the_policy_of_the_step_the_monito
     )
     assert result.steps == 4 and [row["step"] for row in result.history] == [1, 2, 3, 4]
     out = tmp_path / "ppo"
-    best = load_file(out / "checkpoint-0000002" / "model.safetensors")  # the policy after step 2
+    best = load_file(out / "checkpoint-2" / "model.safetensors")  # the policy after step 2
     final = load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(best[k], final[k]) for k in best)
     assert json.loads((out / "best-by-monitor" / "monitor.json").read_text())["at"] == 2
