@@ -117,7 +117,7 @@ def score_child(work: Path, size: str, kind: str) -> dict[str, object]:
     from preftune.evaluation.samples import best_of_n
     from preftune.experiments.synthetic import true_reward
     from preftune.generation.aggregate import AGGREGATES, aggregate_rows
-    from preftune.generation.scoring import load_scorer
+    from preftune.generation.rewards import load_scorer
 
     data = json.loads((work / "data.json").read_text())
     final = str(work / f"{size}-{kind.replace('/', '-')}" / "final")

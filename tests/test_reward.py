@@ -14,7 +14,8 @@ from preftune.data import prepare_pairs
 from preftune.data.layouts import collate_pairs
 from preftune.errors import DataError, ScorerError
 from preftune.experiments.synthetic import SentimentTask, build_tokenizer, tiny_llama, tiny_reward_model
-from preftune.generation.scoring import FunctionScorer, RewardModelScorer, load_scorer
+from preftune.generation.rewards import load_scorer
+from preftune.generation.scoring import FunctionScorer, RewardModelScorer
 from preftune.model.reward_head import sequence_rewards
 from preftune.recipes.common import load_pairs
 from preftune.recipes.reward import bradley_terry_loss, train_reward_model

@@ -20,7 +20,8 @@ from preftune.experiments.common import one_thread
 from preftune.experiments.synthetic import tiny_reward_model
 from preftune.generation.aggregate import Scores, aggregate_row, aggregate_rows
 from preftune.generation.ensemble import EnsembleScorer, read_manifest
-from preftune.generation.scoring import FunctionScorer, RewardModelScorer, load_scorer
+from preftune.generation.rewards import load_scorer
+from preftune.generation.scoring import FunctionScorer, RewardModelScorer
 from preftune.recipes.reward import train_reward_model
 from preftune.recipes.reward_ensemble import bootstrap_weights, ensemble_loss, resample
 

@@ -42,7 +42,7 @@ _EXPORTS = {
     "train_online": "recipes.online",
     "train_ppo": "recipes.ppo",
     "run_eval": "evaluation.run",
-    "load_scorer": "generation.scoring",
+    "load_scorer": "generation.rewards",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -280,7 +280,7 @@ def scorer_figures(
     source: Any, config: RunConfig, sample: Sequence[TokenizedPair], options: ReportOptions
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The reward model's agreement with the labels of the sample."""
-    from ..generation.scoring import load_scorer
+    from ..generation.rewards import load_scorer
 
     assert options.reward is not None
     scorer = load_scorer(options.reward, device=device(), batch_size=options.batch_size)

@@ -22,7 +22,8 @@ from ..data.outputs import (
 )
 from ..errors import ConfigError
 from ..generation.ensemble import EnsembleScorer, is_ensemble
-from ..generation.scoring import RewardModelScorer, Scorer, load_scorer
+from ..generation.rewards import load_scorer
+from ..generation.scoring import RewardModelScorer, Scorer
 from ..model.attention import choose_layout
 from ..model.load import check_local_path, load_model, load_tokenizer
 from .evaluate import check_tokenizers, evaluate, load_sets, score_sets

@@ -34,9 +34,9 @@ from ..data import Text
 from ..evaluation.plots import frontier_plot
 from ..evaluation.samples import sample_report
 from ..evaluation.settings import EvalSettings
+from ..generation.rewards import load_scorer
 from ..generation.rollout import eos_ids
 from ..generation.sampling import generate
-from ..generation.scoring import load_scorer
 from ..model.load import load_model
 from ..recipes.online import train_online
 from ..recipes.ppo import train_ppo

@@ -1,6 +1,6 @@
 """The reward interface: a scorer maps (prompt, completion) texts to rewards.
 
-    scorer = load_scorer("runs/rm/final")            # a reward-model folder
+    scorer = load_scorer("runs/rm/final")            # (preftune.generation.rewards) a reward-model folder
     scorer = load_scorer("my_rewards:length_penalty")  # a Python function, named explicitly
     scorer = load_scorer("path/to/rewards.py:score")
     rewards = scorer(prompts, completions)           # list[float], one per completion
@@ -397,30 +397,6 @@ def import_function(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ScorerError(f"{spec}: {module_name} has no function '{attribute}'")
     return fn
-
-
-def load_scorer(
-    spec: str,
-    allow_unscored: bool = False,
-    timeout: float | None = DEFAULT_TIMEOUT,
-    aggregate: str = "mean",
-    uncertainty_penalty: float = 1.0,
-    **model_options: Any,
-) -> Scorer:
-    """A reward-model folder (``model_options`` go to :class:`RewardModelScorer`), an ensemble
-    folder (``rm train --ensemble K``: its members' rewards made into one by ``aggregate``), or a
-    function named ``module:function`` / ``file.py:function`` (called on ``batch_size`` completions
-    at a time, each call given ``timeout`` seconds; several columns: aggregated alike)."""
-    from .ensemble import EnsembleScorer, is_ensemble
-
-    if is_ensemble(spec):
-        return EnsembleScorer(spec, aggregate, uncertainty_penalty, **model_options)
-    if Path(spec).is_dir():
-        return RewardModelScorer(spec, **model_options)
-    if ":" in spec:
-        batch_size = model_options.get("batch_size", 64)
-        return FunctionScorer(spec, batch_size, allow_unscored, timeout, aggregate, uncertainty_penalty)
-    raise ScorerError(f"{spec}: not a reward-model folder, nor a function named module:function")
 
 
 # --------------------------------------------------------------------------- preftune rm score

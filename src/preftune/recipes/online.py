@@ -59,9 +59,10 @@ from ..errors import ConfigError, DataError
 from ..evaluation.metrics import sampled_kl
 from ..evaluation.monitor import OveroptimizationMonitor
 from ..generation.pair_rules import build_pairs
+from ..generation.rewards import load_scorer
 from ..generation.rollout import Rollout, eos_ids
 from ..generation.sampling import as_completion, sample_summary, score_samples
-from ..generation.scoring import Scorer, load_scorer, same_scorer, scorer_identity
+from ..generation.scoring import Scorer, same_scorer, scorer_identity
 from ..generation.vllm_engine import check_engine, rollout_factory
 from ..losses import build_objective
 from ..model.load import freeze, load_model
@@ -121,17 +122,8 @@ def train_online(
     write_json(output / SCORER_FILE, identity)
     (output / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
-    # load: the initial policy stays in memory, frozen: KL to it each round, and the reference of
-    # reference=initial (quantized as reference.quantize says). A model object is copied before the
-    # first round trains it.
-    if config.reference.quantize != "none":
-        initial = (
-            live_copy(config, model)
-            if model is not None
-            else freeze(load_model(config.model, None, config.reference.quantize))
-        )
-    else:
-        initial = freeze(load_model(config.model) if model is None else copy.deepcopy(model))
+    # load: the initial policy stays in memory, frozen
+    initial = _initial_policy(config, model)
     make_rollout = rollout_for or rollout_factory(
         config.rollout,
         config.model.name_or_path,
@@ -164,6 +156,16 @@ def train_online(
 
         # save: the last round's policy (or the monitor's best) as final/, with its card; the summary
         return run.finish(rows)
+
+
+def _initial_policy(config: RunConfig, model: nn.Module | None) -> nn.Module:
+    """The initial policy, frozen: KL to it each round, and the reference of reference=initial
+    (quantized as reference.quantize says). A model object is copied before the first round trains it."""
+    if config.reference.quantize != "none":
+        if model is not None:
+            return live_copy(config, model)
+        return freeze(load_model(config.model, None, config.reference.quantize))
+    return freeze(load_model(config.model) if model is None else copy.deepcopy(model))
 
 
 def rewards_of(

@@ -42,7 +42,7 @@ from ..generation.scoring import batched_rewards
 from ..model.load import load_reward_model
 from ..model.reward_head import reward_parts
 from .common import load_pairs, tokenizer_for
-from .reward import fit_reward_model
+from .reward_fit import fit_reward_model
 
 
 def train_reward_ensemble(
