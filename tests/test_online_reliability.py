@@ -178,11 +178,11 @@ def test_a_round_whose_every_pair_is_dropped_stops_naming_the_cause_and_the_prom
         ("12", "got str"),
         ((x for x in (1.0, 2.0)), "got generator"),
         (["1.0", "2.0"], "returned str '1.0' at position 0 on batch 1 of 1"),
-        ([[1.0, 2.0], [3.0, 4.0]], "returned list [1.0, 2.0] at position 0"),
         (np.ones((2, 2)), "returned an array of shape (2, 2) on batch 1 of 1"),
         ([1.0], "returned 1 scores for 2 completions on batch 1 of 1"),
     ],
-    ids=["dict", "set", "text", "generator", "strings", "two-columns", "array-two-columns", "too-few"],
+    # (a list of K-number rows is an ensemble's answer, aggregated: tests/test_reward_ensemble.py)
+    ids=["dict", "set", "text", "generator", "strings", "array-two-columns", "too-few"],
 )
 def test_a_reward_that_is_not_one_number_per_completion_is_refused_naming_the_function(
     monkeypatch, answer, message
