@@ -111,6 +111,7 @@ def test_kto_gathers_its_kl_estimate_across_processes(tmp_path):
     assert [h["step"] for h in ddp if "eval_loss" in h] == [2, 4]
 
 
+@pytest.mark.slow  # a 2-process launch (18 s on 2 cores)
 def test_two_processes_share_the_precomputed_reference_and_equal_one_process(tmp_path, tokenizer):
     _launch([*TORCHRUN, str(HERE / "distributed_reference.py"), str(tmp_path)], tmp_path)
     reports = [json.loads((tmp_path / f"report-rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -157,6 +158,7 @@ def test_a_finished_cli_run_ends_its_process_group_and_exits_0_on_every_process(
     assert (tmp_path / "out" / "final" / "config.json").is_file()
 
 
+@pytest.mark.slow  # a 2-process launch (22 s on 2 cores)
 def test_a_process_that_fails_ends_the_run_with_its_error_in_the_launchers_summary(tmp_path, tokenizer):
     # Rank 0 waits in a collective for the failed rank: gloo sees the peer gone, the launcher
     # ends the group. A hang would hit the timeout and fail the test.
