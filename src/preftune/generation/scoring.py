@@ -248,32 +248,6 @@ def _check_rows(answer: Any, expected: int, name: str, allow_unscored: bool, bat
         return [list(row) for row in zip(*columns, strict=True)]
     return [[value] for value in _check_scores(answer, expected, name, allow_unscored, batch)]
 
-    def _call(self, prompts: list[Text], completions: list[Text], batch: str) -> Any:
-        """The function's answer on one batch, waited for at most ``timeout`` seconds. The call runs
-        in a thread of its own, so that a call that never returns cannot hold the run: past the
-        limit the run stops with a message, and the thread is left to end with the process."""
-        outcome: dict[str, Any] = {}
-        done = threading.Event()
-
-        def call() -> None:
-            try:
-                outcome["answer"] = self.fn(prompts, completions)
-            except Exception as err:
-                outcome["error"] = err
-            finally:
-                done.set()
-
-        threading.Thread(target=call, name=f"reward function {self.name}", daemon=True).start()
-        if not done.wait(self.timeout):
-            raise ScorerError(
-                f"reward function {self.name} did not return within reward.timeout={self.timeout:g} seconds on "
-                f"{batch}; raise reward.timeout (null: no limit) if it is slow, or fix it if it hangs"
-            )
-        if "error" in outcome:
-            err = outcome["error"]
-            raise ScorerError(f"reward function {self.name} raised {type(err).__name__}: {err} (on {batch})")
-        return outcome["answer"]
-
 
 def _check_scores(
     answer: Any, expected: int, name: str, allow_unscored: bool = False, batch: str = "a batch"
