@@ -126,6 +126,15 @@ def test_a_mistyped_flag_gets_a_did_you_mean(capsys):
     assert "(did you mean --train.learning_rate?)" in capsys.readouterr().err
 
 
+def test_another_commands_flag_is_named_as_not_this_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["check-data", "--data", "pairs.jsonl"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --data (check-data has no --data: preftune check-data --help" in err
+    assert "did you mean" not in err
+
+
 def test_a_flag_is_never_abbreviated(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--train.learning", "1e-6"])

@@ -81,10 +81,12 @@ def test_a_complete_stage_is_skipped_and_a_changed_one_reruns_with_what_follows(
     ]  # `more` reads dpo's final
 
 
-def test_only_and_from_select_stages(tmp_path, inputs):
+def test_only_and_from_select_stages_and_run_them_again_even_when_complete(tmp_path, inputs):
     path = _pipeline(tmp_path, inputs, _stages(inputs))
     assert [r["status"] for r in run_pipeline(path, only="rm")["stages"]] == ["ran", "not run", "not run"]
     assert [r["status"] for r in run_pipeline(path, start="dpo")["stages"]] == ["skipped", "ran", "ran"]
+    assert [r["status"] for r in run_pipeline(path, start="dpo")["stages"]] == ["skipped", "ran", "ran"]
+    assert [r["status"] for r in run_pipeline(path, only="rm")["stages"]] == ["ran", "skipped", "skipped"]
 
 
 def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path, inputs, monkeypatch, capsys):

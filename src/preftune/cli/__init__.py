@@ -30,13 +30,34 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+        self.argv: list[str] = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments: "):
             flag = message.removeprefix("unrecognized arguments: ").split()[0].split("=")[0]
-            close = difflib.get_close_matches(flag, _option_strings(self), n=1)
-            message += f" (did you mean {close[0]}?)" if close else ""
+            command, parser = _command(self, self.argv)
+            close = difflib.get_close_matches(flag, _option_strings(parser), n=1)
+            if command and flag in _option_strings(self):
+                # Another command's flag (check-data takes its file as an argument, not --data).
+                message += f" ({command} has no {flag}: preftune {command} --help lists its arguments)"
+            elif close:
+                message += f" (did you mean {close[0]}?)"
         super().error(message)
+
+
+def _command(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, argparse.ArgumentParser]:
+    """The (sub)command ``argv`` names and its parser; the parser itself when it names none."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for word in argv:
+                if word in action.choices:
+                    name, sub = _command(action.choices[word], argv[argv.index(word) + 1 :])
+                    return f"{word} {name}".strip(), sub
+    return "", parser
 
 
 def _option_strings(parser: argparse.ArgumentParser) -> list[str]:

@@ -41,6 +41,7 @@ def _check_data(args: argparse.Namespace) -> None:
 def _check_pairs(args: argparse.Namespace) -> None:
     from ..data import scan
     from ..data.prepare import finish_pairs
+    from ..data.report import windowed_line
     from ..losses import is_unpaired
     from ..model.load import load_tokenizer
 
@@ -65,6 +66,8 @@ def _check_pairs(args: argparse.Namespace) -> None:
             f"at {limits}: {report.prompt_truncated} prompts truncated, {report.completion_truncated} pairs' "
             f"completions truncated, {report.dropped_overlong_prompt} pairs dropped"
         )
+        if report.windowed:
+            print(windowed_line(report.windowed, "pairs"))
     elif tokenizer is None:
         print("token lengths: give --model (a tokenizer) to see them and what the limits would cut")
     print(f"chosen identical to rejected: {report.identical}")
@@ -241,8 +244,10 @@ def add_data_commands(commands: Any, keys_help: str) -> None:
     pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
     pipeline_run = pipeline_commands.add_parser("run", help="run the stages in order, skipping complete ones")
     pipeline_run.add_argument("file", help="pipeline YAML: output, and stages with their config sections")
-    pipeline_run.add_argument("--from", dest="start", metavar="STAGE", help="rerun from this stage on")
-    pipeline_run.add_argument("--only", metavar="STAGE", help="run only this stage")
+    pipeline_run.add_argument(
+        "--from", dest="start", metavar="STAGE", help="run it and later ones, even if complete"
+    )
+    pipeline_run.add_argument("--only", metavar="STAGE", help="run only this stage, even if complete")
     pipeline_run.set_defaults(run=_pipeline)
 
     task = commands.add_parser(

@@ -43,7 +43,7 @@ from .report import load_report, save_report
 from .scan import Progress, Sink, caught_warnings
 from .store import CorruptStore, Examples, Store, Writer
 
-VERSION = 1
+VERSION = 2
 """preftune's tokenization: raised whenever a change to the data rules or to how ids are made
 would make an earlier store wrong, so that every earlier store is left unused."""
 

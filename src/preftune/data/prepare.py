@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
+from . import window
 from .cache import TMP, Collected, Job, processes, tokenized
 from .readers import Source
 from .records import NoPreference, PreferenceExample, is_empty, parse_example
@@ -101,20 +102,25 @@ def _eos_only(value: Any) -> Any:
 def _tokenized(
     encoder: Encoder, example: PreferenceExample, index: int, cfg: DataConfig, report: DataReport
 ) -> TokenizedPair | None:
-    prompt_ids, (chosen_ids, rejected_ids) = encoder.completions(
+    prompt_ids, (chosen_ids, rejected_ids), windowed = window.completions(
+        encoder,
         example.prompt,
         [example.chosen, example.rejected],
         example.template_kwargs,
         example.where,
         example.fields,
+        window.pair_judge,
     )
     if not chosen_ids or not rejected_ids:
         field_name = example.fields[0] if not chosen_ids else example.fields[1]
         raise DataError(f"{example.where}: field '{field_name}' tokenizes to no completion token")
-    if chosen_ids == rejected_ids and not example.identical and not _identical_tokens(example, cfg, report):
+    report.windowed += windowed
+    # Windows of two different answers may start alike: only whole answers are compared.
+    same = chosen_ids == rejected_ids and not example.identical and not windowed
+    if same and not _identical_tokens(example, cfg, report):
         return None
     pair = TokenizedPair(prompt_ids, chosen_ids, rejected_ids, index, example.where, example.margin)
-    return measure_and_truncate(pair, cfg, report)
+    return measure_and_truncate(pair, cfg, report, windowed)
 
 
 def _identical_tokens(example: PreferenceExample, cfg: DataConfig, report: DataReport) -> bool:
@@ -136,13 +142,16 @@ def _identical_tokens(example: PreferenceExample, cfg: DataConfig, report: DataR
     return True
 
 
-def measure_and_truncate(pair: TokenizedPair, cfg: DataConfig, report: DataReport) -> TokenizedPair | None:
-    """Count the pair's token lengths as in the data, then apply the truncation policy."""
+def measure_and_truncate(
+    pair: TokenizedPair, cfg: DataConfig, report: DataReport, windowed: bool = False
+) -> TokenizedPair | None:
+    """Count the pair's token lengths as in the data (``windowed``: as far as they were tokenized),
+    then apply the truncation policy."""
     report.prompt_lengths.append(len(pair.prompt_ids))
     report.chosen_lengths.append(len(pair.chosen_ids))
     report.rejected_lengths.append(len(pair.rejected_ids))
     report.completion_lengths.append(max(len(pair.chosen_ids), len(pair.rejected_ids)))
-    return truncate(pair, cfg, report)
+    return truncate(pair, cfg, report, windowed)
 
 
 def check_margin_field(cfg: DataConfig, margin_field: str | None) -> None:

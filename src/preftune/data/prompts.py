@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import DataError
+from . import window
 from .records import Text, check_text, check_turns, is_empty, template_kwargs
 from .report import Findings
 from .scan import Scan
@@ -56,9 +57,7 @@ def read_prompts(
             raise DataError(f"{where}: field '{cfg.prompt_field}' is empty")
         check_turns(text, cfg.prompt_field, {}, where)
         kwargs = template_kwargs(record, where)
-        ids = encoder.prompt_ids(text, kwargs, where, cfg.prompt_field)
-        if cfg.max_prompt_length is not None and len(ids) > cfg.max_prompt_length:
-            ids = ids[len(ids) - cfg.max_prompt_length :]
+        ids = window.prompt(encoder, text, kwargs, where)
         prompts.append(Prompt(text, ids, where, kwargs))
 
     with contextlib.suppress(_Enough):

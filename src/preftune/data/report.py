@@ -222,6 +222,9 @@ class DataReport:
     dropped_overlong_prompt: int = 0
     dropped_identical: int = 0
     identical: int = 0
+    windowed: int = 0
+    """Records with a text so long that only the part truncation keeps was tokenized
+    (:mod:`.window`); their lengths below count that part."""
     prompt_truncated: int = 0
     completion_truncated: int = 0
     prompt_lengths: Lengths = field(default_factory=Lengths, repr=False)
@@ -275,7 +278,19 @@ def truncation_lines(report: DataReport, completions: str, items: str) -> list[s
         )
     if report.dropped_overlong_prompt:
         lines.append(f"dropped: {report.dropped_overlong_prompt} {items} whose prompt fills max_length")
+    if report.windowed:
+        lines.append(windowed_line(report.windowed, items))
     return lines
+
+
+def windowed_line(count: int, items: str) -> str:
+    """``items`` is a plural (pairs, examples, records)."""
+    one = count == 1
+    return (
+        f"long texts: {count} {items[:-1] if one else items} {'holds' if one else 'hold'} a text too long to "
+        f"tokenize whole; only the part data.max_length keeps was tokenized ({'its' if one else 'their'} "
+        "token counts above count that part)"
+    )
 
 
 def spread(lengths: Lengths) -> str:

@@ -27,10 +27,11 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError
+from . import window
 from .cache import Job, processes, tokenized
 from .readers import Source
-from .records import Text, check_string, check_text, check_turns, is_empty, template_kwargs
-from .report import Findings, Lengths, p95
+from .records import Message, Text, check_string, check_text, check_turns, is_empty, template_kwargs
+from .report import Findings, Lengths, p95, windowed_line
 from .scan import (
     Chunk,
     ChunkResult,
@@ -69,6 +70,7 @@ class SFTReport:
     kept: int = 0
     truncated: int = 0
     dropped_no_loss: int = 0
+    windowed: int = 0
     lengths: Lengths = field(default_factory=Lengths, repr=False)
     loss_tokens: Lengths = field(default_factory=Lengths, repr=False)
     findings: Findings = field(default_factory=Findings, repr=False)
@@ -84,6 +86,8 @@ class SFTReport:
         )
         if self.truncated or self.dropped_no_loss:
             line += f"\ntruncated: {self.truncated} (kept their start); dropped: {self.dropped_no_loss} with no loss token left"
+        if self.windowed:
+            line += "\n" + windowed_line(self.windowed, "records")
         return "\n".join([line, *self.findings.lines(), *([self.cache] if self.cache else [])])
 
 
@@ -94,10 +98,14 @@ def tokenize_sft(
     cfg: DataConfig,
     completion_only: bool,
     encoder: Encoder | None = None,
+    report: SFTReport | None = None,
 ) -> tuple[list[int], list[int]] | None:
     """``(input_ids, loss_mask)`` of one record, or None when ``data.empty_completions=drop`` drops
-    it; problems raise :class:`DataError` naming the field."""
+    it; problems raise :class:`DataError` naming the field. A record with a text too long to
+    tokenize whole is tokenized as far as ``data.max_length`` keeps (:mod:`.window`), counted in
+    ``report.windowed``."""
     encoder = encoder or Encoder(tokenizer, cfg, Findings())
+    report = report or SFTReport()
     kwargs = template_kwargs(record, where)
     prompt_field, completion_field = cfg.prompt_field, cfg.completion_field
     if completion_field in record:
@@ -113,9 +121,10 @@ def tokenize_sft(
         kept = empty_completion(completion, where, completion_field, cfg, encoder.findings)
         if kept is None:
             return None
-        prompt_ids, (completion_ids,) = encoder.completions(
-            prompt, [kept], kwargs, where, (completion_field,)
+        prompt_ids, (completion_ids,), windowed = window.completions(
+            encoder, prompt, [kept], kwargs, where, (completion_field,), window.sequence_judge, "head"
         )
+        report.windowed += windowed
         start = len(prompt_ids) if completion_only else 0
         ids = prompt_ids + completion_ids
         return ids, [0] * start + [1] * (len(ids) - start)
@@ -123,7 +132,13 @@ def tokenize_sft(
         messages = check_text(record[cfg.messages_field], where, cfg.messages_field)
         if not isinstance(messages, list) or is_empty(messages):
             raise DataError(f"{where}: field '{cfg.messages_field}' must be a non-empty list of messages")
-        ids, mask = encoder.conversation(messages, kwargs, where, cfg.messages_field)
+        ids, mask, windowed = window.sequence(
+            encoder,
+            messages,
+            lambda ms: encoder.conversation(_messages(ms), kwargs, where, cfg.messages_field),
+            where,
+        )
+        report.windowed += windowed
         if not completion_only:
             return ids, [1] * len(ids)
         if not any(mask):
@@ -135,13 +150,24 @@ def tokenize_sft(
             raise DataError(f"{where}: field '{cfg.text_field}' must be non-empty text")
         check_string(text, where, cfg.text_field)
         encoder.check(False, where)
-        ids = encoder.text_ids(with_eos(tokenizer, text), where, cfg.text_field)
-        return ids, [1] * len(ids)
+
+        def whole(cut: Text) -> tuple[list[int], list[int]]:
+            ids = encoder.text_ids(with_eos(tokenizer, str(cut)), where, cfg.text_field)
+            return ids, [1] * len(ids)
+
+        ids, mask, windowed = window.sequence(encoder, text, whole, where)
+        report.windowed += windowed
+        return ids, mask
     have = ", ".join(sorted(map(str, record))) or "none"
     raise DataError(
         f"{where}: expected fields '{prompt_field}' and '{completion_field}', or '{cfg.messages_field}', "
         f"or '{cfg.text_field}' (fields present: {have})"
     )
+
+
+def _messages(text: Text) -> list[Message]:
+    assert isinstance(text, list)
+    return text
 
 
 def empty_completion(
@@ -166,7 +192,7 @@ def _sft_check(
     tokenizer: Any, cfg: DataConfig, completion_only: bool, encoder: Encoder, report: SFTReport, rows: Rows
 ) -> Callable[[int, str, dict[str, Any]], None]:
     def check(index: int, where: str, record: dict[str, Any]) -> None:
-        tokenized = tokenize_sft(tokenizer, record, where, cfg, completion_only, encoder)
+        tokenized = tokenize_sft(tokenizer, record, where, cfg, completion_only, encoder, report)
         if tokenized is None:
             return
         ids, mask = tokenized

@@ -21,10 +21,12 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import DataError
+from . import window
 from .records import Message, PreferenceExample, Text
 from .report import DataReport, Findings, shown
 from .scan import LimitedWarning, TokenizerProblem
 from .template import ChatTemplate, answer_findings, common_text_length
+from .window import long_text, longest
 
 AS_RENDERED = "trained as rendered"
 """The setting column of the rules that only inform (the template's own choices)."""
@@ -128,6 +130,35 @@ def sequence_ids(
     return list(tokenizer(str(prompt) + with_eos(tokenizer, completion))["input_ids"])
 
 
+def sequence_end(tokenizer: Any, prompt: Text, completion: Text, max_length: int | None) -> list[int]:
+    """The last ``max_length`` ids of :func:`sequence_ids` (all of them with no limit), where a
+    reward model reads its score; from windows of each text's end when one is too long to
+    tokenize whole (:mod:`.window`)."""
+    limit = long_text(max_length)
+    size = longest([prompt, completion])
+    if max_length is None or limit is None or size <= limit:
+        ids = sequence_ids(tokenizer, prompt, completion)
+        return ids[-max_length:] if max_length else ids
+    length = max_length
+
+    def alone(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def run(chars: int) -> window.Trial:
+        ids = sequence_ids(
+            tokenizer, window.cut(prompt, chars, "tail"), window.cut(completion, chars, "tail")
+        )
+        # The kept tokens start after the last cut string's window does.
+        last = window.tokens_at_cut(alone, completion, chars, "tail")
+        if last is None:
+            last = window.tokens_at_cut(alone, prompt, chars, "tail")
+        return window.Trial(ids, ids[-length:], last is None or last > length, Findings())
+
+    trial, _ = window.settle(run, size, window.first_window(length))
+    kept: list[int] = trial.kept
+    return kept
+
+
 class Encoder:
     """Prompts and completions -> token ids, each data rule applied and its findings noted."""
 
@@ -159,8 +190,12 @@ class Encoder:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def texts(self, prompt: Text, completions: list[Text]) -> list[str]:
-        """The texts (with special tokens) :meth:`completions` tokenizes for a text prompt."""
+        """The texts (with special tokens) :meth:`completions` tokenizes for a text prompt (none
+        when a text is so long that only windows of it will be tokenized)."""
         if not isinstance(prompt, str) or self.tokenizer.eos_token is None:
+            return []
+        limit = long_text(self.cfg.max_length)
+        if limit is not None and longest([prompt, *completions]) > limit:
             return []
         return [prompt] + [prompt + with_eos(self.tokenizer, str(c)) for c in completions]
 
@@ -348,7 +383,9 @@ def tokenize_example(tokenizer: Any, example: PreferenceExample) -> tuple[list[i
     return prompt_ids, chosen_ids, rejected_ids
 
 
-def truncate(pair: TokenizedPair, cfg: DataConfig, report: DataReport) -> TokenizedPair | None:
+def truncate(
+    pair: TokenizedPair, cfg: DataConfig, report: DataReport, windowed: bool = False
+) -> TokenizedPair | None:
     """Apply the truncation policy; ``None`` means the pair is dropped.
 
     1. A prompt over ``max_prompt_length`` keeps its *end* (the part next to the answer).
@@ -363,7 +400,7 @@ def truncate(pair: TokenizedPair, cfg: DataConfig, report: DataReport) -> Tokeni
     if cfg.max_length is None:
         return TokenizedPair(prompt, pair.chosen_ids, pair.rejected_ids, pair.index, pair.where, pair.margin)
     if len(prompt) >= cfg.max_length:
-        overlong(len(prompt), pair.where, cfg, report, "pair")
+        overlong(len(prompt), pair.where, cfg, report, "pair", windowed)
         return None
     room = cfg.max_length - len(prompt)
     chosen, rejected = pair.chosen_ids, pair.rejected_ids
@@ -373,11 +410,14 @@ def truncate(pair: TokenizedPair, cfg: DataConfig, report: DataReport) -> Tokeni
     return TokenizedPair(prompt, chosen, rejected, pair.index, pair.where, pair.margin)
 
 
-def overlong(length: int, where: str, cfg: DataConfig, report: DataReport, item: str) -> None:
+def overlong(
+    length: int, where: str, cfg: DataConfig, report: DataReport, item: str, windowed: bool = False
+) -> None:
     """A prompt that fills ``max_length`` alone: stop (``data.overlong_prompt=error``), or count it,
-    warn for the first three and let the caller drop the ``item``."""
+    warn for the first three and let the caller drop the ``item``. ``windowed``: ``length`` counts
+    the part of a very long prompt that was tokenized (:mod:`.window`)."""
     message = (
-        f"{where}: field '{cfg.prompt_field}' is {length} tokens, which fills "
+        f"{where}: field '{cfg.prompt_field}' is {'over ' * windowed}{length} tokens, which fills "
         f"data.max_length={cfg.max_length} and leaves no room for the completion"
     )
     report.findings.note(

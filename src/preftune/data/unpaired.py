@@ -30,6 +30,7 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import DataError
+from . import window
 from .cache import Collected, Job, processes, tokenized
 from .prepare import parse_or_skip
 from .readers import Source
@@ -212,14 +213,14 @@ def read_unpaired(reading: Scan, cfg: DataConfig, report: UnpairedReport) -> lis
 
 
 def truncate_prompt(
-    prompt_ids: list[int], where: str, cfg: DataConfig, report: DataReport
+    prompt_ids: list[int], where: str, cfg: DataConfig, report: DataReport, windowed: bool = False
 ) -> list[int] | None:
     """Rules 1 and 2 of :func:`preftune.data.truncate`; None: the example is dropped."""
     if cfg.max_prompt_length is not None and len(prompt_ids) > cfg.max_prompt_length:
         prompt_ids = prompt_ids[len(prompt_ids) - cfg.max_prompt_length :]
         report.prompt_truncated += 1
     if cfg.max_length is not None and len(prompt_ids) >= cfg.max_length:
-        overlong(len(prompt_ids), where, cfg, report, "example")
+        overlong(len(prompt_ids), where, cfg, report, "example", windowed)
         return None
     return prompt_ids
 
@@ -231,14 +232,21 @@ def _example_check(
         index, example = item
         # TRL's KTOTrainer tokenizes each example on its own, the completion starting where the
         # prompt's ids and prompt + completion's diverge.
-        prompt_ids, (completion_ids,) = encoder.completions(
-            example.prompt, [example.completion], example.template_kwargs, example.where, (example.field,)
+        prompt_ids, (completion_ids,), windowed = window.completions(
+            encoder,
+            example.prompt,
+            [example.completion],
+            example.template_kwargs,
+            example.where,
+            (example.field,),
+            window.pair_judge,
         )
         if not completion_ids:
             raise DataError(f"{example.where}: field '{example.field}' tokenizes to no completion token")
+        report.windowed += windowed
         report.prompt_lengths.append(len(prompt_ids))
         report.completion_lengths.append(len(completion_ids))
-        prompt = truncate_prompt(prompt_ids, example.where, cfg, report)
+        prompt = truncate_prompt(prompt_ids, example.where, cfg, report, windowed)
         if prompt is None:
             return
         if cfg.max_length is not None and len(prompt) + len(completion_ids) > cfg.max_length:

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import Text, sequence_ids
+from ..data import Text
 from ..data.files import write_jsonl
 from ..data.layouts import pad_rows
 from ..data.outputs import check_not_input, check_output_file
+from ..data.tokenize import sequence_end
 from ..errors import ModelLoadError, ScorerError
 from ..model.reward_head import sequence_rewards
 from .aggregate import Scores, aggregate_rows, score_detail
@@ -123,11 +124,10 @@ class RewardModelScorer:
 
     def encode(self, prompt: Text, completion: Text) -> list[int]:
         try:
-            ids = sequence_ids(self.tokenizer, prompt, completion)
+            # Over the limit keeps the end: the score is read at the last token.
+            return sequence_end(self.tokenizer, prompt, completion, self.max_length or None)
         except Exception as err:
             raise ScorerError(f"{self.name}: its tokenizer cannot encode the text ({err})") from None
-        # Over the limit keeps the end: the score is read at the last token.
-        return ids[-self.max_length :] if self.max_length else ids
 
     def forward(self, model: Any) -> Forward:
         """``model``'s rewards of a padded batch, on this scorer's device."""

@@ -396,7 +396,9 @@ def _run_stages(
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         wanted = (only is None or only == stage.name) and reached
         same = record.get("fingerprint") == fingerprint
-        if not wanted or (same and record.get("status") == "complete" and only is None):
+        # --only and --from name the stages to run again, complete or not.
+        forced = only is not None or start is not None
+        if not wanted or (same and record.get("status") == "complete" and not forced):
             status = "skipped" if same and record.get("status") == "complete" else "not run"
             rows.append(
                 {"stage": stage.name, "kind": stage.kind, "status": status, **record.get("summary", {})}
