@@ -62,6 +62,30 @@ def test_with_stop_the_verdict_asks_to_stop_and_names_the_best_point_by_the_moni
     assert [v.is_best for v in verdicts] == [True, True, False, False, False, False]
 
 
+def judged(monitor, sem):
+    """The verdicts on PROXY and GOLD, each monitor mean with the standard error ``sem``."""
+    points = enumerate(zip(PROXY, GOLD, strict=True))
+    return [monitor.add(i + 1, p, g, float(i), monitor_sem=sem).overoptimized for i, (p, g) in points]
+
+
+def test_a_fall_within_the_monitors_noise_does_not_warn():
+    """GOLD falls by 0.3 to 0.4 over two rounds. With a standard error of 0.15 per mean, a fall
+    must pass 2 × 0.21 = 0.42: chance, no warning. With 0.1 (threshold 0.28) it warns as before."""
+    assert judged(OveroptimizationMonitor(2), sem=0.15) == [False] * 6
+    assert judged(OveroptimizationMonitor(2), sem=0.1) == [False, False, False, True, True, True]
+
+
+def test_with_noise_z_0_any_fall_counts():
+    assert judged(OveroptimizationMonitor(2, noise_z=0.0), sem=0.15) == [
+        False,
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
 def test_a_restored_monitor_judges_the_next_point_as_the_uninterrupted_one():
     _, verdicts = trajectory(patience=2)
     resumed = OveroptimizationMonitor(2)

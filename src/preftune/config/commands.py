@@ -59,6 +59,7 @@ KEY_READERS: dict[str, tuple[str, ...]] = {
     "reward.batch_size": _SAMPLING,
     "reward.monitor": _SAMPLING,
     "reward.monitor_patience": _SAMPLING,
+    "reward.monitor_noise_z": _SAMPLING,
     "reward.stop_on_overoptimization": _SAMPLING,
 }
 """Keys of a shared section that only some of the commands reading the section read."""

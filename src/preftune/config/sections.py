@@ -269,6 +269,10 @@ class RewardConfig:
     monitor_patience: int = 2
     """N: warn when the reward rose and the monitor fell at each of the last N rounds (online) or logged
     steps (PPO)."""
+    monitor_noise_z: float = 2.0
+    """...and the monitor's fall over those N exceeds this many standard errors of the difference of
+    its two means (each mean's error from its samples' spread): a fall within chance does not warn.
+    0: any fall counts."""
     stop_on_overoptimization: bool = False
     """On that warning, stop the run; ``final/`` is the policy the monitor scored best."""
 
@@ -398,6 +402,7 @@ def check_sampling(prompts: PromptsConfig, reward: RewardConfig) -> None:
         f"is read only with reward.aggregate=mean_minus_std (it is {reward.aggregate})",
     )
     need(reward.monitor_patience >= 1, "reward.monitor_patience", "must be >= 1")
+    need(reward.monitor_noise_z >= 0, "reward.monitor_noise_z", "must be >= 0")
 
 
 def looks_like_template(value: str) -> bool:

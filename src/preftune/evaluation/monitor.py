@@ -10,6 +10,10 @@ Each round (online DPO) or logged step (PPO) gives a point: the mean reward opti
 monitor reward, and the KL to the starting policy. When the reward rose and the monitor fell at
 each of the last ``patience`` points, the monitor says so (a warning), and with ``stop`` it asks
 the run to end, keeping the policy of the point with the highest monitor reward.
+
+A mean over a few dozen samples moves by chance: where a point carries the standard error of its
+monitor mean, the monitor's fall over those points must also exceed ``noise_z`` standard errors
+of the difference (``reward.monitor_noise_z``, 2 by default; 0: any fall counts).
 """
 
 from __future__ import annotations
@@ -48,11 +52,24 @@ class OveroptimizationMonitor:
     patience: int
     stop: bool = False
     unit: str = "round"
+    noise_z: float = 2.0
     points: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, at: Any, reward: float, monitor: float, kl: float) -> Verdict:
-        self.points.append({"at": at, "reward": reward, "monitor": monitor, "kl": kl})
+    def add(
+        self, at: Any, reward: float, monitor: float, kl: float, monitor_sem: float | None = None
+    ) -> Verdict:
+        """A point; ``monitor_sem``: the standard error of ``monitor`` (None: unknown, any fall counts)."""
+        self.points.append(
+            {"at": at, "reward": reward, "monitor": monitor, "kl": kl, "monitor_sem": monitor_sem}
+        )
         return self.verdict()
+
+    def _beyond_noise(self, first: dict[str, Any], last: dict[str, Any]) -> bool:
+        before, after = first.get("monitor_sem"), last.get("monitor_sem")
+        if not self.noise_z or not (_finite(before) and _finite(after)):
+            return True
+        error = math.hypot(float(before or 0.0), float(after or 0.0))
+        return bool(first["monitor"] - last["monitor"] > self.noise_z * error)
 
     def best(self) -> dict[str, Any]:
         scored = [p for p in self.points if _finite(p["monitor"])]
@@ -62,8 +79,13 @@ class OveroptimizationMonitor:
         """The verdict on the last point."""
         last, best = self.points[-1], self.best()
         window = self.points[-(self.patience + 1) :]
-        parted = len(window) == self.patience + 1 and all(
-            b["reward"] > a["reward"] and b["monitor"] < a["monitor"] for a, b in itertools.pairwise(window)
+        parted = (
+            len(window) == self.patience + 1
+            and all(
+                b["reward"] > a["reward"] and b["monitor"] < a["monitor"]
+                for a, b in itertools.pairwise(window)
+            )
+            and self._beyond_noise(window[0], last)
         )
         if not parted:
             return Verdict(False, best, best is last)

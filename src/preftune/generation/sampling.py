@@ -10,6 +10,7 @@ about the model's distribution, so that is what is sampled. Completions end at t
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,4 +122,6 @@ def sample_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     watched = [row["monitor"] for row in rows if row.get("monitor") is not None]
     if any("monitor" in row for row in rows):
         out["monitor_mean"] = sum(watched) / len(watched) if watched else None
+        # The standard error of that mean: how far it moves by chance (the monitor's noise rule).
+        out["monitor_sem"] = statistics.stdev(watched) / math.sqrt(len(watched)) if len(watched) > 1 else None
     return out

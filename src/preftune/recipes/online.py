@@ -240,14 +240,20 @@ class OnlineRun:
     def __post_init__(self) -> None:
         reward = self.config.reward
         if self.monitor is not None:
-            self.watcher = OveroptimizationMonitor(reward.monitor_patience, reward.stop_on_overoptimization)
+            self.watcher = OveroptimizationMonitor(
+                reward.monitor_patience, reward.stop_on_overoptimization, noise_z=reward.monitor_noise_z
+            )
 
     def watch(self, row: dict[str, Any], quiet: bool = False) -> None:
         """The monitor's verdict on the samples of ``row`` (a round's, or the final policy's), in it."""
         if self.watcher is None or row.get("monitor_mean") is None or row.get("reward_mean") is None:
             return
         verdict = self.watcher.add(
-            row["round"], row["reward_mean"], row["monitor_mean"], row["kl_to_initial"]
+            row["round"],
+            row["reward_mean"],
+            row["monitor_mean"],
+            row["kl_to_initial"],
+            row.get("monitor_sem"),
         )
         row |= verdict.fields()
         if verdict.overoptimized and not quiet:

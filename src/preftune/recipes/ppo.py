@@ -58,7 +58,16 @@ from ..model.reference import reference_model, weights_digest
 from ..model.reward_head import token_values
 from .common import tokenizer_for
 from .online import RolloutFactory, check_monitor, rewards_of
-from .ppo_experience import Experience, PPOModels, build_critic, chunks, collect, policy_tokens, step_seed
+from .ppo_experience import (
+    MONITOR_SEM,
+    Experience,
+    PPOModels,
+    build_critic,
+    chunks,
+    collect,
+    policy_tokens,
+    step_seed,
+)
 
 CONSOLE = (
     "objective/scores",
@@ -250,10 +259,12 @@ class PPOSteps:
         self.watcher = None
         if models.monitor is not None:
             self.watcher = OveroptimizationMonitor(
-                reward.monitor_patience, reward.stop_on_overoptimization, "step"
+                reward.monitor_patience, reward.stop_on_overoptimization, "step", reward.monitor_noise_z
             )
         self.last_step, self.stopped = 0, False
         self.verdict: dict[str, float] = {}
+        self.monitor_variances: list[float] = []
+        """The squared standard errors of the monitor means of the steps since the last logged row."""
 
     def geometry(self) -> dict[str, int]:
         return {name: getattr(self.config.ppo, name) for name in GEOMETRY}
@@ -290,14 +301,20 @@ class PPOSteps:
         values = self.updates(step, experience, update)
         self.kl_used = self.kl_control.value
         self.kl_control.update(experience.metrics["objective/kl"], rollouts)
+        sem = experience.metrics.pop(MONITOR_SEM, None)
+        if sem is not None:
+            self.monitor_variances.append(sem**2)
         window.add_step(values | experience.metrics, rollouts, sum(experience.counts))
 
     def summarize(self, means: dict[str, float]) -> dict[str, float]:
         """A logged row; with a monitor, its verdict on the row (and the best policy kept)."""
+        variances, self.monitor_variances = self.monitor_variances, []
         if self.watcher is not None and "objective/monitor_scores" in means:
             at = self.last_step
+            # The row's monitor is the mean of its steps' means: its variance, theirs over k².
+            sem = math.sqrt(sum(variances)) / len(variances) if variances else None
             verdict = self.watcher.add(
-                at, means["objective/scores"], means["objective/monitor_scores"], means["objective/kl"]
+                at, means["objective/scores"], means["objective/monitor_scores"], means["objective/kl"], sem
             )
             if verdict.is_best:
                 save_best(Path(self.config.train.output_dir), self.models.policy, self.models.tokenizer,

@@ -164,6 +164,10 @@ def collect(
     )
 
 
+MONITOR_SEM = "monitor_sem"
+"""The standard error of a step's monitor mean: read by the monitor's noise rule, not logged."""
+
+
 def score(
     prompts: list[Prompt], completions: list[Any], models: PPOModels, penalty: float | None
 ) -> tuple[Tensor, dict[str, float]]:
@@ -183,6 +187,7 @@ def score(
     logged = {
         "reward_disagreement": "objective/scores_disagreement",
         "monitor_mean": "objective/monitor_scores",
+        "monitor_sem": MONITOR_SEM,
     }
     watched = {name: float(summary[key]) for key, name in logged.items() if summary.get(key) is not None}
     return torch.tensor([s["reward"] for s in scored], dtype=torch.float32), watched
