@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from preftune.config import DataConfig
-from preftune.data import prepare_pairs, prepare_unpaired, window
+from preftune.data import DataError, prepare_pairs, prepare_unpaired, window
 from preftune.data.prompts import read_prompts
 from preftune.data.report import Findings
 from preftune.data.sft import prepare_sft
@@ -218,30 +218,23 @@ def test_a_huge_answer_is_never_tokenized_whole():
 
 
 @pytest.mark.parametrize(
-    ("name", "training"),
-    [("qwen2_5", None), ("llama3_1", None), ("gemma2", None), ("mistral_7b_v0_1", None), ("qwen2_5", "qwen2_5_training")],
+    ("name", "training"), [("qwen3", None), ("r1_distill_new", None), ("qwen2_5", "qwen2_5_training")]
 )
-def test_long_messages_keep_the_ids_of_the_whole_conversation_with_real_templates(name, training, whole):
-    """TRL's training templates mark the answer with ``{% generation %}``: the mask path too."""
+def test_a_conversation_is_tokenized_whole_because_its_template_may_read_a_whole_message(name, training):
+    """Qwen3 and DeepSeek-R1 split an answer at ``</think>``: a window of a long reasoning answer
+    would lose it and render differently. Conversations are never cut."""
     tokenizer = real_tokenizer(name, trl_template(training) if training else None)
-    cfg = DataConfig(max_length=96, max_prompt_length=40)
-    huge = prose(14_000, seed=5)
+    reasoning = "<think>\n" + prose(12_000, seed=5) + "\n</think>\n\nGood."
     user = {"role": "user", "content": "Review the film."}
     records = [
         {
             "prompt": [user],
-            "chosen": [{"role": "assistant", "content": huge}],
+            "chosen": [{"role": "assistant", "content": reasoning}],
             "rejected": [{"role": "assistant", "content": "Bad."}],
-        },
-        {
-            "prompt": [{"role": "user", "content": huge}],
-            "chosen": [{"role": "assistant", "content": "Good."}],
-            "rejected": [{"role": "assistant", "content": "Bad."}],
-        },
+        }
     ]
-    windowed, report = pairs_kept(records, tokenizer, cfg)
-    expected, _ = whole(pairs_kept, records, tokenizer, cfg)
-    assert windowed == expected and report.windowed == 2
+    _, report = pairs_kept(records, tokenizer, DataConfig(max_length=96))
+    assert report.windowed == 0
 
 
 def test_kto_examples_keep_the_ids_of_the_whole_text(whole):
@@ -283,8 +276,8 @@ def test_sft_records_keep_the_ids_of_the_whole_text(form, whole):
     windowed, report = kept(records, tokenizer, cfg)
     expected, _ = whole(kept, records, tokenizer, cfg)
     assert windowed == expected
-    assert report.windowed == (1 if form == "text" else 2)
-    assert "long texts: " in report.summary()
+    assert report.windowed == {"text": 1, "prompt_completion": 2, "messages": 0}[form]  # messages: whole
+    assert ("long texts: " in report.summary()) == (form != "messages")
 
 
 @pytest.mark.parametrize("max_prompt_length", [None, 30])
@@ -344,18 +337,16 @@ def test_a_window_whose_kept_ids_change_when_doubled_grows_again():
         tried.append(chars)
         return trial_at(chars, changes_below=5000)
 
-    trial, windowed = window.settle(run, longest_text=100_000, chars=1024)
-    assert tried == [1024, 2048, 4096, 8192, 16384] and trial.result == 16384 and windowed
+    trial = window.settle(run, longest_text=100_000, chars=1024)
+    assert tried == [1024, 2048, 4096, 8192, 16384] and trial.result == 16384
 
 
 def test_a_window_cut_inside_the_kept_tokens_grows_even_when_doubling_changes_nothing():
-    trial, windowed = window.settle(lambda c: trial_at(c, 0, settled_from=8192), 100_000, 1024)
-    assert trial.result == 16384 and windowed
+    assert window.settle(lambda c: trial_at(c, 0, settled_from=8192), 100_000, 1024).result == 16384
 
 
 def test_a_window_that_never_settles_ends_as_the_whole_text():
-    trial, windowed = window.settle(lambda c: trial_at(c, 10**9), 100_000, 1024)
-    assert trial.result == 131072 and not windowed  # a window past the text's end cuts nothing
+    assert window.settle(lambda c: trial_at(c, 10**9), 100_000, 1024).result == 131072  # past the end: whole
 
 
 @pytest.mark.slow  # writes a 50 MB file and trains a step in a subprocess (~30 s)
@@ -397,3 +388,60 @@ def test_a_50_mb_line_trains_in_bounded_memory(tmp_path):
     assert "long texts: 1 pair holds a text too long to tokenize whole" in out
     assert (tmp_path / "run" / "final").is_dir()
     assert peak_kib < 1_500_000  # 5.5 GB when the line was tokenized whole; ~0.55 GB now
+
+
+# --------------------------------------------------------------------------- cases a window gets wrong
+
+
+@pytest.mark.parametrize(
+    ("family", "record"),
+    [
+        ("sentencepiece_bpe", {"prompt": "review " + "=" * 5001, "chosen": " good", "rejected": " bad"}),
+        ("unigram", {"prompt": "review:", "chosen": " " + "x" * 5001 + " good", "rejected": " bad"}),
+        ("byte_level_bpe", {"prompt": "x" + "\n" * 5002 + " q:", "chosen": " good", "rejected": " bad"}),
+        ("sentencepiece_bpe", {"prompt": "review:", "chosen": " good " + "=" * 9000, "rejected": " bad"}),
+    ],
+)
+def test_a_run_of_one_character_is_never_cut_inside(family, record, whole):
+    """How BPE and Unigram split a run depends on the run's length: a cut inside one changes the
+    tokens next to it, and two windows cut inside it can agree with each other but not with the
+    whole text. Cuts fall only at a single space between two other characters."""
+    tokenizer = FAMILIES[family]()
+    cfg = DataConfig(max_length=64, max_prompt_length=24)
+    assert pairs_kept([record], tokenizer, cfg)[0] == whole(pairs_kept, [record], tokenizer, cfg)[0]
+
+
+def test_a_reward_model_reads_the_end_of_a_run_as_the_whole_text_gives_it(whole):
+    tokenizer = byte_level()
+    assert sequence_end(tokenizer, "review:", "a" + "0" * 5001, 64) == whole(
+        sequence_end, tokenizer, "review:", "a" + "0" * 5001, 64
+    )
+
+
+def test_cuts_fall_at_a_single_space_between_two_other_characters():
+    text = "aaaa bbbb  cccc====dddd eeee"
+    assert window.cut(text, 12, "head") == "aaaa"  # not at a double space, not inside a word
+    assert window.cut(text, 12, "tail") == " eeee"  # "====dddd" is no safe start
+    assert window.cut("=" * 100, 10, "head") == "=" * 100  # no safe point: not cut
+
+
+def test_a_long_prompt_does_not_hide_answers_the_tokenizer_makes_identical():
+    """WordPiece lowercases: " Good" and " good" are the same ids. The answers are whole, so the
+    identical-pair rule applies as without windows."""
+    record = {"prompt": prose(12_000, seed=29) + " review:", "chosen": " Good", "rejected": " good"}
+    with pytest.raises(DataError, match="give identical token ids"):
+        prepare_pairs(
+            [record],
+            wordpiece(),
+            DataConfig(max_length=64, max_prompt_length=24, identical_pairs="error"),
+            progress=False,
+        )
+
+
+def test_a_long_prompt_starting_with_the_bos_text_is_still_a_double_bos():
+    record = {"prompt": "<s>" + prose(12_000, seed=31), "chosen": " good", "rejected": " bad"}
+    cfg = DataConfig(max_length=64, max_prompt_length=24, double_bos="error")
+    with pytest.raises(DataError, match="starts with '<s>'"):
+        prepare_pairs([record], byte_level(), cfg, progress=False)
+    with pytest.raises(DataError, match="starts with '<s>'"):
+        read_prompts([{"prompt": record["prompt"]}], cfg, "train", byte_level())

@@ -102,7 +102,7 @@ def _eos_only(value: Any) -> Any:
 def _tokenized(
     encoder: Encoder, example: PreferenceExample, index: int, cfg: DataConfig, report: DataReport
 ) -> TokenizedPair | None:
-    prompt_ids, (chosen_ids, rejected_ids), windowed = window.completions(
+    prompt_ids, (chosen_ids, rejected_ids), cut = window.completions(
         encoder,
         example.prompt,
         [example.chosen, example.rejected],
@@ -114,13 +114,13 @@ def _tokenized(
     if not chosen_ids or not rejected_ids:
         field_name = example.fields[0] if not chosen_ids else example.fields[1]
         raise DataError(f"{example.where}: field '{field_name}' tokenizes to no completion token")
-    report.windowed += windowed
+    report.windowed += bool(cut)
     # Windows of two different answers may start alike: only whole answers are compared.
-    same = chosen_ids == rejected_ids and not example.identical and not windowed
+    same = chosen_ids == rejected_ids and not example.identical and "answers" not in cut
     if same and not _identical_tokens(example, cfg, report):
         return None
     pair = TokenizedPair(prompt_ids, chosen_ids, rejected_ids, index, example.where, example.margin)
-    return measure_and_truncate(pair, cfg, report, windowed)
+    return measure_and_truncate(pair, cfg, report, "prompt" in cut)
 
 
 def _identical_tokens(example: PreferenceExample, cfg: DataConfig, report: DataReport) -> bool:

@@ -121,10 +121,10 @@ def tokenize_sft(
         kept = empty_completion(completion, where, completion_field, cfg, encoder.findings)
         if kept is None:
             return None
-        prompt_ids, (completion_ids,), windowed = window.completions(
+        prompt_ids, (completion_ids,), cut = window.completions(
             encoder, prompt, [kept], kwargs, where, (completion_field,), window.sequence_judge, "head"
         )
-        report.windowed += windowed
+        report.windowed += bool(cut)
         start = len(prompt_ids) if completion_only else 0
         ids = prompt_ids + completion_ids
         return ids, [0] * start + [1] * (len(ids) - start)

@@ -146,7 +146,7 @@ def sequence_end(tokenizer: Any, prompt: Text, completion: Text, max_length: int
 
     def run(chars: int) -> window.Trial:
         ids = sequence_ids(
-            tokenizer, window.cut(prompt, chars, "tail"), window.cut(completion, chars, "tail")
+            tokenizer, window.cut_text(prompt, chars, "tail"), window.cut_text(completion, chars, "tail")
         )
         # The kept tokens start after the last cut string's window does.
         last = window.tokens_at_cut(alone, completion, chars, "tail")
@@ -154,7 +154,7 @@ def sequence_end(tokenizer: Any, prompt: Text, completion: Text, max_length: int
             last = window.tokens_at_cut(alone, prompt, chars, "tail")
         return window.Trial(ids, ids[-length:], last is None or last > length, Findings())
 
-    trial, _ = window.settle(run, size, window.first_window(length))
+    trial = window.settle(run, size, window.first_window(length))
     kept: list[int] = trial.kept
     return kept
 
@@ -173,7 +173,13 @@ class Encoder:
     def prefetch(self, texts: list[str], special: bool = True) -> None:
         """Tokenize ``texts`` in one call, for :meth:`encode` to find (``special``: with the
         tokenizer's special tokens)."""
-        todo = list(dict.fromkeys(t for t in texts if (t, special) not in self._ready))
+        # A text so long that only windows of it are tokenized (:mod:`.window`) is left out.
+        limit = long_text(self.cfg.max_length)
+        todo = list(
+            dict.fromkeys(
+                t for t in texts if (t, special) not in self._ready and (limit is None or len(t) <= limit)
+            )
+        )
         if todo:
             ids = batch_ids(self.tokenizer, todo, special)
             self._ready.update(((text, special), list(i)) for text, i in zip(todo, ids, strict=True))
@@ -190,12 +196,8 @@ class Encoder:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def texts(self, prompt: Text, completions: list[Text]) -> list[str]:
-        """The texts (with special tokens) :meth:`completions` tokenizes for a text prompt (none
-        when a text is so long that only windows of it will be tokenized)."""
+        """The texts (with special tokens) :meth:`completions` tokenizes for a text prompt."""
         if not isinstance(prompt, str) or self.tokenizer.eos_token is None:
-            return []
-        limit = long_text(self.cfg.max_length)
-        if limit is not None and longest([prompt, *completions]) > limit:
             return []
         return [prompt] + [prompt + with_eos(self.tokenizer, str(c)) for c in completions]
 

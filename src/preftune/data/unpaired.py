@@ -232,7 +232,7 @@ def _example_check(
         index, example = item
         # TRL's KTOTrainer tokenizes each example on its own, the completion starting where the
         # prompt's ids and prompt + completion's diverge.
-        prompt_ids, (completion_ids,), windowed = window.completions(
+        prompt_ids, (completion_ids,), cut = window.completions(
             encoder,
             example.prompt,
             [example.completion],
@@ -243,10 +243,10 @@ def _example_check(
         )
         if not completion_ids:
             raise DataError(f"{example.where}: field '{example.field}' tokenizes to no completion token")
-        report.windowed += windowed
+        report.windowed += bool(cut)
         report.prompt_lengths.append(len(prompt_ids))
         report.completion_lengths.append(len(completion_ids))
-        prompt = truncate_prompt(prompt_ids, example.where, cfg, report, windowed)
+        prompt = truncate_prompt(prompt_ids, example.where, cfg, report, "prompt" in cut)
         if prompt is None:
             return
         if cfg.max_length is not None and len(prompt) + len(completion_ids) > cfg.max_length:

@@ -1,19 +1,21 @@
 """Texts far longer than ``data.max_length``: tokenize only the part training keeps.
 
 Tokenizing a 50 MB answer whole takes the Rust tokenizer about 6 GB and minutes, to keep its first
-``data.max_length`` tokens. So a record holding a text over :func:`long_text` characters is
-tokenized from windows instead: each over-long text is cut to ``chars`` characters, a completion
-keeping its start and a prompt its end, as truncation does (SFT keeps every text's start). Each
-message's content is cut on its own.
+``data.max_length`` tokens. So a text record (prompt and answers as strings) holding a text over
+:func:`long_text` characters is tokenized from windows instead: each over-long text cut to about
+``chars`` characters, an answer keeping its start and a prompt its end, as truncation does (SFT
+keeps every text's start). A cut falls only at a single space between two other characters
+(:data:`SAFE_CUT`), never inside a word or a run of one character. Conversations are never cut: a
+chat template may read a whole message (Qwen3 and DeepSeek-R1 split an answer at ``</think>``).
 
-The record then goes through the usual tokenization and truncation twice, at ``chars`` and at
-``2 * chars``. The ids are taken when both keep the same ids and the first cut text alone is
+The record goes through the usual tokenization and truncation twice, at ``chars`` and at
+``2 * chars``. The ids are taken when both keep the same ids and the cut text's window alone is
 longer in tokens than what truncation keeps of it (so the cut falls past the kept tokens, not
 inside them). Otherwise the window doubles, up to the whole text, where the ids are the usual ones
-by construction. What this takes on trust: that what a tokenizer makes of characters thousands of
-characters away does not change the kept tokens. Pre-tokenizer splits and BPE merges are local;
-the doubling checks it for each record (``tests/test_data_window.py`` compares against the whole
-text for byte-level BPE, SentencePiece-style BPE, WordPiece, Unigram and chat templates).
+by construction. What this takes on trust: that past a safe cut, characters thousands of
+characters away do not change the kept tokens; the doubling checks it for each record
+(``tests/test_data_window.py`` compares against the whole text for byte-level BPE,
+SentencePiece-style BPE, WordPiece and Unigram, and pins the cases a naive window gets wrong).
 
 A windowed record's token counts (the report's lengths) count its windows: lower bounds. The
 report says how many records were windowed.
@@ -21,12 +23,13 @@ report says how many records were windowed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import DataConfig
-from .records import Message, Text
+from .records import Text
 from .report import Findings
 
 if TYPE_CHECKING:
@@ -68,78 +71,46 @@ def size_of(cfg: DataConfig) -> int:
     return cfg.max_length
 
 
-def _content_length(message: Message) -> int:
-    content = message.get("content")
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(
-            len(part["text"])
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return 0
-
-
 def longest(texts: list[Text]) -> int:
-    """The longest text among ``texts`` (a message's content counts on its own)."""
-    sizes = [len(t) if isinstance(t, str) else max((_content_length(m) for m in t), default=0) for t in texts]
-    return max(sizes, default=0)
+    """The longest string of a text record; 0 when any of ``texts`` is messages: a chat template
+    may read a whole message (Qwen3 and DeepSeek-R1 split an answer at ``</think>``), so a
+    conversation is always tokenized whole."""
+    if not all(isinstance(t, str) for t in texts):
+        return 0
+    return max((len(t) for t in texts), default=0)
 
 
-def _cut_string(text: str, chars: int, keep: Keep) -> str:
+SAFE_CUT = re.compile(r"(?<=\S) (?=\S)")
+"""A single space between two other characters: where byte-level BPE's, WordPiece's and
+Metaspace's pre-tokenizers all split, so the tokens on each side do not depend on the other.
+A cut inside a word or a run of one character (whose tokens can depend on the run's length)
+would not be safe."""
+
+
+def cut(text: str, chars: int, keep: Keep) -> str:
+    """``text`` cut to at most its first (``head``) or last (``tail``) ``chars`` characters, at a
+    safe point (:data:`SAFE_CUT`): a head ends before the space, a tail starts with it. ``text``
+    itself when it is no longer, or when no safe point lies within those characters."""
     if len(text) <= chars:
         return text
-    return text[:chars] if keep == "head" else text[len(text) - chars :]
-
-
-def _cut_message(message: Message, chars: int, keep: Keep) -> Message:
-    content = message.get("content")
-    if isinstance(content, str):
-        return {**message, "content": _cut_string(content, chars, keep)}
-    if isinstance(content, list):
-        parts = [
-            {**part, "text": _cut_string(part["text"], chars, keep)}
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-            else part
-            for part in content
-        ]
-        return {**message, "content": parts}
-    return message
-
-
-def cut(text: Text, chars: int, keep: Keep) -> Text:
-    """``text`` with every string (a message's content) over ``chars`` characters cut to its
-    first (``head``) or last (``tail``) ``chars``."""
-    if isinstance(text, str):
-        return _cut_string(text, chars, keep)
-    return [_cut_message(m, chars, keep) for m in text]
-
-
-def _cut_strings(text: Text, chars: int) -> list[str]:
-    """The strings of ``text`` that :func:`cut` shortens, in order."""
-    if isinstance(text, str):
-        return [text] if len(text) > chars else []
-    out = []
-    for m in text:
-        content = m.get("content")
-        parts = content if isinstance(content, list) else [{"text": content}]
-        out += [
-            p["text"]
-            for p in parts
-            if isinstance(p, dict) and isinstance(p.get("text"), str) and len(p["text"]) > chars
-        ]
-    return out
+    if keep == "head":
+        points = [m.start() for m in SAFE_CUT.finditer(text, 0, chars + 1)]
+        return text[: points[-1]] if points else text
+    start = len(text) - chars
+    found = SAFE_CUT.search(text, max(start - 1, 0))
+    return text[found.start() :] if found and found.start() >= start else text
 
 
 def tokens_at_cut(encode: Callable[[str], list[int]], text: Text, chars: int, keep: Keep) -> int | None:
-    """Tokens in the window of the text :func:`cut` shortens next to what truncation keeps: the
-    first cut string for ``head``, the last for ``tail``; None: nothing in ``text`` is cut."""
-    strings = _cut_strings(text, chars)
-    if not strings:
+    """Tokens of the window of ``text`` next to what truncation keeps; None: ``text`` is not cut."""
+    if not isinstance(text, str):
         return None
-    string = strings[0] if keep == "head" else strings[-1]
-    return len(encode(_cut_string(string, chars, keep)))
+    window = cut(text, chars, keep)
+    return None if window is text or len(window) == len(text) else len(encode(window))
+
+
+def cut_text(text: Text, chars: int, keep: Keep) -> Text:
+    return cut(text, chars, keep) if isinstance(text, str) else text
 
 
 @dataclass
@@ -153,10 +124,12 @@ class Trial:
     settled: bool
     """Every cut fell past the tokens truncation keeps."""
     findings: Findings
+    cut: frozenset[str] = frozenset()
+    """What was cut: ``prompt``, ``answers`` (nothing: the trial is the usual tokenization)."""
 
 
-def settle(run: Callable[[int], Trial], longest_text: int, chars: int) -> tuple[Trial, bool]:
-    """The trial to take (see the module's docstring) and whether any text was cut in it.
+def settle(run: Callable[[int], Trial], longest_text: int, chars: int) -> Trial:
+    """The trial to take (see the module's docstring).
 
     ``run(chars)`` tokenizes the record with its texts cut to ``chars`` characters (a window as
     long as the text leaves it whole, so the last trial is the usual tokenization)."""
@@ -164,12 +137,10 @@ def settle(run: Callable[[int], Trial], longest_text: int, chars: int) -> tuple[
     while chars < longest_text:
         chars *= 2
         current = run(chars)
-        if chars >= longest_text:
-            return current, False
-        if previous.settled and current.kept == previous.kept:
-            return current, True
+        if chars >= longest_text or (previous.settled and current.kept == previous.kept):
+            return current
         previous = current
-    return previous, False
+    return previous
 
 
 def replay(findings: Findings, into: Findings, where: str) -> None:
@@ -234,15 +205,16 @@ def completions(
     fields: tuple[str, ...],
     judge: Callable[[DataConfig], Judge],
     prompt_keeps: Keep = "tail",
-) -> tuple[list[int], list[list[int]], bool]:
-    """:meth:`Encoder.completions`, from windows when a text is over :func:`long_text`; the bool
-    says whether a text was cut (the lengths then count windows)."""
+) -> tuple[list[int], list[list[int]], frozenset[str]]:
+    """:meth:`Encoder.completions`, from windows when a text is over :func:`long_text`; and what
+    was cut (``prompt``, ``answers``: the lengths then count windows)."""
     limit = long_text(encoder.cfg.max_length)
     size = longest([prompt, *answers])
     if limit is None or size <= limit:
         prompt_ids, ids = encoder.completions(prompt, answers, kwargs, where, fields)
-        return prompt_ids, ids, False
-
+        return prompt_ids, ids, frozenset()
+    if prompt_keeps == "tail":
+        _start_rules(encoder, prompt, where)
     rule = judge(encoder.cfg)
 
     def alone(text: str) -> list[int]:
@@ -252,8 +224,8 @@ def completions(
         findings, encoder.findings = encoder.findings, Findings()
         try:
             prompt_ids, ids = encoder.completions(
-                cut(prompt, chars, prompt_keeps),
-                [cut(a, chars, "head") for a in answers],
+                cut_text(prompt, chars, prompt_keeps),
+                [cut_text(a, chars, "head") for a in answers],
                 kwargs,
                 where,
                 fields,
@@ -264,12 +236,21 @@ def completions(
         prompt_cut = tokens_at_cut(alone, prompt, chars, prompt_keeps)
         cuts = [tokens_at_cut(alone, a, chars, "head") for a in answers]
         kept, settled = rule(prompt_ids, ids, prompt_cut, cuts)
-        return Trial((prompt_ids, ids), kept, settled, trial_findings)
+        parts = {"prompt"} if prompt_cut is not None else set()
+        parts |= {"answers"} if any(n is not None for n in cuts) else set()
+        return Trial((prompt_ids, ids), kept, settled, trial_findings, frozenset(parts))
 
-    trial, windowed = settle(run, size, first_window(size_of(encoder.cfg)))
+    trial = settle(run, size, first_window(size_of(encoder.cfg)))
     replay(trial.findings, encoder.findings, where)
     prompt_ids, ids = trial.result
-    return prompt_ids, ids, windowed
+    return prompt_ids, ids, trial.cut
+
+
+def _start_rules(encoder: Encoder, text: Text, where: str) -> None:
+    """A window of a text's end does not show its start: the rules on it (``data.double_bos``) are
+    applied to the start of the whole text."""
+    if isinstance(text, str):
+        encoder.text_ids(text[:1024], where, encoder.cfg.prompt_field)
 
 
 def _start_of(ids: list[int], mask: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -292,19 +273,20 @@ def sequence(
     def run(chars: int) -> Trial:
         findings, encoder.findings = encoder.findings, Findings()
         try:
-            ids, mask = tokenize(cut(text, chars, "head"))
+            ids, mask = tokenize(cut_text(text, chars, "head"))
             trial_findings = encoder.findings
         finally:
             encoder.findings = findings
-        # The kept tokens end before the first cut string's window does, wherever it starts.
+        # The kept tokens end before the cut text's window does, wherever it starts.
         first_cut = tokens_at_cut(lambda s: encoder.encode(s, special=False), text, chars, "head")
         settled = first_cut is None or first_cut > max_length
-        return Trial((ids, mask), _start_of(ids, mask, max_length), settled, trial_findings)
+        parts = frozenset() if first_cut is None else frozenset({"text"})
+        return Trial((ids, mask), _start_of(ids, mask, max_length), settled, trial_findings, parts)
 
-    trial, windowed = settle(run, size, first_window(size_of(encoder.cfg)))
+    trial = settle(run, size, first_window(size_of(encoder.cfg)))
     replay(trial.findings, encoder.findings, where)
     ids, mask = trial.result
-    return ids, mask, windowed
+    return ids, mask, bool(trial.cut)
 
 
 def _prompt_end(ids: list[int], max_prompt: int | None) -> list[int]:
@@ -320,12 +302,13 @@ def prompt(encoder: Encoder, text: Text, kwargs: dict[str, Any], where: str) -> 
     size = longest([text])
     if limit is None or size <= limit:
         return _prompt_end(encoder.prompt_ids(text, kwargs, where, cfg.prompt_field), cfg.max_prompt_length)
+    _start_rules(encoder, text, where)
 
     def run(chars: int) -> Trial:
         findings, encoder.findings = encoder.findings, Findings()
         try:
             ids = _prompt_end(
-                encoder.prompt_ids(cut(text, chars, "tail"), kwargs, where, cfg.prompt_field),
+                encoder.prompt_ids(cut_text(text, chars, "tail"), kwargs, where, cfg.prompt_field),
                 cfg.max_prompt_length,
             )
             trial_findings = encoder.findings
@@ -340,7 +323,7 @@ def prompt(encoder: Encoder, text: Text, kwargs: dict[str, Any], where: str) -> 
         )
         return Trial(ids, "fills" if fills else ids, settled, trial_findings)
 
-    trial, _ = settle(run, size, first_window(size_of(cfg)))
+    trial = settle(run, size, first_window(size_of(cfg)))
     replay(trial.findings, encoder.findings, where)
     ids: list[int] = trial.result
     return ids
