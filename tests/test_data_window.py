@@ -423,6 +423,7 @@ def test_cuts_fall_at_a_single_space_between_two_other_characters():
     assert window.cut(text, 12, "head") == "aaaa"  # not at a double space, not inside a word
     assert window.cut(text, 12, "tail") == " eeee"  # "====dddd" is no safe start
     assert window.cut("=" * 100, 10, "head") == "=" * 100  # no safe point: not cut
+    assert window.cut("aaaa bbbb", 5, "tail") == " bbbb"  # a safe point just at the window's start
 
 
 def test_a_long_prompt_does_not_hide_answers_the_tokenizer_makes_identical():

@@ -42,6 +42,7 @@ __all__ = [
     "Trial",
     "completions",
     "cut",
+    "cut_text",
     "first_window",
     "long_text",
     "longest",
@@ -96,9 +97,8 @@ def cut(text: str, chars: int, keep: Keep) -> str:
     if keep == "head":
         points = [m.start() for m in SAFE_CUT.finditer(text, 0, chars + 1)]
         return text[: points[-1]] if points else text
-    start = len(text) - chars
-    found = SAFE_CUT.search(text, max(start - 1, 0))
-    return text[found.start() :] if found and found.start() >= start else text
+    found = SAFE_CUT.search(text, len(text) - chars)  # the lookbehind sees the character before
+    return text[found.start() :] if found else text
 
 
 def tokens_at_cut(encode: Callable[[str], list[int]], text: Text, chars: int, keep: Keep) -> int | None:
