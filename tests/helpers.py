@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -33,6 +36,26 @@ TRL_METRICS = (
     "learning_rate",
 )
 THROUGHPUT_METRICS = ("pairs_per_second", "tokens_per_second")
+
+QUIET_FLAGS = [
+    "--set",
+    "train.report_to=none",
+    "--set",
+    "train.progress=false",
+    "--set",
+    "train.mixed_precision=no",
+]
+"""Command-line flags that keep a test run quiet and in fp32."""
+
+
+def write_train_inputs(folder: Path, tokenizer: Any) -> Path:
+    """``folder/model`` (a tiny Llama with ``tokenizer``) and ``folder/pairs.jsonl`` (16 pairs)."""
+    from preftune.experiments.synthetic import tiny_llama
+
+    tiny_llama(len(tokenizer), seed=0).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sentiment_records(16, seed=3)))
+    return folder
 
 
 def sentiment_records(n: int, seed: int = 0) -> list[dict[str, str]]:

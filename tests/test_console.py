@@ -3,32 +3,19 @@ metrics TRL logs under their names, on the progress bar and in the plain line.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from helpers import sentiment_records
+from helpers import QUIET_FLAGS, write_train_inputs
 
 from preftune.cli import main
-from preftune.experiments.synthetic import tiny_llama
 
-QUIET = [
-    "--set",
-    "train.report_to=none",
-    "--set",
-    "train.progress=false",
-    "--set",
-    "train.mixed_precision=no",
-]
+QUIET = QUIET_FLAGS
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("inputs")
-    tiny_llama(len(tokenizer), seed=0).save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sentiment_records(16, seed=3)))
-    return folder
+    return write_train_inputs(tmp_path_factory.mktemp("inputs"), tokenizer)
 
 
 def argv(files: Path, output: Path, *extra: str) -> list[str]:

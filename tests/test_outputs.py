@@ -16,21 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import sentiment_records
+from helpers import QUIET_FLAGS, sentiment_records
 
 import preftune.data.outputs as outputs
 from preftune.cli import main
 from preftune.errors import ConfigError
 from preftune.experiments.synthetic import TOPICS, SentimentTask, tiny_llama
 
-QUIET = [
-    "--set",
-    "train.report_to=none",
-    "--set",
-    "train.progress=false",
-    "--set",
-    "train.mixed_precision=no",
-]
+QUIET = QUIET_FLAGS
 SAMPLING = ["--set", "rollout.max_new_tokens=4", "--set", "train.batch_size=2", *QUIET]
 
 
