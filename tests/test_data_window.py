@@ -192,29 +192,40 @@ def test_a_word_the_tokenizer_makes_one_token_of_is_read_to_its_end():
     assert report.windowed == 0  # read whole in the end
 
 
-def test_a_huge_answer_is_never_tokenized_whole():
-    seen: list[int] = []
-    tokenizer = byte_level()
+class Watched:
+    """A tokenizer that notes the length of every text it is asked to tokenize."""
 
-    class Watched:
-        def __getattr__(self, name):
-            return getattr(tokenizer, name)
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, [0]
 
-        def __call__(self, text, **kwargs):
-            texts = [text] if isinstance(text, str) else text
-            seen.extend(len(t) for t in texts)
-            return tokenizer(text, **kwargs)
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
 
-    answer = " " + prose(200_000, seed=1)  # ~1.2 MB
-    rows, report = prepare_pairs(
-        [{"prompt": "review:", "chosen": answer, "rejected": " bad"}],
-        Watched(),
-        DataConfig(max_length=64),
-        progress=False,
-    )
-    assert len(answer) > 1_000_000
-    assert max(seen) <= 2 * window.first_window(64) + 100
-    assert report.windowed == 1 and len(rows[0].chosen_ids) == 64 - len(rows[0].prompt_ids)
+    def __call__(self, text, **kwargs):
+        self.seen.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return self.tokenizer(text, **kwargs)
+
+
+HUGE = " " + prose(200_000, seed=1)  # ~1.2 MB
+
+
+@pytest.mark.parametrize(
+    ("prepare", "record"),
+    [
+        (prepare_pairs, {"prompt": "review:", "chosen": HUGE, "rejected": " bad"}),
+        (prepare_pairs, {"prompt": HUGE, "chosen": " good", "rejected": " bad"}),
+        (prepare_unpaired, {"prompt": "review:", "completion": HUGE, "label": True}),
+        (prepare_sft, {"text": HUGE}),
+        (prepare_sft, {"prompt": "review:", "completion": HUGE}),
+    ],
+    ids=["pair-answer", "pair-prompt", "kto", "sft-text", "sft-prompt-completion"],
+)
+def test_a_huge_text_is_never_tokenized_whole(prepare, record):
+    """Neither the chunk's batched prefetch nor the record's own tokenization sees the whole text."""
+    watched = Watched(byte_level())
+    _, report = prepare([record], watched, DataConfig(max_length=64, max_prompt_length=24), progress=False)
+    assert len(HUGE) > 1_000_000 and report.windowed == 1
+    assert max(watched.seen) <= 2 * window.first_window(64) + 100
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from ..errors import DataError
 from . import window
 from .cache import Job, processes, tokenized
 from .readers import Source
-from .records import Message, Text, check_string, check_text, check_turns, is_empty, template_kwargs
+from .records import Text, check_string, check_text, check_turns, is_empty, template_kwargs
 from .report import Findings, Lengths, p95, windowed_line
 from .scan import (
     Chunk,
@@ -132,13 +132,7 @@ def tokenize_sft(
         messages = check_text(record[cfg.messages_field], where, cfg.messages_field)
         if not isinstance(messages, list) or is_empty(messages):
             raise DataError(f"{where}: field '{cfg.messages_field}' must be a non-empty list of messages")
-        ids, mask, windowed = window.sequence(
-            encoder,
-            messages,
-            lambda ms: encoder.conversation(_messages(ms), kwargs, where, cfg.messages_field),
-            where,
-        )
-        report.windowed += windowed
+        ids, mask = encoder.conversation(messages, kwargs, where, cfg.messages_field)  # whole: see .window
         if not completion_only:
             return ids, [1] * len(ids)
         if not any(mask):
@@ -151,8 +145,8 @@ def tokenize_sft(
         check_string(text, where, cfg.text_field)
         encoder.check(False, where)
 
-        def whole(cut: Text) -> tuple[list[int], list[int]]:
-            ids = encoder.text_ids(with_eos(tokenizer, str(cut)), where, cfg.text_field)
+        def whole(cut: str) -> tuple[list[int], list[int]]:
+            ids = encoder.text_ids(with_eos(tokenizer, cut), where, cfg.text_field)
             return ids, [1] * len(ids)
 
         ids, mask, windowed = window.sequence(encoder, text, whole, where)
@@ -163,11 +157,6 @@ def tokenize_sft(
         f"{where}: expected fields '{prompt_field}' and '{completion_field}', or '{cfg.messages_field}', "
         f"or '{cfg.text_field}' (fields present: {have})"
     )
-
-
-def _messages(text: Text) -> list[Message]:
-    assert isinstance(text, list)
-    return text
 
 
 def empty_completion(

@@ -139,7 +139,7 @@ def sequence_end(tokenizer: Any, prompt: Text, completion: Text, max_length: int
     if max_length is None or limit is None or size <= limit:
         ids = sequence_ids(tokenizer, prompt, completion)
         return ids[-max_length:] if max_length else ids
-    length = max_length
+    length = max_length  # a name the closure's type checker sees as an int
 
     def alone(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -258,11 +258,10 @@ def _start_of(ids: list[int], mask: list[int], max_length: int) -> tuple[list[in
 
 
 def sequence(
-    encoder: Encoder, text: Text, tokenize: Callable[[Text], tuple[list[int], list[int]]], where: str
+    encoder: Encoder, text: str, tokenize: Callable[[str], tuple[list[int], list[int]]], where: str
 ) -> tuple[list[int], list[int], bool]:
     """``tokenize(text)`` (a whole sequence's ``(ids, mask)``, cut at ``data.max_length`` keeping
-    its start), from windows when a string of ``text`` is over :func:`long_text`: SFT's
-    conversations and plain texts."""
+    its start), from windows when ``text`` is over :func:`long_text`: SFT's plain texts."""
     limit = long_text(encoder.cfg.max_length)
     size = longest([text])
     if limit is None or size <= limit:
@@ -273,11 +272,11 @@ def sequence(
     def run(chars: int) -> Trial:
         findings, encoder.findings = encoder.findings, Findings()
         try:
-            ids, mask = tokenize(cut_text(text, chars, "head"))
+            ids, mask = tokenize(cut(text, chars, "head"))
             trial_findings = encoder.findings
         finally:
             encoder.findings = findings
-        # The kept tokens end before the cut text's window does, wherever it starts.
+        # The kept tokens end before the window does.
         first_cut = tokens_at_cut(lambda s: encoder.encode(s, special=False), text, chars, "head")
         settled = first_cut is None or first_cut > max_length
         parts = frozenset() if first_cut is None else frozenset({"text"})
