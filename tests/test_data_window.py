@@ -457,3 +457,22 @@ def test_a_long_prompt_starting_with_the_bos_text_is_still_a_double_bos():
         prepare_pairs([record], byte_level(), cfg, progress=False)
     with pytest.raises(DataError, match="starts with '<s>'"):
         read_prompts([{"prompt": record["prompt"]}], cfg, "train", byte_level())
+
+
+def test_hh_rlhf_records_with_long_turns_keep_the_ids_of_the_whole_text(whole):
+    """HH-RLHF's shape (implicit prompts, ``\\n\\nHuman:``/``\\n\\nAssistant:`` turns), its records
+    made long: a long last answer, and a long first human turn (the prompt is cut at its start)."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(__file__).parent / "fixtures/datasets/hh_rlhf.jsonl").open()]
+    records = [
+        {k: r[k] + " " + prose(15_000, seed=i) for k in ("chosen", "rejected")}
+        for i, r in enumerate(rows[:3])
+    ]
+    opening = "\n\nHuman: " + prose(15_000, seed=7)
+    records.append({k: opening + rows[3][k] for k in ("chosen", "rejected")})
+    tokenizer = real_tokenizer("llama3_1")
+    cfg = DataConfig(max_length=128, max_prompt_length=64)
+    windowed, report = pairs_kept(records, tokenizer, cfg)
+    assert windowed == whole(pairs_kept, records, tokenizer, cfg)[0] and report.windowed == report.kept >= 3
