@@ -215,3 +215,8 @@ def test_ppo_stops_on_overoptimization_keeping_the_policy_of_the_step_the_monito
     assert json.loads((out / "best-by-monitor" / "monitor.json").read_text())["at"] == 2
     assert "the logged step the monitor scored best" in (out / "final" / "README.md").read_text()
     assert result.final_dir == out / "final"
+
+
+def test_a_negative_noise_z_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"reward\.monitor_noise_z.*must be >= 0"):
+        load_config(overrides=["reward.monitor_noise_z=-1"], command="online")
